@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import SHARED_DATA, build_bert, build_tokenizer, read_lines  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"the real datasets are expected in {SHARED_DATA} (the shared/ folder beside the project)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def wikiqa_sample(tmp_path_factory, shared_data) -> Path:
+    """The first 120 pairs of the real WikiQA train file, in its own format (CRLF, tab-separated)."""
+    path = tmp_path_factory.mktemp("wikiqa") / "WikiQA-sample.tsv"
+    lines = read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", 121)
+    path.write_text("".join(lines), newline="")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, shared_data) -> Path:
+    texts = []
+    for line in read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", 2000)[1:]:
+        cols = line.rstrip("\r\n").split("\t")
+        texts += [cols[1], cols[5]]
+    for line in read_lines(shared_data / "rte" / "train.tsv", 500)[1:]:
+        texts += line.split("\t")[:2]
+    return build_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """Three 2-class teachers that share one tokenizer but differ in their seeds."""
+    base = tmp_path_factory.mktemp("teachers")
+    return {f"t{s}": build_bert(base / f"t{s}", tiny_tokenizer, num_labels=2, seed=s) for s in (1, 2, 3)}
