@@ -1,0 +1,142 @@
+"""Scoring pairs with a teacher: tokenize once, batch by length under a token budget, forward.
+
+The hot path is vectorised: a part's token ids are kept as one flat array plus offsets,
+and each padded batch is cut out of it with numpy indexing (no per-row Python loop).
+Rows are sorted by length so batches carry little padding, then the logits are put back
+in the part's order, so the caller never sees the sorting.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.store import TeacherRecord
+from teachers.spec import TeacherSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of pairs, ragged: row i is flat[offsets[i]:offsets[i+1]]."""
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def _flatten(rows: list[list[int]], total: int) -> np.ndarray:
+    import itertools
+
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total)
+
+
+def encode_pairs(tokenizer, text_a: list[str], text_b: list[str], max_length: int, truncation: str) -> Encoded:
+    """Tokenize a batch of pairs in one call of the (Rust) fast tokenizer."""
+    want_types = "token_type_ids" in tokenizer.model_input_names
+    enc = tokenizer(
+        text_a, text_b, truncation=truncation, max_length=max_length, padding=False,
+        return_attention_mask=False, return_token_type_ids=want_types,
+    )
+    lengths = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(text_a))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    types = _flatten(enc["token_type_ids"], total) if want_types else None
+    return Encoded(_flatten(enc["input_ids"], total), types, offsets)
+
+
+def length_batches(lengths: np.ndarray, batch_tokens: int, max_rows: int = 512) -> list[np.ndarray]:
+    """Row indices grouped into batches, longest first, each with rows × max length ≤ batch_tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        longest = int(lengths[order[i]])
+        size = max(1, min(max_rows, batch_tokens // max(longest, 1)))
+        batches.append(order[i : i + size])
+        i += size
+    return batches
+
+
+def pad_batch(enc: Encoded, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Cut a padded batch for ``rows`` out of the flat token arrays (vectorised)."""
+    starts = enc.offsets[rows]
+    lens = enc.offsets[rows + 1] - starts
+    width = int(lens.max())
+    cols = np.arange(width)
+    mask = cols[None, :] < lens[:, None]
+    index = np.where(mask, starts[:, None] + cols[None, :], 0)
+    batch = {
+        "input_ids": torch.from_numpy(np.where(mask, enc.input_ids[index], pad_id)),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+    }
+    if enc.token_type_ids is not None:
+        batch["token_type_ids"] = torch.from_numpy(np.where(mask, enc.token_type_ids[index], 0))
+    return batch
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to use, or None for plain float32.
+
+    float16 on a CPU falls back to float32 with a warning: CPUs here run fp16 matmuls at
+    1-3 GFLOP/s (shared/ENVIRONMENT.md); the label metadata records the dtype really used.
+    """
+    if dtype == "float32":
+        return None
+    if device.type == "cpu" and dtype == "float16":
+        warnings.warn("float16 is not usable on this CPU; scoring in float32 (use bfloat16 for speed)")
+        return None
+    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU has no bfloat16; scoring in float16")
+        return torch.float16
+    return TORCH_DTYPES[dtype]
+
+
+class LoadedTeacher:
+    """A teacher model ready to score: weights on the device, eval mode, its compute dtype."""
+
+    def __init__(self, spec: TeacherSpec, record: TeacherRecord, folder: Path, device: torch.device, tokenizer):
+        from transformers import AutoModelForSequenceClassification
+
+        self.spec, self.record, self.device, self.tokenizer = spec, record, device, tokenizer
+        use_st = any(folder.glob("*.safetensors"))
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=use_st or None)
+        self.model.to(device).eval()
+        self.amp = autocast_dtype(spec.dtype, device)
+        self.compute_dtype = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.amp]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.forward_passes = 0
+
+    @torch.inference_mode()
+    def score(self, enc: Encoded, on_batch=None) -> np.ndarray:
+        """Logits [rows, labels] in float32, in the rows' original order."""
+        out = np.empty((len(enc), self.model.config.num_labels), dtype=np.float32)
+        for rows in length_batches(enc.lengths, self.spec.batch_tokens):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in pad_batch(enc, rows, self.pad_id).items()}
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.model(**batch).logits
+            self.forward_passes += 1
+            out[rows] = logits.float().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(rows))
+        return out
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if not getattr(tok, "is_fast", False):
+        warnings.warn(f"{folder}: no fast tokenizer; tokenization will be slow")
+    return tok
