@@ -5,7 +5,21 @@ Heavy imports (torch, transformers) happen inside the commands that need them, s
 """
 from __future__ import annotations
 
+import csv
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.store import Store, StoreError
+
+err = Console(stderr=True)
+out = Console()
 
 app = typer.Typer(
     help="Score corpora with several teachers once, into a Parquet label store; inspect it with DuckDB.",
@@ -13,6 +27,135 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+STORE_OPT = typer.Option(..., "--store", "-s", help="Path of the label store (a folder).")
+
+
+def fail(message: str) -> None:
+    """A user-facing error: one red line on stderr, exit code 1, no traceback."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    store: Path = STORE_OPT,
+    teachers: Path = typer.Option(..., "--teachers", "-t", help="teachers.toml listing the teachers to score with."),
+    corpus: Optional[list[str]] = typer.Option(None, "--corpus", "-c", help="Only these corpora (repeatable). Default: all."),
+    replace: bool = typer.Option(False, "--replace", help="Accept a teacher whose checkpoint changed under the same name; its old labels become stale and are re-scored."),
+    shard: str = typer.Option("0/1", "--shard", help="This node's share i/n of the parts, for independent nodes (combines with accelerate/torchrun ranks)."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device; default: this rank's GPU if any, else CPU."),
+    logits_dtype: str = typer.Option("float32", "--logits-dtype", help="Stored logits: float32 or float16."),
+):
+    """Score every corpus part with every teacher; skip what is already scored."""
+    from pipeline.run import RunOptions, run as run_labels
+
+    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype)
+    try:
+        s = run_labels(opts, err)
+    except StoreError as e:
+        fail(str(e))
+    who = f"rank {s.rank}/{s.world}: " if s.world > 1 else ""
+    if s.units_scored == 0:
+        err.print(f"{who}nothing to score: all {s.units_skipped} units already scored; run log: {s.log_path}",
+                  highlight=False, soft_wrap=True)
+        return
+    err.print(
+        f"{who}scored {s.units_scored} units ({s.pairs:,} pairs) and skipped {s.units_skipped} already scored, "
+        f"in {s.seconds:.1f} s: {s.pairs_per_s:,.0f} pairs/s, {s.forward_passes} forward passes on {s.device}; "
+        f"run log: {s.log_path}",
+        highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+def status(store: Path = STORE_OPT):
+    """Coverage: for each teacher × corpus, label parts done / total."""
+    from pipeline.status import coverage
+
+    try:
+        st = Store(store)
+        rows = coverage(st)
+        corpora = {c: st.corpus(c) for c in st.corpora()}
+    except StoreError as e:
+        fail(str(e))
+    t = Table(title=f"corpora in {store}")
+    for col in ("corpus", "parts", "rows", "labels"):
+        t.add_column(col)
+    for name, m in corpora.items():
+        t.add_row(name, str(len(m.parts)), f"{m.rows:,}", ", ".join(m.label_names) if m.label_names else "(unlabeled)")
+    out.print(t)
+    t = Table(title="teacher coverage")
+    for col in ("teacher", "corpus", "parts done", "rows done", "stale", "state"):
+        t.add_column(col)
+    for r in rows:
+        state = "[green]complete[/]" if r.done == r.total else "[yellow]incomplete[/]"
+        t.add_row(r.teacher, r.corpus, f"{r.done}/{r.total}", f"{r.rows_done:,}/{r.rows_total:,}", str(r.stale), state)
+    out.print(t)
+    if not rows:
+        out.print("no teachers yet: score with `tmkd-label run --store STORE --teachers teachers.toml`")
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="SQL over the views corpus, labels, teachers, corpora (read-only)."),
+    store: Path = STORE_OPT,
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    limit: int = typer.Option(100, "--max-rows", help="Rows shown in table format (csv/json print all)."),
+):
+    """Read-only DuckDB SQL over the store.
+
+    Views: corpus(corpus, part, id, text_a, text_b, label, group), labels(teacher, corpus,
+    part, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
+    corpora(corpus, label_names, parts, rows).
+    """
+    from pipeline.query import run_query
+
+    try:
+        columns, rows = run_query(Store(store), sql)
+    except StoreError as e:
+        fail(str(e))
+    if fmt is Format.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(rows)
+    elif fmt is Format.json:
+        json.dump([dict(zip(columns, r)) for r in rows], sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        t = Table(*columns)
+        for r in rows[:limit]:
+            t.add_row(*("NULL" if v is None else str(v) for v in r))
+        out.print(t)
+        if len(rows) > limit:
+            out.print(f"({len(rows) - limit:,} more rows; use --max-rows or --format csv)")
+
+
+@app.command()
+def verify(store: Path = STORE_OPT):
+    """Check the store is complete and consistent; exit 0 only if it is."""
+    from pipeline.verify import verify as verify_store
+
+    try:
+        report = verify_store(Store(store))
+    except StoreError as e:
+        fail(str(e))
+    for p in report.problems:
+        err.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+    counts = (f"{report.corpora} corpora, {report.corpus_parts} corpus parts, {report.teachers} teachers, "
+              f"{report.label_parts} label parts")
+    if report.ok:
+        out.print(f"[green]OK[/]: {counts} verified", highlight=False)
+    else:
+        err.print(f"[bold red]{len(report.problems)} problem(s)[/] in {counts}", highlight=False)
+        raise typer.Exit(1)
+
 
 if __name__ == "__main__":
     app()
