@@ -1,0 +1,550 @@
+"""Ingest: source files -> checked, id'd corpus parts in the store, committed all at once.
+
+The flow for one ``ingest`` call:
+
+1. open each file with its reader (``data.readers``), which streams raw records;
+2. check every record (missing field, empty text, undecodable bytes, unknown label),
+   give it its stable id, and drop duplicate ids (within this ingest and against the
+   corpus already in the store);
+3. write the good rows into parts of ``part_rows`` rows as they come (memory stays flat);
+   bad rows go to a quarantine JSONL file with file, line, field and reason, or, with
+   ``strict``, the first one stops the ingest;
+4. commit every new part in one manifest rename (``Store.commit_corpus_parts``).
+
+Any error before step 4 deletes the parts written so far, so the store is exactly as it
+was: a part that is not in the manifest never counts, and none is left lying around.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, open_reader
+from pipeline.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name
+
+CHUNK_ROWS = 8192  # records checked together (duplicate checks are vectorised per chunk)
+ID_MODES = ("source", "text")
+_INT_RE = re.compile(r"-?(0|[1-9][0-9]*)\Z")
+_KEYS = ("label", "group", "id")  # an empty value here is a missing one (an empty text is "empty text")
+
+
+class IngestError(Exception):
+    """A user-facing ingest problem (bad options, unreadable file, a bad row under --strict)."""
+
+
+@dataclass
+class IngestOptions:
+    """What ``tmkd-label ingest`` was asked to do."""
+
+    format: str  # one of data.readers.FORMATS
+    corpus: str
+    columns: dict[str, str] = field(default_factory=dict)  # corpus field -> source column/key
+    label_names: list[str] | None = None  # the label space, in index order
+    label_map: dict[str, str] = field(default_factory=dict)  # raw label value -> label name
+    unlabeled: bool = False  # ignore any label column: labels are null
+    part_rows: int = 50_000
+    strict: bool = False  # the first bad row is an error and nothing is committed
+    ids: str = "source"  # "source": the source's id where it has one, else a text hash; "text": always the text hash
+
+
+@dataclass
+class IngestSummary:
+    corpus: str
+    files: list[str]
+    label_names: list[str] | None
+    rows_read: int
+    rows_written: int
+    rows_labelled: int
+    parts: list[int]  # the part numbers this ingest added
+    bad: dict[str, int]  # reason -> count
+    quarantine: Path | None  # the quarantine file, if any row was bad
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+
+
+Progress = Callable[[Path, int, int], None]  # (file, bytes done, bytes total)
+
+
+def ingest(store: Store, files: list[Path], opts: IngestOptions, progress: Progress | None = None) -> IngestSummary:
+    """Ingest ``files`` into corpus ``opts.corpus`` of ``store``; all or nothing is committed."""
+    _check_options(opts)
+    with _store_lock(store):
+        job = _Ingest(store, opts)
+        try:
+            for path in files:
+                job.read(Path(path), progress)
+            return job.commit()
+        except BaseException:
+            job.discard()
+            raise
+
+
+def parse_mapping(text: str | None, option: str) -> dict[str, str]:
+    """``"a=b,c=d"`` -> ``{"a": "b", "c": "d"}`` (the --columns and --label-map syntax)."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise IngestError(f"{option}: expected key=value pairs separated by commas, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",")] if text else None
+
+
+# ---- ids ---------------------------------------------------------------------------------------
+
+
+def _hash64(text: str, domain: bytes) -> int:
+    """A signed 64-bit hash, the same on every machine (unlike Python's ``hash``)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=domain).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def source_row_id(source_id: str) -> int:
+    """The source's id as the row id: itself if a canonical int64, else its 64-bit hash."""
+    if _INT_RE.match(source_id):
+        value = int(source_id)
+        if -(2**63) <= value < 2**63:
+            return value
+    return _hash64(source_id, b"tmkd/source-id")
+
+
+def normalise(text: str) -> str:
+    """NFC, whitespace runs collapsed to one space, stripped: what makes two texts 'the same'."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def text_pair_id(text_a: str, text_b: str) -> int:
+    return _hash64(normalise(text_a) + "\t" + normalise(text_b), b"tmkd/text-pair")
+
+
+class IdSet:
+    """A set of int64 ids as sorted numpy runs, merged like a binary counter.
+
+    8 bytes per id (a Python set of ints costs ~70), vectorised lookups, amortised
+    O(n log n) inserts: flat enough for corpora of tens of millions of rows.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        hit = np.zeros(len(ids), dtype=bool)
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, ids), len(run) - 1)
+            hit |= run[pos] == ids
+        return hit
+
+    def add(self, ids: np.ndarray) -> None:
+        run = np.sort(np.asarray(ids, dtype=np.int64))
+        while self.runs and len(self.runs[-1]) <= len(run):
+            run = np.sort(np.concatenate([self.runs.pop(), run]), kind="mergesort")
+        if len(run):
+            self.runs.append(run)
+
+
+# ---- labels ------------------------------------------------------------------------------------
+
+
+class LabelSpace:
+    """Raw label value -> label index.
+
+    The value (after --label-map) matches a label name first; failing that, an integer
+    in range is the index itself (RTE's 0/1, WikiQA's 0/1 under names of your own).
+    """
+
+    def __init__(self, names: list[str], label_map: dict[str, str]):
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.map = label_map
+        for raw, target in label_map.items():
+            if self._lookup(target) is None:
+                raise IngestError(f"--label-map {raw}={target}: {target!r} is not one of the label names {names}")
+
+    def _lookup(self, key: str) -> int | None:
+        if key in self.index:
+            return self.index[key]
+        if _INT_RE.match(key) and 0 <= int(key) < len(self.names):
+            return int(key)
+        return None
+
+    def lookup(self, raw: object) -> int | None:
+        if isinstance(raw, bool):
+            key = str(int(raw))
+        elif isinstance(raw, float) and raw.is_integer():
+            key = str(int(raw))
+        else:
+            key = str(raw).strip()
+        return self._lookup(self.map.get(key, key))
+
+
+# ---- the ingest job ----------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """One bad row: (field, reason, detail)."""
+
+
+@dataclass
+class _Row:
+    id: int
+    text_a: str
+    text_b: str
+    label: int | None
+    group: str | None
+    source_id: str | None
+
+
+class _Ingest:
+    """The state of one ingest: label space, ids seen, parts written, bad rows."""
+
+    def __init__(self, store: Store, opts: IngestOptions):
+        self.store, self.opts = store, opts
+        self.label_names: list[str] | None = None
+        self.names_from = ""
+        self.labels: LabelSpace | None = None
+        self.existing = IdSet()
+        if store.has_corpus(opts.corpus):
+            m = store.corpus(opts.corpus)
+            self._set_label_names(m.label_names, f"corpus {opts.corpus!r} in the store")
+            for part in m.parts:
+                self.existing.add(store.read_corpus_part(part, ["id"]).column("id").to_numpy())
+        self.seen = IdSet()
+        self.dirs_before = {d: d.exists() for d in self._dirs()}
+        self.writer = _PartWriter(store, opts.corpus, store.next_part_number(opts.corpus), opts.part_rows)
+        self.quarantine = _Quarantine(store, opts.corpus)
+        self.files: list[str] = []
+        self.rows_read = self.rows_written = self.rows_labelled = 0
+        self.started = time.perf_counter()
+
+    def _dirs(self) -> list[Path]:
+        q = self.store.quarantine_path(self.opts.corpus).parent
+        return [self.store.corpus_dir(self.opts.corpus), q, q.parent]
+
+    # -- label space
+    def _set_label_names(self, names: list[str] | None, source: str) -> None:
+        if names is not None:
+            self.label_names, self.names_from = list(names), source
+            self.labels = LabelSpace(self.label_names, self.opts.label_map)
+
+    def _resolve_labels(self, reader: Reader) -> bool:
+        """Settle the file's label space against the corpus's; return whether its labels are read."""
+        labelled = reader.has_label and not self.opts.unlabeled
+        names = self.opts.label_names or (None if self.opts.unlabeled else reader.label_names)
+        if names is None:  # the file does not say: it takes the corpus's (an unlabeled file fits any)
+            if labelled and self.label_names is None:
+                raise IngestError(
+                    f"{reader.path}: the label space is unknown: pass --label-names NAME,NAME,... "
+                    "(in index order), or --unlabeled"
+                )
+            return labelled
+        if self.label_names is None:
+            self._set_label_names(names, str(reader.path))
+        elif names != self.label_names:
+            raise IngestError(
+                f"{reader.path}: label names {names} differ from {self.label_names} of {self.names_from}; "
+                "use the same label names (--label-names) or another corpus"
+            )
+        return labelled
+
+    # -- reading
+    def read(self, path: Path, progress: Progress | None) -> None:
+        try:
+            reader = open_reader(self.opts.format, path, self.opts.columns)
+        except ReaderError as e:
+            raise IngestError(str(e)) from None
+        except OSError as e:
+            raise IngestError(f"{path}: cannot read: {e.strerror or e}") from None
+        self.files.append(str(path))
+        try:
+            labelled = self._resolve_labels(reader)
+            required = reader.required | ({"label"} if labelled else set())
+            for chunk in _chunks(reader.records(), CHUNK_ROWS):
+                self._take(reader, chunk, labelled, required)
+                if progress:
+                    progress(path, reader.position(), reader.size)
+        except (OSError, EOFError, pa.ArrowException) as e:
+            raise IngestError(f"{path}: cannot read: {e}") from None
+        finally:
+            reader.close()
+
+    def _take(self, reader: Reader, chunk: list[Record], labelled: bool, required: set[str]) -> None:
+        """Check one chunk of records; keep the good rows, quarantine (or refuse) the bad ones."""
+        self.rows_read += len(chunk)
+        rows: list[_Row] = []
+        where: list[int] = []  # chunk position of each good row
+        bad: list[tuple[int, str, str, str]] = []
+        for pos, rec in enumerate(chunk):
+            try:
+                rows.append(self._row(rec, labelled, required))
+                where.append(pos)
+            except _Bad as e:
+                bad.append((pos, *e.args))
+        ids = np.fromiter((r.id for r in rows), dtype=np.int64, count=len(rows))
+        in_corpus = self.existing.contains(ids)
+        earlier = self.seen.contains(ids)
+        repeated = np.ones(len(ids), dtype=bool)
+        repeated[np.unique(ids, return_index=True)[1]] = False
+        keep = ~(in_corpus | earlier | repeated)
+        for i in np.flatnonzero(~keep):
+            what = f"corpus {self.opts.corpus!r} in the store" if in_corpus[i] else "an earlier row of this ingest"
+            bad.append((where[i], "id", "duplicate id", f"id {ids[i]} (source id {rows[i].source_id}) is already in {what}"))
+        self.seen.add(ids[keep])
+        for pos, fld, reason, detail in sorted(bad):
+            rec = chunk[pos]
+            if self.opts.strict:
+                raise IngestError(
+                    f"{reader.path}, {reader.where(rec.line)}, field {fld!r}: {reason}"
+                    + (f" ({detail})" if detail else "")
+                    + "; --strict: nothing was ingested"
+                )
+            self.quarantine.add(str(reader.path), rec.line, fld, reason, detail, rec.raw)
+        good = [r for r, k in zip(rows, keep) if k]
+        if good:
+            self.writer.add(_table(good))
+            self.rows_written += len(good)
+            self.rows_labelled += sum(r.label is not None for r in good)
+
+    def _row(self, rec: Record, labelled: bool, required: set[str]) -> _Row:
+        """One record -> a checked row, or _Bad(field, reason, detail)."""
+        if rec.error:
+            raise _Bad(*rec.error)
+        v = rec.values
+        for f in FIELDS:
+            if f in required and (f not in v or (v[f] is None and f != "label") or (v[f] == "" and f in _KEYS)):
+                raise _Bad(f, "missing field", "")
+        text_a, text_b = _text(v, "text_a"), _text(v, "text_b")
+        label = None
+        if labelled and v["label"] is not None:
+            label = self.labels.lookup(v["label"])
+            if label is None:
+                raise _Bad("label", "unknown label", f"{v['label']!r} is not one of {self.label_names}")
+        group = _optional_text(v, "group")
+        source_id = _optional_text(v, "id")
+        if source_id is None or self.opts.ids == "text":
+            row_id = text_pair_id(text_a, text_b)
+        else:
+            row_id = source_row_id(source_id)
+        return _Row(row_id, text_a, text_b, label, group, source_id)
+
+    # -- the end
+    def commit(self) -> IngestSummary:
+        self.writer.finish()
+        self.quarantine.close()
+        seconds = time.perf_counter() - self.started
+        bad = dict(self.quarantine.counts)
+        qpath = self.quarantine.path
+        source = {
+            "files": self.files,
+            "format": self.opts.format,
+            "columns": self.opts.columns,
+            "label_map": self.opts.label_map,
+            "unlabeled": self.opts.unlabeled,
+            "ids": self.opts.ids,
+            "rows_read": self.rows_read,
+            "rows_written": self.rows_written,
+            "parts": [p.part for p in self.writer.parts],
+            "bad": bad,
+            "quarantine": str(qpath.relative_to(self.store.root)) if qpath else None,
+            "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            self.store.commit_corpus_parts(self.opts.corpus, self.label_names, self.writer.parts, source)
+        except StoreError as e:
+            raise IngestError(str(e)) from None
+        return IngestSummary(
+            self.opts.corpus, self.files, self.label_names, self.rows_read, self.rows_written, self.rows_labelled,
+            [p.part for p in self.writer.parts], bad, qpath, seconds,
+        )
+
+    def discard(self) -> None:
+        """Undo everything this ingest wrote (called before the commit, so the manifest is untouched)."""
+        self.writer.discard()
+        self.quarantine.discard()
+        for d, existed in self.dirs_before.items():
+            if not existed:
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    pass
+
+
+def _text(v: dict, f: str) -> str:
+    t = v[f]
+    if not isinstance(t, str):
+        raise _Bad(f, "bad record", f"expected text, got {type(t).__name__}")
+    _check_utf8(t, f)
+    if not t.strip():
+        raise _Bad(f, "empty text", "")
+    return t
+
+
+def _optional_text(v: dict, f: str) -> str | None:
+    x = v.get(f)
+    if x is None:
+        return None
+    x = str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+    _check_utf8(x, f)
+    return x
+
+
+def _check_utf8(t: str, f: str) -> None:
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(f, "undecodable bytes", f"not UTF-8 at character {e.start}") from None
+
+
+def _table(rows: list[_Row]) -> pa.Table:
+    """Good rows -> an Arrow table in the corpus schema, built column by column."""
+    return pa.table(
+        [pa.array([getattr(r, name) for r in rows], type=CORPUS_SCHEMA.field(name).type) for name in CORPUS_SCHEMA.names],
+        schema=CORPUS_SCHEMA,
+    )
+
+
+def _chunks(records: Iterable[Record], n: int) -> Iterator[list[Record]]:
+    it = iter(records)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+class _PartWriter:
+    """Buffers good rows and writes a part file every ``part_rows`` rows (committed later, all at once)."""
+
+    def __init__(self, store: Store, corpus: str, first_part: int, part_rows: int):
+        self.store, self.corpus, self.next, self.part_rows = store, corpus, first_part, part_rows
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.parts: list[CorpusPart] = []
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.part_rows:
+            self._write(self.part_rows)
+
+    def finish(self) -> None:
+        if self.pending_rows:
+            self._write(self.pending_rows)
+
+    def _write(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        rest = table.slice(n)
+        self.parts.append(self.store.write_corpus_part(self.corpus, self.next, table.slice(0, n).combine_chunks()))
+        self.next += 1
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def discard(self) -> None:
+        for p in self.parts:
+            p.path.unlink(missing_ok=True)
+        self.parts = []
+
+
+class _Quarantine:
+    """Bad rows as JSON lines (file, line, field, reason, detail, raw); the file is made on the first one."""
+
+    def __init__(self, store: Store, corpus: str):
+        self.store, self.corpus = store, corpus
+        self.path: Path | None = None
+        self._f = None
+        self.counts: Counter[str] = Counter()
+
+    def add(self, file: str, line: int | str, fld: str, reason: str, detail: str, raw: object) -> None:
+        if self._f is None:
+            self.path = _fresh(self.store.quarantine_path(self.corpus))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "x", encoding="utf-8")
+        entry = {"file": file, "line": line, "field": fld, "reason": reason, "detail": detail, "raw": _printable(raw)}
+        self._f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+        self.counts[reason] += 1
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None
+
+    def discard(self) -> None:
+        self.close()
+        if self.path:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def _fresh(path: Path) -> Path:
+    """``path``, or ``path`` with -1, -2, ... when it exists (two ingests in one second)."""
+    n, candidate = 0, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _printable(raw: object) -> object:
+    """The raw record with undecodable bytes shown as \\xNN escapes, so the JSON line is valid UTF-8."""
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(raw, dict):
+        return {_printable(k): _printable(x) for k, x in raw.items()}
+    if isinstance(raw, (list, tuple)):
+        return [_printable(x) for x in raw]
+    return raw
+
+
+@contextmanager
+def _store_lock(store: Store):
+    """One ingest at a time per store: two would pick the same part numbers."""
+    fd = os.open(store.root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IngestError(f"{store.root}: another ingest into this store is running; try again when it ends") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_options(opts: IngestOptions) -> None:
+    if opts.format not in FORMATS:
+        raise IngestError(f"unknown format {opts.format!r}: use one of {', '.join(FORMATS)}")
+    try:
+        check_name("corpus", opts.corpus)
+    except StoreError as e:
+        raise IngestError(str(e)) from None
+    unknown = sorted(set(opts.columns) - set(FIELDS))
+    if unknown:
+        raise IngestError(f"--columns: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
+    if opts.part_rows < 1:
+        raise IngestError(f"--part-rows must be at least 1, got {opts.part_rows}")
+    if opts.ids not in ID_MODES:
+        raise IngestError(f"--ids must be one of {', '.join(ID_MODES)}, got {opts.ids!r}")
+    if opts.label_names is not None:
+        if not opts.label_names or any(not n for n in opts.label_names):
+            raise IngestError(f"--label-names: empty label name in {opts.label_names}")
+        if len(set(opts.label_names)) != len(opts.label_names):
+            raise IngestError(f"--label-names: repeated label name in {opts.label_names}")
+    if opts.label_map and opts.unlabeled:
+        raise IngestError("--label-map makes no sense with --unlabeled (labels are ignored)")
