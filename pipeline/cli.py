@@ -157,5 +157,53 @@ def verify(store: Path = STORE_OPT):
         raise typer.Exit(1)
 
 
+@app.command()
+def ingest(
+    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Source files (gzip is read as is)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="wikiqa | glue | json-samples | jsonl | csv | tsv | parquet"),
+    store: Path = typer.Option(..., "--store", "-s", help="Path of the label store (created if missing)."),
+    corpus: str = typer.Option(..., "--corpus", "-c", help="Corpus name; ingesting into an existing corpus appends parts."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="Field=column pairs, e.g. text_a=question,text_b=sentence,label=label,group=qid,id=idx."),
+    label_names: Optional[str] = typer.Option(None, "--label-names", help="The label space in index order, e.g. entailment,not_entailment."),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="Raw value=label name pairs, e.g. yes=entailment,no=not_entailment."),
+    unlabeled: bool = typer.Option(False, "--unlabeled", help="Ignore any label column: labels are null (a stage-1 corpus)."),
+    part_rows: int = typer.Option(50_000, "--part-rows", help="Rows per corpus part."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row and commit nothing (default: quarantine bad rows)."),
+    ids: str = typer.Option("source", "--ids", help="source: the source's id where it has one, else a hash of the text pair; text: always the hash."),
+):
+    """Check and shard source files into a corpus of the store; bad rows are quarantined with file, line and reason."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from data.ingest import IngestError, IngestOptions, ingest as ingest_files, parse_mapping, parse_names
+
+    try:
+        opts = IngestOptions(
+            fmt, corpus, parse_mapping(columns, "--columns"), parse_names(label_names),
+            parse_mapping(label_map, "--label-map"), unlabeled, part_rows, strict, ids,
+        )
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                      console=err, transient=True) as bar:
+            tasks: dict[Path, int] = {}
+
+            def progress(path: Path, done: int, total: int) -> None:
+                if path not in tasks:
+                    tasks[path] = bar.add_task(path.name, total=total)
+                bar.update(tasks[path], completed=done)
+
+            s = ingest_files(Store.create(store), files, opts, progress)
+    except (IngestError, StoreError) as e:
+        fail(str(e))
+    t = Table(title=f"ingested into corpus {s.corpus!r} of {store}", show_header=False)
+    t.add_row("rows read", f"{s.rows_read:,}")
+    t.add_row("rows written", f"{s.rows_written:,} ({s.rows_labelled:,} labelled)")
+    t.add_row("parts", f"{len(s.parts)} (part {s.parts[0]}..{s.parts[-1]})" if s.parts else "0")
+    t.add_row("label names", ", ".join(s.label_names) if s.label_names else "(none: unlabeled)")
+    for reason, n in sorted(s.bad.items()):
+        t.add_row(f"[red]bad: {reason}[/]", f"{n:,}")
+    t.add_row("bad rows", f"{sum(s.bad.values()):,}" + (f" -> {s.quarantine}" if s.quarantine else ""))
+    t.add_row("time", f"{s.seconds:.2f} s ({s.rows_per_second:,.0f} rows/s)")
+    out.print(t)
+
+
 if __name__ == "__main__":
     app()
