@@ -1,0 +1,316 @@
+"""The student trainer's typed configuration: TOML file + command-line overrides.
+
+Schema (every table and key; defaults in brackets)::
+
+    store = "STORE"                 # the label store (required)
+    output = "OUT"                  # output folder (required; or --output)
+    teachers = ["t1", "t2"]         # teachers to learn from, by name [[]: no-KD, gold labels only]
+    soft_target = "per_teacher"     # "per_teacher": one head per teacher | "ensemble": one head
+                                    #   trained against the (weighted) mean of the teachers' logits
+    teacher_weights = {t1 = 1.0}    # per-teacher weights w_k, normalised to sum 1 [equal]
+    seed = 0
+
+    [student]
+    encoder = "path/to/hf-folder"   # any AutoModelForSequenceClassification-loadable folder (required)
+    tokenizer = ""                  # [the encoder folder]
+    num_layers = 3                  # keep only the first N encoder layers [all]
+    max_length = 128
+
+    [data]
+    num_workers = 1                 # DataLoader workers per process (tokenize there) [1]
+    shuffle_buffer = 10000          # rows held for shuffling, per worker (bounded memory)
+    bucket_batches = 50             # rows of this many batches are sorted by length, then cut
+
+    [eval]
+    corpus = "dev"                  # [""]: no evaluation; the final model is the last one
+    metric = "accuracy"             # accuracy | f1 | map | mrr: keeps the best checkpoint
+    batch_size = 64
+    positive_label = 1              # the class whose score ranks candidates (MAP/MRR) and F1
+
+    [train]
+    mixed_precision = ""            # no | bf16 | fp16 [""]: whatever accelerate launch says
+    gradient_accumulation_steps = 1
+    max_grad_norm = 1.0
+    checkpoint_every = 0            # optimizer steps between checkpoints; 0: end of epoch only
+    keep_checkpoints = 2
+
+    [[stages]]                      # one or more, run in order; each hands its weights on
+    name = "stage1"
+    corpora = ["unlabeled"]
+    epochs = 1
+    batch_size = 32
+    lr = 5e-5
+    schedule = "linear"             # linear | cosine | constant
+    warmup_ratio = 0.0
+    weight_decay = 0.01
+    gold = true                     # use gold labels where rows have them; false: soft only (stage 1)
+    [stages.loss]
+    soft = "mse"                    # mse (on logits) | kl (at temperature T, scaled by T^2)
+    temperature = 1.0
+    alpha = 0.5                     # weight of the soft part on rows with a gold label
+
+Overrides: ``--set stages.0.lr=5e-5`` (values are parsed as TOML literals, else strings),
+plus the typed flags ``--output``, ``--resume``, ``--mixed_precision``,
+``--gradient_accumulation_steps``.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(Exception):
+    """A user error in the configuration: printed without a traceback."""
+
+
+@dataclass
+class LossConfig:
+    soft: str = "mse"
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+
+@dataclass
+class StageConfig:
+    corpora: list[str] = field(default_factory=list)
+    name: str = ""
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    gold: bool = True
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class StudentConfig:
+    encoder: str = ""
+    tokenizer: str = ""
+    num_layers: int = 0
+    max_length: int = 128
+
+
+@dataclass
+class DataConfig:
+    num_workers: int = 1
+    shuffle_buffer: int = 10000
+    bucket_batches: int = 50
+
+
+@dataclass
+class EvalConfig:
+    corpus: str = ""
+    metric: str = "accuracy"
+    batch_size: int = 64
+    positive_label: int = 1
+
+
+@dataclass
+class TrainSettings:
+    mixed_precision: str = ""
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class TrainConfig:
+    store: str = ""
+    output: str = ""
+    teachers: list[str] = field(default_factory=list)
+    soft_target: str = "per_teacher"
+    teacher_weights: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    # ---- derived ----------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        """The paper's name for what this config trains (recorded in run.json)."""
+        if not self.teachers:
+            return "no-kd"
+        if self.soft_target == "ensemble":
+            return "ensemble-kd" if len(self.stages) == 1 else "ensemble-tmkd"
+        if any(not s.gold for s in self.stages):
+            return "tmkd"
+        return "tkd" if len(self.teachers) == 1 else "mkd"
+
+    def normalised_weights(self) -> list[float]:
+        if not self.teachers:
+            return []
+        raw = [float(self.teacher_weights.get(t, 1.0)) for t in self.teachers]
+        total = sum(raw)
+        return [w / total for w in raw]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # ---- checks -----------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        problems = []
+        if not self.store:
+            problems.append("`store` is required")
+        if not self.output:
+            problems.append("`output` is required (or pass --output)")
+        if not self.student.encoder:
+            problems.append("`student.encoder` is required")
+        if not self.stages:
+            problems.append("at least one [[stages]] is required")
+        if self.soft_target not in ("per_teacher", "ensemble"):
+            problems.append(f"soft_target must be 'per_teacher' or 'ensemble', not {self.soft_target!r}")
+        if len(set(self.teachers)) != len(self.teachers):
+            problems.append(f"teachers listed twice: {self.teachers}")
+        unknown = sorted(set(self.teacher_weights) - set(self.teachers))
+        if unknown:
+            problems.append(f"teacher_weights names teachers not in `teachers`: {unknown}")
+        if any(w < 0 for w in self.teacher_weights.values()) or (
+            self.teachers and sum(self.teacher_weights.get(t, 1.0) for t in self.teachers) <= 0
+        ):
+            problems.append("teacher_weights must be >= 0 and not all 0")
+        if self.student.num_layers < 0 or self.student.max_length < 2:
+            problems.append("student.num_layers must be >= 0 and student.max_length >= 2")
+        if self.eval.metric not in ("accuracy", "f1", "map", "mrr"):
+            problems.append(f"eval.metric must be accuracy, f1, map or mrr, not {self.eval.metric!r}")
+        if self.train.mixed_precision not in ("", "no", "bf16", "fp16"):
+            problems.append(f"train.mixed_precision must be no, bf16 or fp16, not {self.train.mixed_precision!r}")
+        if self.train.gradient_accumulation_steps < 1:
+            problems.append("train.gradient_accumulation_steps must be >= 1")
+        if self.data.num_workers < 0 or self.data.bucket_batches < 1 or self.data.shuffle_buffer < 1:
+            problems.append("data.num_workers >= 0, data.bucket_batches >= 1, data.shuffle_buffer >= 1")
+        for i, s in enumerate(self.stages):
+            where = f"stages.{i}" + (f" ({s.name})" if s.name else "")
+            if not s.corpora:
+                problems.append(f"{where}: `corpora` is empty")
+            if s.epochs < 1 or s.batch_size < 1 or s.lr <= 0:
+                problems.append(f"{where}: epochs and batch_size must be >= 1 and lr > 0")
+            if s.schedule not in ("linear", "cosine", "constant"):
+                problems.append(f"{where}: schedule must be linear, cosine or constant, not {s.schedule!r}")
+            if not 0.0 <= s.warmup_ratio < 1.0:
+                problems.append(f"{where}: warmup_ratio must be in [0, 1)")
+            if s.loss.soft not in ("mse", "kl"):
+                problems.append(f"{where}: loss.soft must be 'mse' or 'kl', not {s.loss.soft!r}")
+            if s.loss.temperature <= 0:
+                problems.append(f"{where}: loss.temperature must be > 0")
+            if not 0.0 <= s.loss.alpha <= 1.0:
+                problems.append(f"{where}: loss.alpha must be in [0, 1]")
+            if not self.teachers and not s.gold:
+                problems.append(f"{where}: gold = false needs teachers (no-KD learns from gold labels only)")
+            if not s.name:
+                s.name = f"stage{i + 1}"
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+# ---- building from dicts (TOML) ---------------------------------------------------------------
+def _convert(tp, value, where: str):
+    origin = get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list):
+            if inner is str and isinstance(value, str):  # `corpora = "x"` is a list of one
+                return [value]
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(inner, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {str(k): _convert(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value  # pragma: no cover
+
+
+def _build(cls, raw: dict, where: str = ""):
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where or 'the config'}; known: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """A CLI value: a TOML literal (5e-5, true, [\"a\"], {a = 1}) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``stages.0.lr`` style paths inside the raw (TOML) dict, creating tables as needed."""
+    keys = dotted.split(".")
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"--set {dotted}: no list item {k!r}")
+            node = node[int(k)]
+        else:
+            if k not in node:
+                node[k] = [] if nxt.isdigit() else {}
+            node = node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {dotted}: no list item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> TrainConfig:
+    """Read the TOML file (if any), apply ``key=value`` overrides and typed flags, validate."""
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. stages.0.lr=5e-5")
+        key, value = item.split("=", 1)
+        apply_override(raw, key.strip(), parse_value(value.strip()))
+    for key, value in flags.items():
+        if value is not None:
+            apply_override(raw, key, value)
+    return _build(TrainConfig, raw).validate()
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    return _build(TrainConfig, raw).validate()

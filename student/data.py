@@ -1,0 +1,249 @@
+"""Streaming corpus parts zipped with their teachers' label parts, for the student.
+
+Order of one epoch, fully determined by (seed, epoch, world size, workers)::
+
+    parts of all the stage's corpora --seeded shuffle (seed, epoch)--> rank r takes parts r::world
+      --> DataLoader worker w of that rank takes parts w::num_workers
+      --> each part is read with Store.read_aligned (ids checked, stale/missing labels refused)
+      --> rows pass a bounded shuffle buffer (vectorised: permute the buffer, emit pools)
+      --> a pool of `bucket_batches` batches' rows is tokenized in the worker, sorted by length,
+          cut into batches, and the batch order shuffled  --> padded tensors
+
+Memory per worker is bounded by one part plus the shuffle buffer, whatever the corpus size.
+
+Every row is yielded exactly once per epoch across ranks and workers. A worker with n rows
+yields exactly ceil(n / batch_size) batches (pools are whole batches; only its last one may be
+short), so ``plan_batches`` knows from the manifests alone how many batches each rank gets.
+Ranks can differ by a few batches; the trainer runs every rank for the largest count and
+pads the shorter ones with zero-weight batches (a forward/backward that contributes nothing),
+so DDP's collective calls always match and no real row is dropped or repeated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.store import CorpusPart, Store, TeacherRecord
+
+TEXT_COLUMNS = ["text_a", "text_b", "label"]
+
+
+# ---- the plan: which parts go where -----------------------------------------------------------
+def epoch_order(parts: list[CorpusPart], seed: int, epoch: int) -> list[CorpusPart]:
+    """All parts in this epoch's seeded order (the same on every rank)."""
+    ordered = sorted(parts, key=lambda p: (p.corpus, p.part))
+    perm = np.random.default_rng([seed, epoch, 7919]).permutation(len(ordered))
+    return [ordered[i] for i in perm]
+
+
+def assign(parts: list[CorpusPart], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int):
+    return epoch_order(parts, seed, epoch)[rank::world][worker::max(1, workers)]
+
+
+def plan_batches(parts, seed: int, epoch: int, world: int, workers: int, batch_size: int) -> list[int]:
+    """Number of batches each rank's stream yields in this epoch (from manifest row counts)."""
+    out = []
+    for r in range(world):
+        n = 0
+        for w in range(max(1, workers)):
+            rows = sum(p.rows for p in assign(parts, seed, epoch, r, world, w, workers))
+            n += math.ceil(rows / batch_size)
+        out.append(n)
+    return out
+
+
+# ---- tokenization and batching ----------------------------------------------------------------
+def tokenize(tokenizer, text_a: np.ndarray, text_b: np.ndarray, max_length: int) -> dict[str, list]:
+    """Tokenize pairs (or single texts where text_b is null) without padding."""
+    has_b = np.array([b is not None for b in text_b], dtype=bool) if len(text_b) else np.zeros(0, bool)
+    a = ["" if x is None else x for x in text_a]
+    if has_b.all():
+        return dict(tokenizer(a, [str(x) for x in text_b], truncation=True, max_length=max_length))
+    if not has_b.any():
+        return dict(tokenizer(a, truncation=True, max_length=max_length))
+    pair_idx, single_idx = np.flatnonzero(has_b), np.flatnonzero(~has_b)
+    enc_p = tokenizer([a[i] for i in pair_idx], [text_b[i] for i in pair_idx], truncation=True, max_length=max_length)
+    enc_s = tokenizer([a[i] for i in single_idx], truncation=True, max_length=max_length)
+    out: dict[str, list] = {}
+    for key in enc_p.keys():
+        col = [None] * len(a)
+        for j, i in enumerate(pair_idx):
+            col[i] = enc_p[key][j]
+        for j, i in enumerate(single_idx):
+            col[i] = enc_s[key][j]
+        out[key] = col
+    return out
+
+
+def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=1)
+    arr = np.full((len(seqs), width), value, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        arr[i, : len(s)] = s
+    return torch.from_numpy(arr)
+
+
+def collate(enc: dict[str, list], idx: np.ndarray, pad_id: int, labels, logits, ids) -> dict[str, torch.Tensor]:
+    batch = {"input_ids": pad([enc["input_ids"][i] for i in idx], pad_id)}
+    batch["attention_mask"] = pad([[1] * len(enc["input_ids"][i]) for i in idx], 0)
+    if "token_type_ids" in enc:
+        batch["token_type_ids"] = pad([enc["token_type_ids"][i] for i in idx], 0)
+    batch["labels"] = torch.from_numpy(labels[idx].astype(np.int64))
+    batch["teacher_logits"] = torch.from_numpy(np.ascontiguousarray(logits[idx], dtype=np.float32))
+    batch["ids"] = torch.from_numpy(ids[idx].astype(np.int64))
+    batch["weight"] = torch.tensor(1.0)
+    return batch
+
+
+def dummy_batch(tokenizer, num_teachers: int, num_labels: int) -> dict[str, torch.Tensor]:
+    """A one-row batch of weight 0: keeps a rank that ran out of data in step with the others."""
+    enc = dict(tokenizer(["."], truncation=True, max_length=8))
+    idx = np.zeros(1, dtype=np.int64)
+    b = collate(enc, idx, tokenizer.pad_token_id or 0, np.full(1, -1), np.zeros((1, num_teachers, num_labels)),
+                np.full(1, -1))
+    b["weight"] = torch.tensor(0.0)
+    return b
+
+
+@dataclass
+class _Rows:
+    ids: np.ndarray
+    text_a: np.ndarray
+    text_b: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray
+
+    def __len__(self):
+        return len(self.ids)
+
+    def take(self, idx) -> "_Rows":
+        return _Rows(self.ids[idx], self.text_a[idx], self.text_b[idx], self.labels[idx], self.logits[idx])
+
+    @staticmethod
+    def concat(chunks: list["_Rows"]) -> "_Rows":
+        return _Rows(*(np.concatenate([getattr(c, f) for c in chunks]) for f in
+                       ("ids", "text_a", "text_b", "labels", "logits")))
+
+
+def read_rows(store: Store, part: CorpusPart, teachers: list[TeacherRecord], num_labels: int) -> _Rows:
+    table, logits = store.read_aligned(part, teachers, columns=TEXT_COLUMNS)
+    if not teachers:
+        logits = np.zeros((table.num_rows, 0, num_labels), np.float32)
+    elif logits.shape[2] != num_labels:
+        raise ValueError(f"{part.path}: teachers give {logits.shape[2]} logits per row, the student has {num_labels}")
+    return _Rows(
+        table.column("id").to_numpy(),
+        table.column("text_a").to_numpy(zero_copy_only=False),
+        table.column("text_b").to_numpy(zero_copy_only=False),
+        table.column("label").fill_null(-1).to_numpy().astype(np.int64),
+        logits,
+    )
+
+
+class DistillStream(IterableDataset):
+    """Batches for one rank; use with ``DataLoader(ds, batch_size=None, num_workers=W)``."""
+
+    def __init__(
+        self,
+        store_root: str,
+        parts: list[CorpusPart],
+        teachers: list[TeacherRecord],
+        tokenizer_path: str,
+        *,
+        num_labels: int,
+        batch_size: int,
+        max_length: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 10000,
+        bucket_batches: int = 50,
+    ):
+        self.store_root, self.parts, self.teachers = store_root, list(parts), list(teachers)
+        self.tokenizer_path, self.num_labels = tokenizer_path, num_labels
+        self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.pool_rows = bucket_batches * batch_size
+        self.buffer_rows = max(shuffle_buffer, self.pool_rows)
+        self.epoch = 0
+        self._tok = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def planned_batches(self) -> int:
+        return plan_batches(self.parts, self.seed, self.epoch, self.world, self.num_workers, self.batch_size)[self.rank]
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tok
+
+    def _pools(self, parts, rng):
+        store = Store(self.store_root)
+        buf: list[_Rows] = []
+        count = 0
+        for part in parts:
+            rows = read_rows(store, part, self.teachers, self.num_labels)
+            buf.append(rows)
+            count += len(rows)
+            if count >= self.buffer_rows:
+                allrows = _Rows.concat(buf)
+                allrows = allrows.take(rng.permutation(len(allrows)))
+                start = 0
+                while count - start >= self.buffer_rows:
+                    yield allrows.take(slice(start, start + self.pool_rows))
+                    start += self.pool_rows
+                buf, count = [allrows.take(slice(start, None))], count - start
+        if count:
+            allrows = _Rows.concat(buf)
+            allrows = allrows.take(rng.permutation(len(allrows)))
+            for start in range(0, count, self.pool_rows):
+                yield allrows.take(slice(start, start + self.pool_rows))
+
+    def _batches(self, pool: _Rows, rng):
+        tok = self.tokenizer
+        enc = tokenize(tok, pool.text_a, pool.text_b, self.max_length)
+        lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int64, count=len(pool))
+        order = np.argsort(lengths, kind="stable")
+        cuts = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for j in rng.permutation(len(cuts)):
+            yield collate(enc, cuts[j], tok.pad_token_id or 0, pool.labels, pool.logits, pool.ids)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None and workers != max(1, self.num_workers):
+            raise RuntimeError(f"DistillStream planned for {self.num_workers} workers, DataLoader has {workers}")
+        parts = assign(self.parts, self.seed, self.epoch, self.rank, self.world, worker, workers)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        for pool in self._pools(parts, rng):
+            yield from self._batches(pool, rng)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+def eval_batches(store: Store, parts: list[CorpusPart], tokenizer, max_length: int, batch_size: int):
+    """(batch, gold labels, groups) over the given parts, in length-sorted batches, no shuffling."""
+    for part in parts:
+        table = store.read_corpus_part(part, ["id", "text_a", "text_b", "label", "group"])
+        a = table.column("text_a").to_numpy(zero_copy_only=False)
+        b = table.column("text_b").to_numpy(zero_copy_only=False)
+        labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        groups = np.array(table.column("group").to_pylist(), dtype=object)
+        ids = table.column("id").to_numpy()
+        enc = tokenize(tokenizer, a, b, max_length)
+        lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int64, count=len(a))
+        order = np.argsort(lengths, kind="stable")
+        dummy_logits = np.zeros((len(a), 0, 0), np.float32)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            batch = collate(enc, idx, tokenizer.pad_token_id or 0, labels, dummy_logits, ids)
+            yield batch, labels[idx], list(groups[idx])
