@@ -165,6 +165,10 @@ class DelimitedReader(Reader):
             rec = Record(n, self.fields(row), raw)
             if len(cells) > width:
                 rec.error = ("record", "bad record", f"{len(cells)} columns, the header has {width}")
+            elif len(cells) < width:  # a short row: its first mapped column it lacks is missing
+                lacking = [f for f, c in self.columns.items() if c not in row]
+                if lacking:
+                    rec.error = (min(lacking, key=FIELDS.index), "missing field", f"{len(cells)} columns, the header has {width}")
             yield rec
 
     def fields(self, row: dict[str, str]) -> dict:
