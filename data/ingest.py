@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -207,8 +208,7 @@ class _Bad(Exception):
     """One bad row: (field, reason, detail)."""
 
 
-@dataclass
-class _Row:
+class _Row(NamedTuple):  # fields in CORPUS_SCHEMA order
     id: int
     text_a: str
     text_b: str
@@ -302,7 +302,7 @@ class _Ingest:
                 where.append(pos)
             except _Bad as e:
                 bad.append((pos, *e.args))
-        ids = np.fromiter((r.id for r in rows), dtype=np.int64, count=len(rows))
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         in_corpus = self.existing.contains(ids)
         earlier = self.seen.contains(ids)
         repeated = np.ones(len(ids), dtype=bool)
@@ -411,6 +411,8 @@ def _optional_text(v: dict, f: str) -> str | None:
 
 
 def _check_utf8(t: str, f: str) -> None:
+    if t.isascii():
+        return
     try:
         t.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -419,10 +421,8 @@ def _check_utf8(t: str, f: str) -> None:
 
 def _table(rows: list[_Row]) -> pa.Table:
     """Good rows -> an Arrow table in the corpus schema, built column by column."""
-    return pa.table(
-        [pa.array([getattr(r, name) for r in rows], type=CORPUS_SCHEMA.field(name).type) for name in CORPUS_SCHEMA.names],
-        schema=CORPUS_SCHEMA,
-    )
+    columns = zip(*rows)
+    return pa.table([pa.array(list(c), type=f.type) for c, f in zip(columns, CORPUS_SCHEMA)], schema=CORPUS_SCHEMA)
 
 
 def _chunks(records: Iterable[Record], n: int) -> Iterator[list[Record]]:

@@ -352,7 +352,7 @@ class ParquetReader(Reader):
             cols = {c: batch.column(c).to_pylist() for c in wanted}
             for i in range(batch.num_rows):
                 row = {c: cols[c][i] for c in wanted}
-                values = {f: row[self.columns[f]] for f in fields}
+                values = {f: _decode(x) if isinstance(x, bytes) else x for f, x in ((f, row[self.columns[f]]) for f in fields)}
                 yield Record(self._done + i, values, row)
             self._done += batch.num_rows
 

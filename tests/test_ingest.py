@@ -331,6 +331,13 @@ def test_bad_rows_in_json_and_parquet_name_the_key_and_row(tmp_path):
                                                                         (2, "label", "unknown label")]
     assert entries[0]["raw"] == {"text_a": None, "text_b": "q", "label": 1}
 
+    binary = pa.table({"text_a": pa.array([b"ok", b"caf\xe9"], pa.binary()), "text_b": ["p", "q"]})
+    pq.write_table(binary, tmp_path / "b.parquet")
+    s = ingest(store, [tmp_path / "b.parquet"], IngestOptions("parquet", "b"))
+    entries = [json.loads(line) for line in s.quarantine.read_text().splitlines()]
+    assert [(e["line"], e["field"], e["reason"]) for e in entries] == [(1, "text_a", "undecodable bytes")]
+    assert s.rows_written == 1 and s.label_names is None  # no label column: an unlabeled source
+
     jsonl = tmp_path / "u.jsonl"
     jsonl.write_bytes(b'{"text_a": "ok", "text_b": "fine", "label": 1}\n\n{"text_a": "bad \xff", "text_b": "x", "label": 0}\n{not json\n')
     s = ingest(store, [jsonl], IngestOptions("jsonl", "j", label_names=["n", "y"]))
@@ -385,3 +392,18 @@ def test_user_errors_are_clean_messages(tmp_path, rte):
         result = cli("ingest", rte, *args, "--store", store, "--corpus", "c", ok=False)
         assert result.exit_code == 1, args
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_one_ingest_at_a_time_per_store(tmp_path, rte):
+    import fcntl
+    import os
+
+    store = Store.create(tmp_path / "store")
+    fd = os.open(store.root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(IngestError, match="another ingest"):
+            ingest(store, [rte], IngestOptions("glue", "c"))
+    finally:
+        os.close(fd)
+    assert ingest(store, [rte], IngestOptions("glue", "c")).rows_written == 40
