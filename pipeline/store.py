@@ -191,7 +191,7 @@ class Store:
     """A label store rooted at a folder. ``Store(path)`` opens one; ``Store.create`` makes one."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         meta = self.root / "store.json"
         if not meta.exists():
             raise StoreError(f"{self.root}: not a tmkd label store (no store.json); create one with `tmkd-label ingest`")

@@ -1,0 +1,304 @@
+"""The label stage end to end, through the real `tmkd-label` CLI: ingest → run → status → query → verify."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.store import Store, logits_to_numpy
+
+runner = CliRunner()
+BIN = Path(sys.executable).parent
+
+
+def cli(*args: str, ok: bool = True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok and result.exit_code != 0:
+        raise AssertionError(f"tmkd-label {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.output}")
+    return result
+
+
+def write_teachers(path: Path, teachers: dict[str, Path], max_length: int = 64, **extra) -> Path:
+    lines = []
+    for name, folder in teachers.items():
+        lines += ["[[teacher]]", f'name = "{name}"', f'path = "{folder}"', f"max_length = {max_length}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def store_logits(store: Path, teacher: str, corpus: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, logits) of a teacher over a whole corpus, in corpus order."""
+    st = Store(store)
+    ids, logits = [], []
+    for part in st.corpus(corpus).parts:
+        t = pq.read_table(st.label_path(teacher, corpus, part.part))
+        ids.append(t.column("id").to_numpy())
+        logits.append(logits_to_numpy(t.column("logits")))
+    return np.concatenate(ids), np.concatenate(logits)
+
+
+def direct_logits(folder: Path, text_a: list[str], text_b: list[str], max_length: int) -> np.ndarray:
+    """The reference: the same teacher, one pair at a time, no padding, no sorting."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    out = []
+    with torch.inference_mode():
+        for a, b in zip(text_a, text_b):
+            enc = tok(a, b, truncation="longest_first", max_length=max_length, return_tensors="pt")
+            out.append(model(**enc).logits[0].numpy())
+    return np.stack(out)
+
+
+@pytest.fixture
+def rte_sample(tmp_path, shared_data) -> Path:
+    path = tmp_path / "rte-train.tsv"
+    path.write_text("".join((shared_data / "rte" / "train.tsv").read_text().splitlines(keepends=True)[:41]))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["wikiqa", "glue"])
+def test_ingest_run_status_query_verify_matches_direct_forward(tmp_path, fmt, wikiqa_sample, rte_sample, tiny_teachers):
+    source = wikiqa_sample if fmt == "wikiqa" else rte_sample
+    store = tmp_path / "store"
+    cli("ingest", source, "--format", fmt, "--store", store, "--corpus", "c", "--part-rows", 16)
+    teachers = write_teachers(tmp_path / "teachers.toml", tiny_teachers)
+    cli("run", "--store", store, "--teachers", teachers)
+
+    status = cli("status", "--store", store).output
+    for name in tiny_teachers:
+        assert name in status
+    parts = len(Store(store).corpus("c").parts)
+    assert parts > 1 and status.count(f"{parts}/{parts}") == len(tiny_teachers)
+
+    res = cli("query", "--store", store, "--format", "json",
+              "SELECT teacher, count(*) AS n FROM labels GROUP BY teacher ORDER BY teacher")
+    rows = Store(store).corpus("c").rows
+    assert json.loads(res.stdout) == [{"teacher": t, "n": rows} for t in sorted(tiny_teachers)]
+    assert "OK" in cli("verify", "--store", store).output
+
+    # Logits in the store equal a one-by-one forward of the same teacher on the same pairs.
+    corpus = pq.read_table([p.path for p in Store(store).corpus("c").parts])
+    a, b = corpus.column("text_a").to_pylist(), corpus.column("text_b").to_pylist()
+    for name, folder in tiny_teachers.items():
+        ids, logits = store_logits(store, name, "c")
+        assert np.array_equal(ids, corpus.column("id").to_numpy())
+        np.testing.assert_allclose(logits, direct_logits(folder, a, b, 64), rtol=1e-4, atol=1e-5)
+    # Different teachers really do give different scores (so the check above can tell them apart).
+    assert not np.allclose(store_logits(store, "t1", "c")[1], store_logits(store, "t2", "c")[1], atol=1e-3)
+
+
+def test_second_run_does_no_forward_pass_and_new_teacher_scores_only_itself(
+    tmp_path, wikiqa_sample, tiny_teachers, monkeypatch
+):
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)
+    two = {k: tiny_teachers[k] for k in ("t1", "t2")}
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "two.toml", two))
+    first = {p: p.read_bytes() for p in Store(store).label_files()}
+    assert len(first) == 2 * len(Store(store).corpus("wq").parts)
+
+    # A second run must not even load a model.
+    import transformers
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded on a fully scored store")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", no_model)
+        out = cli("run", "--store", store, "--teachers", tmp_path / "two.toml").output
+    assert "nothing to score" in out
+    log = Store(store).run_logs()[-1]
+    assert log["units_scored"] == 0 and log["forward_passes"] == 0 and log["units_skipped"] == len(first)
+
+    # Adding a teacher scores only that teacher; the others' files stay byte-identical.
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "three.toml", tiny_teachers))
+    log = Store(store).run_logs()[-1]
+    assert {u[0] for u in log["scored"]} == {"t3"}
+    assert log["units_skipped"] == len(first) and log["forward_passes"] > 0
+    assert all(p.read_bytes() == data for p, data in first.items())
+    assert "OK" in cli("verify", "--store", store).output
+
+
+def test_changed_checkpoint_is_refused_and_replace_rescores(tmp_path, wikiqa_sample, tiny_tokenizer):
+    from tiny import build_bert
+
+    store = tmp_path / "store"
+    folder = build_bert(tmp_path / "teacher", tiny_tokenizer, seed=5)
+    teachers = write_teachers(tmp_path / "t.toml", {"tq": folder})
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
+    cli("run", "--store", store, "--teachers", teachers)
+    _, before = store_logits(store, "tq", "wq")
+
+    build_bert(folder, tiny_tokenizer, seed=6)  # new weights, same name
+    res = cli("run", "--store", store, "--teachers", teachers, ok=False)
+    assert res.exit_code == 1 and "'tq' changed" in res.output and "--replace" in res.output
+    assert "Traceback" not in res.output
+    np.testing.assert_array_equal(store_logits(store, "tq", "wq")[1], before)  # nothing was touched
+
+    cli("run", "--store", store, "--teachers", teachers, "--replace")
+    _, after = store_logits(store, "tq", "wq")
+    assert not np.allclose(before, after)
+    assert "OK" in cli("verify", "--store", store).output
+
+    # A changed max length also changes the fingerprint.
+    res = cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t2.toml", {"tq": folder}, 32), ok=False)
+    assert res.exit_code == 1 and "changed" in res.output
+
+
+def test_teacher_with_wrong_label_space_is_refused(tmp_path, wikiqa_sample, tiny_tokenizer):
+    from tiny import build_bert
+
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
+    three = build_bert(tmp_path / "nli", tiny_tokenizer, num_labels=3, label_names=["entailment", "neutral", "contradiction"])
+    res = cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t.toml", {"nli": three}), ok=False)
+    assert res.exit_code == 1 and "3 labels" in res.output and "'wq'" in res.output
+    assert Store(store).label_files() == []
+
+
+def test_verify_names_corrupt_and_missing_label_parts(tmp_path, wikiqa_sample, tiny_teachers):
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 50)
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]}))
+    st = Store(store)
+    path = st.label_path("t1", "wq", 1)
+    table = pq.read_table(path)
+    pq.write_table(table.take(np.arange(table.num_rows)[::-1]), path)  # ids out of order, metadata kept
+
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1
+    assert str(path) in res.output and "not aligned" in res.output
+
+    path.unlink()
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1 and str(path) in res.output and "missing" in res.output
+    cli("run", "--store", store, "--teachers", tmp_path / "t.toml")  # the run repairs it
+    assert "OK" in cli("verify", "--store", store).output
+
+
+def test_query_is_read_only_and_reports_sql_errors(tmp_path, wikiqa_sample, tiny_teachers):
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t.toml", tiny_teachers))
+    agree = cli("query", "--store", store, "--format", "csv", """
+        SELECT count(*) FILTER (WHERE (a.logits[2] > a.logits[1]) = (b.logits[2] > b.logits[1])) AS agree, count(*) AS n
+        FROM labels a JOIN labels b USING (corpus, id) WHERE a.teacher = 't1' AND b.teacher = 't2'""")
+    agree_n, n = map(int, agree.stdout.splitlines()[1].split(","))
+    assert n == 120 and 0 <= agree_n <= n
+
+    for bad in (f"COPY (SELECT 1) TO '{tmp_path / 'x.csv'}'", "CREATE TABLE x AS SELECT 1",
+                f"SELECT * FROM read_csv('{wikiqa_sample}')", "INSTALL httpfs"):
+        res = cli("query", "--store", store, bad, ok=False)
+        assert res.exit_code == 1 and "Traceback" not in res.output, bad
+    assert not (tmp_path / "x.csv").exists()
+    res = cli("query", "--store", store, "SELECT nonsense FROM labels", ok=False)
+    assert res.exit_code == 1 and "nonsense" in res.output and "Traceback" not in res.output
+    teachers = json.loads(cli("query", "--store", store, "--format", "json", "SELECT * FROM teachers").stdout)
+    assert sorted(t["name"] for t in teachers) == ["t1", "t2", "t3"]
+
+
+def _labels_of(store: Path) -> dict:
+    st = Store(store)
+    return {(f.parent.parent.name, f.parent.name, f.name): pq.read_table(f) for f in st.label_files()}
+
+
+def _bigger_teachers(tmp_path: Path, tiny_tokenizer: Path) -> dict[str, Path]:
+    from tiny import build_bert
+
+    return {f"b{s}": build_bert(tmp_path / f"b{s}", tiny_tokenizer, seed=s, layers=4, hidden=128) for s in (1, 2)}
+
+
+def test_kill_9_then_rerun_completes_the_store_exactly(tmp_path, shared_data, tiny_tokenizer):
+    from tiny import read_lines
+
+    source = tmp_path / "wikiqa.tsv"
+    source.write_text("".join(read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", 2001)), newline="")
+    teachers = write_teachers(tmp_path / "t.toml", _bigger_teachers(tmp_path, tiny_tokenizer), max_length=128)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for store in (killed, clean):
+        cli("ingest", source, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 100)
+    total = 2 * len(Store(killed).corpus("wq").parts)
+
+    proc = subprocess.Popen([BIN / "tmkd-label", "run", "--store", killed, "--teachers", teachers],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not Store(killed).label_files() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(Store(killed).label_files())
+    assert 0 < done < total, f"the kill should land mid-run ({done}/{total} parts done)"
+    assert cli("verify", "--store", killed, ok=False).exit_code == 1  # incomplete, and says so
+
+    cli("run", "--store", killed, "--teachers", teachers)
+    assert Store(killed).run_logs()[-1]["units_scored"] == total - done  # only the missing parts
+    assert "OK" in cli("verify", "--store", killed).output
+    assert not list(killed.glob("labels/**/.*.tmp"))
+
+    cli("run", "--store", clean, "--teachers", teachers)
+    a, b = _labels_of(killed), _labels_of(clean)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].column("id").equals(b[key].column("id"))
+        np.testing.assert_allclose(logits_to_numpy(a[key].column("logits")), logits_to_numpy(b[key].column("logits")),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_give_the_same_store_as_one(tmp_path, wikiqa_sample, tiny_teachers):
+    teachers = write_teachers(tmp_path / "t.toml", tiny_teachers)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for store in (one, two):
+        cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 20)
+    cli("run", "--store", one, "--teachers", teachers)
+
+    # What really starts two CPU processes here (shared/ENVIRONMENT.md); `--cpu --num_processes 2` starts one.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    cmd = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", BIN / "tmkd-label",
+           "run", "--store", two, "--teachers", teachers]
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    logs = Store(two).run_logs()
+    assert sorted((l["rank"], l["world"]) for l in logs) == [(0, 2), (1, 2)], "two ranks must really have run"
+    assert len({l["pid"] for l in logs}) == 2
+    assert all(l["units_scored"] > 0 for l in logs)
+    scored = [tuple(u) for l in logs for u in l["scored"]]
+    assert len(scored) == len(set(scored)) == 3 * len(Store(two).corpus("wq").parts)  # each unit once
+
+    a, b = _labels_of(one), _labels_of(two)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].column("id").equals(b[key].column("id"))
+        np.testing.assert_allclose(logits_to_numpy(a[key].column("logits")), logits_to_numpy(b[key].column("logits")),
+                                   rtol=1e-5, atol=1e-6)
+    assert "OK" in cli("verify", "--store", two).output
+
+
+def test_shard_option_splits_parts_across_nodes(tmp_path, wikiqa_sample, tiny_teachers):
+    store = tmp_path / "store"
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 20)
+    cli("run", "--store", store, "--teachers", teachers, "--shard", "0/2")
+    parts = len(Store(store).corpus("wq").parts)
+    assert len(Store(store).label_files()) == (parts + 1) // 2
+    cli("run", "--store", store, "--teachers", teachers, "--shard", "1/2")
+    assert len(Store(store).label_files()) == parts
+    assert "OK" in cli("verify", "--store", store).output
+    assert cli("run", "--store", store, "--teachers", teachers, "--shard", "2/2", ok=False).exit_code == 1
