@@ -1,0 +1,252 @@
+"""The student trainer, in process: config, metrics, losses, streaming, export, variants.
+
+Stores are built directly with the Store API (student/toy.py): rows whose passage holds
+"good" (positive) or "bad" (negative), teachers whose logits are a known function of that
+label. The student encoder is a tiny local BERT (2 layers, hidden 32).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.store import StaleLabelsError, Store
+from student import toy
+from student.config import ConfigError, config_from_dict, load_config
+from student.data import DistillStream, plan_batches
+from student.losses import distill_loss
+from student.metrics import evaluate_predictions, map_mrr
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_teachers):
+    return tiny_teachers["t1"]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("student-store")
+    toy.build_store(root, teachers=("t1", "t2", "t3"))
+    return root
+
+
+# ---- config -----------------------------------------------------------------------------------
+def test_config_toml_overrides_and_errors(tmp_path, encoder, store_dir):
+    raw = toy.config(store_dir, encoder, tmp_path / "out", teacher_weights={"t1": 3.0, "t2": 1.0})
+    path = tmp_path / "s.toml"
+    path.write_text(toy.to_toml(raw))
+    cfg = load_config(path, ["stages.0.lr=5e-5", "stages.0.loss.soft=kl", "student.num_layers=1"],
+                      **{"train.gradient_accumulation_steps": 2})
+    assert cfg.stages[0].lr == 5e-5 and cfg.stages[0].loss.soft == "kl" and cfg.student.num_layers == 1
+    assert cfg.train.gradient_accumulation_steps == 2
+    assert cfg.normalised_weights() == [0.75, 0.25] and cfg.variant == "mkd"
+
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\]"):
+        load_config(path, ["stages.0.lrr=1"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(path, ["stages.0.lr=fast"])
+    with pytest.raises(ConfigError, match="loss.soft must be 'mse' or 'kl'"):
+        load_config(path, ["stages.0.loss.soft=l1"])
+    with pytest.raises(ConfigError, match="gold = false needs teachers"):
+        config_from_dict(dict(raw, teachers=[], teacher_weights={},
+                              stages=[{"corpora": ["unlabeled"], "gold": False}]))
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_map_mrr_hand_computed():
+    # q1: ranking by score = [pos(0.9), neg(0.8), pos(0.3), neg(0.1)]
+    #     AP = (1/1 + 2/3) / 2 = 0.8333..., RR = 1
+    # q2: ranking = [neg(0.7), neg(0.6), pos(0.5)]: AP = 1/3, RR = 1/3
+    # q3: only positives -> not counted; q4: only negatives -> not counted; None -> no group
+    scores = [0.3, 0.9, 0.1, 0.8, 0.5, 0.7, 0.6, 0.4, 0.2, 0.9, 0.99]
+    rel = [1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    groups = ["q1", "q1", "q1", "q1", "q2", "q2", "q2", "q3", "q4", "q4", None]
+    out = map_mrr(np.array(scores), np.array(rel, bool), groups)
+    assert out["groups_counted"] == 2 and out["groups_total"] == 4
+    assert out["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3) / 2)
+    assert out["mrr"] == pytest.approx((1 + 1 / 3) / 2)
+
+    # through evaluate_predictions: logits -> positive-class score; accuracy and F1 by hand
+    logits = np.array([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [0.5, 0.0]])
+    gold = np.array([1, 0, 0, -1])  # last row has no gold label: left out
+    m = evaluate_predictions(logits, gold, ["a", "a", "a", "a"])
+    assert m["rows"] == 3 and m["accuracy"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))  # tp=1, fp=1, fn=0
+    assert m["map"] == pytest.approx(0.5) and m["mrr"] == pytest.approx(0.5)  # pos ranked 2nd of 3
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def test_loss_formula_by_hand():
+    s = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.5, 0.5]]])  # [B=2, K=2, C=2]
+    t = torch.tensor([[[0.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    labels = torch.tensor([1, -1])  # row 2 has no gold: soft part only
+    w = torch.tensor([0.25, 0.75])
+    kw = dict(weights=w, ensemble=False, temperature=2.0, alpha=0.3)
+    mse = ((s - t) ** 2).mean(-1)
+    ce = torch.stack([torch.nn.functional.cross_entropy(s[0], torch.tensor([1, 1]), reduction="none"),
+                      torch.zeros(2)])
+    per = torch.stack([0.3 * mse[0] + 0.7 * ce[0], mse[1]])
+    assert distill_loss(s, t, labels, soft="mse", use_gold=True, **kw) == pytest.approx(float((per.mean(0) * w).sum()))
+    # stage 1 (no gold): soft only everywhere
+    assert distill_loss(s, t, labels, soft="mse", use_gold=False, **kw) == pytest.approx(float((mse.mean(0) * w).sum()))
+    # KL at T=2, scaled by T^2
+    pt, ps = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1) * 4
+    assert distill_loss(s, t, labels, soft="kl", use_gold=False, **kw) == pytest.approx(float((kl.mean(0) * w).sum()),
+                                                                                        rel=1e-5)
+    # ensemble: one head against the weighted mean of the teachers
+    one = s[:, :1]
+    target = (t * w.view(1, 2, 1)).sum(1, keepdim=True)
+    want = ((one - target) ** 2).mean(-1).mean()
+    got = distill_loss(one, t, labels, soft="mse", use_gold=False, weights=w, ensemble=True, temperature=1, alpha=0)
+    assert got == pytest.approx(float(want))
+    # no-KD: mean CE over rows with a gold label only
+    got = distill_loss(s[:, :1], None, labels, soft="mse", use_gold=True, weights=w, ensemble=False, temperature=1,
+                       alpha=0)
+    assert got == pytest.approx(float(torch.nn.functional.cross_entropy(s[:1, 0], labels[:1])))
+
+
+# ---- streaming --------------------------------------------------------------------------------
+def test_stream_every_row_once_per_epoch_across_ranks_and_workers(store_dir, encoder):
+    store = Store(store_dir)
+    parts = store.corpus("train").parts + store.corpus("unlabeled").parts  # 5 parts of different sizes
+    teachers = [store.teacher("t1"), store.teacher("t2")]
+    all_ids = sorted(int(i) for p in parts for i in store.read_corpus_part(p, ["id"]).column("id").to_numpy())
+    orders = []
+    for epoch in (0, 1):
+        seen, order = [], []
+        for rank in (0, 1):
+            ds = DistillStream(str(store_dir), parts, teachers, str(encoder), num_labels=2, batch_size=8,
+                               max_length=32, seed=5, rank=rank, world=2, num_workers=2, shuffle_buffer=24,
+                               bucket_batches=2)
+            ds.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+            batches = list(loader)
+            assert len(batches) == ds.planned_batches()  # the step plan is exact
+            for b in batches:
+                assert b["teacher_logits"].shape == (len(b["ids"]), 2, 2)
+                lens = b["attention_mask"].sum(1)
+                assert b["input_ids"].shape[1] == int(lens.max())  # padded to the batch's longest only
+            seen += [int(i) for b in batches for i in b["ids"]]
+            order += [int(i) for b in batches for i in b["ids"]]
+        assert sorted(seen) == all_ids  # every row exactly once across 2 ranks x 2 workers
+        orders.append(order)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+    assert plan_batches(parts, 5, 0, 2, 2, 8) != [0, 0]
+
+
+def test_misaligned_and_stale_label_parts_are_refused(tmp_path, encoder):
+    store = toy.build_store(tmp_path / "store", teachers=("t1", "t2"), train=(16, 16), unlabeled=(16,), dev=())
+    part = store.corpus("train").parts[1]
+    t1 = store.teacher("t1")
+    # misaligned: same fingerprint and digest, but the ids in another order
+    ids = store.read_corpus_part(part, ["id"]).column("id").to_numpy()
+    store.write_label_part(t1, part, ids[::-1].copy(), np.zeros((16, 2), np.float32))
+    ds = DistillStream(str(store.root), [part], [t1], str(encoder), num_labels=2, batch_size=8, max_length=16, seed=0)
+    with pytest.raises(StaleLabelsError, match="ids do not match corpus part part-00001.parquet"):
+        list(ds)
+
+    # stale: the teacher was replaced (new fingerprint) after scoring; the trainer names every bad file
+    from student.train import main
+
+    store.write_teacher(toy.teacher_record("t2", fingerprint="toy:t2-retrained"))
+    cfg = toy.config(store.root, encoder, tmp_path / "out", teachers=("t1", "t2"))
+    cfg["eval"] = {}
+    (tmp_path / "c.toml").write_text(toy.to_toml(cfg))
+    return_code = main(["--config", str(tmp_path / "c.toml")])
+    assert return_code == 2
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_stale_labels_message_names_the_files(tmp_path, encoder, capsys):
+    from student.train import main
+
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16, 16), unlabeled=(16,), dev=())
+    (store.label_path("t1", "train", 1)).unlink()
+    cfg = toy.config(store.root, encoder, tmp_path / "out", teachers=("t1",))
+    cfg["eval"] = {}
+    (tmp_path / "c.toml").write_text(toy.to_toml(cfg))
+    assert main(["--config", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "labels/t1/train/part-00001.parquet (missing)" in err and "Traceback" not in err
+    assert main(["--config", str(tmp_path / "c.toml"), "--set", "teachers=[\"nope\"]"]) == 2
+    assert "no teacher 'nope'" in capsys.readouterr().err
+
+
+# ---- export -----------------------------------------------------------------------------------
+def test_exported_model_equals_multi_head_mean(tmp_path, encoder):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from student.model import export, load_student
+
+    student = load_student(str(encoder), num_labels=2, num_heads=3, num_layers=1, label_names=["neg", "pos"])
+    assert student.hf.config.num_hidden_layers == 1
+    with torch.no_grad():  # make the heads clearly different
+        for p in student.hf.get_submodule(student.head_name).parameters():
+            p.add_(torch.randn_like(p))
+    student.eval()
+    tok = AutoTokenizer.from_pretrained(encoder)
+    export(student, tok, tmp_path / "exported")
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    enc = tok2(["the river city", "a film"], ["good water", "bad king of the north"], padding=True,
+               return_tensors="pt")
+    with torch.no_grad():
+        heads = student(**enc)
+        got = model(**enc).logits
+    assert heads.shape == (2, 3, 2)
+    assert not torch.allclose(heads[:, 0], heads[:, 1])
+    torch.testing.assert_close(got, heads.mean(dim=1), rtol=1e-5, atol=1e-5)
+    assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.num_hidden_layers == 1
+
+
+# ---- every variant trains ---------------------------------------------------------------------
+def _stage(name, corpora, gold=True, soft="mse", epochs=4, lr=1e-2, alpha=0.5, temperature=1.0):
+    return {"name": name, "corpora": corpora, "epochs": epochs, "batch_size": 16, "lr": lr, "schedule": "constant",
+            "gold": gold, "loss": {"soft": soft, "alpha": alpha, "temperature": temperature}}
+
+
+VARIANTS = {
+    "no-kd": dict(teachers=[], stages=[_stage("task", ["train"], alpha=0.0)]),
+    "tkd-mse": dict(teachers=["t1"], stages=[_stage("task", ["train"])]),
+    "tkd-kl": dict(teachers=["t1"], stages=[_stage("task", ["train"], soft="kl", temperature=2.0)]),
+    "mkd": dict(teachers=["t1", "t2", "t3"], stages=[_stage("task", ["train"])]),
+    "tmkd": dict(teachers=["t1", "t2"], stages=[_stage("stage1", ["unlabeled"], gold=False, epochs=3),
+                                               _stage("stage2", ["train"], soft="kl", epochs=3)]),
+    "ensemble": dict(teachers=["t1", "t2", "t3"], soft_target="ensemble", stages=[_stage("task", ["train"])]),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encoder):
+    from student.train import run
+
+    spec = dict(VARIANTS[variant])
+    raw = toy.config(store_dir, encoder, tmp_path / "out", teachers=spec.pop("teachers"), stages=spec.pop("stages"),
+                     **spec)
+    cfg = config_from_dict(raw)
+    result = run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == sum(s.epochs for s in cfg.stages)
+    for stage in cfg.stages:
+        losses = [x["train_loss"] for x in lines if x["stage"] == stage.name]
+        assert losses[-1] < 0.8 * losses[0], (stage.name, losses)
+    for x in lines:  # every row of the stage's corpora once per epoch
+        stage = next(s for s in cfg.stages if s.name == x["stage"])
+        assert x["examples"] == sum(Store(store_dir).corpus(c).rows for c in stage.corpora)
+        assert x["eval_groups_counted"] > 0 and x["eval_groups_counted"] <= x["eval_groups_total"] == 12
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "done" and record["variant"] == cfg.variant
+    assert [t["name"] for t in record["teachers"]] == cfg.teachers
+    assert all(t["fingerprint"] == f"toy:{t['name']}" for t in record["teachers"])
+    assert record["corpora"]["train"]["parts"][0]["digest"].startswith("sha256:")
+    assert result.best["metric"] == "map"
+    # the export is a stock model with the task's labels
+    cfgjson = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfgjson["id2label"] == {"0": "neg", "1": "pos"}
+    # it learnt the task, not just the loss (chance: accuracy 0.52, MAP ~0.8)
+    assert max(x["eval_accuracy"] for x in lines) >= 0.9 and result.best["value"] >= 0.9, lines
