@@ -302,3 +302,36 @@ def test_shard_option_splits_parts_across_nodes(tmp_path, wikiqa_sample, tiny_te
     assert len(Store(store).label_files()) == parts
     assert "OK" in cli("verify", "--store", store).output
     assert cli("run", "--store", store, "--teachers", teachers, "--shard", "2/2", ok=False).exit_code == 1
+
+
+def test_nli_store_with_two_and_three_class_teachers(tmp_path, shared_data, rte_sample, tiny_tokenizer):
+    """RTE (2 classes) and MNLI/SNLI samples (3 classes) in one store, each scored by teachers of its own task."""
+    from tiny import build_bert
+
+    store = tmp_path / "store"
+    cli("ingest", rte_sample, "--format", "glue", "--store", store, "--corpus", "rte")
+    for task in ("mnli", "snli"):
+        sample = json.loads((shared_data / task / "heldout-sample.json").read_text())
+        small = tmp_path / f"{task}.json"
+        small.write_text(json.dumps(dict(list(sample.items())[:30])))
+        cli("ingest", small, "--format", "json-samples", "--store", store, "--corpus", task)
+    nli3 = ["entailment", "neutral", "contradiction"]
+    assert Store(store).corpus("mnli").label_names == nli3
+
+    rte = build_bert(tmp_path / "rte-t", tiny_tokenizer, num_labels=2, seed=1, label_names=["entailment", "not_entailment"])
+    nli = build_bert(tmp_path / "nli-t", tiny_tokenizer, num_labels=3, seed=2, label_names=nli3)
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[[teacher]]\nname = "rte-t"\npath = "{rte}"\ncorpora = ["rte"]\n\n'
+                    f'[[teacher]]\nname = "nli-t"\npath = "{nli}"\ncorpora = ["mnli", "snli"]\n')
+    cli("run", "--store", store, "--teachers", toml)
+    widths = json.loads(cli("query", "--store", store, "--format", "json",
+                            "SELECT teacher, corpus, len(logits) AS k, count(*) AS n FROM labels GROUP BY ALL ORDER BY ALL").stdout)
+    assert widths == [{"teacher": "nli-t", "corpus": "mnli", "k": 3, "n": 30},
+                      {"teacher": "nli-t", "corpus": "snli", "k": 3, "n": 30},
+                      {"teacher": "rte-t", "corpus": "rte", "k": 2, "n": 40}]
+    assert "OK" in cli("verify", "--store", store).output
+
+    # The 3-class teacher pointed at the 2-class corpus is refused, naming both.
+    toml.write_text(f'[[teacher]]\nname = "nli-t"\npath = "{nli}"\ncorpora = ["rte"]\n')
+    res = cli("run", "--store", store, "--teachers", toml, ok=False)
+    assert res.exit_code == 1 and "'nli-t' has 3 labels" in res.output and "'rte'" in res.output
