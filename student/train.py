@@ -230,7 +230,9 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer) -> dict:
     local = (np.concatenate(logits) if logits else np.zeros((0, c), np.float32),
              np.concatenate(gold) if gold else np.zeros(0, np.int64), groups)
     if accelerator.num_processes > 1:
-        allp = accelerator.gather_object([local])
+        from accelerate.utils import gather_object
+
+        allp = gather_object([local])
         local = (np.concatenate([p[0] for p in allp]), np.concatenate([p[1] for p in allp]),
                  [g for p in allp for g in p[2]])
     return evaluate_predictions(local[0], local[1], local[2], cfg.eval.positive_label)
@@ -392,7 +394,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
                         step += 1
                         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and i + 1 < n_batches:
                             save_checkpoint(accelerator, out, step, Position(si, epoch, i + 1), model, optimizer,
-                                            scheduler, dict(state, examples=state["examples"] + examples_now + ex_epoch,
+                                            scheduler, dict(state, examples=state["examples"] + examples_now,
                                                             seconds=state["seconds"] + time.time() - t_start,
                                                             config=cfg.to_dict()), cfg.train.keep_checkpoints)
                         if kill_at and step == kill_at:
@@ -404,9 +406,9 @@ def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 # --- end of epoch: losses from every rank, evaluation, metrics line, best, checkpoint ---
                 totals = accelerator.reduce(loss_sum.to(accelerator.device), reduction="sum").cpu()
                 seen.append({"stage": stage.name, "epoch": epoch, "rows": rows, "id_sum": id_sum})
-                examples_now += ex_epoch
                 ex_all = int(accelerator.reduce(torch.tensor([ex_epoch], device=accelerator.device),
                                                 reduction="sum").item())
+                examples_now += ex_all  # every rank's rows
                 secs = time.time() - t_epoch
                 line = {"stage": stage.name, "epoch": epoch + 1, "step": step,
                         "train_loss": float(totals[0] / max(float(totals[1]), 1e-9)),
