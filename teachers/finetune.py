@@ -446,11 +446,15 @@ def metrics(logits: np.ndarray, split: Split, positive: int) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def selection_score(m: dict) -> tuple[str, float]:
-    """Dev MAP when dev has rankable groups, else dev accuracy."""
+def selection_score(m: dict) -> tuple[str, tuple]:
+    """Dev MAP when dev has rankable groups, else dev accuracy; ties go to MRR, then accuracy, then F1.
+
+    Ties are common on easy dev sets (MAP 1.0 two epochs running) and a ranking loss calibrates
+    the labels later than it ranks, so the tie-break prefers the epoch whose labels are right too.
+    """
     if m.get("groups_counted"):
-        return "map", m["map"]
-    return "accuracy", m["accuracy"]
+        return "map", (m["map"], m["mrr"], m["accuracy"], m["f1"])
+    return "accuracy", (m["accuracy"], m["f1"])
 
 
 @torch.no_grad()
@@ -700,9 +704,16 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" load report is expected here
     hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # "Writing model shards" bars clutter the per-teacher summary
+    except ImportError:
+        pass
     console = console or Console(stderr=True)
     console.log_every = cfg.log_every
     encoder = resolve_encoder(cfg.encoder)
+    data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
     cpu = not torch.cuda.is_available()
     bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
@@ -710,7 +721,6 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
         # `accelerate launch` sets OMP_NUM_THREADS=1 per process, which halves a lone CPU process.
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
 
-    data = prepare_data(cfg, encoder)
     accelerator.print(
         f"encoder {encoder} | train {cfg.train_corpus}: {len(data.train)} pairs | dev {cfg.dev_corpus}: {len(data.dev)}"
         + (f" | test {cfg.test_corpus}: {len(data.test)}" if data.test else "")

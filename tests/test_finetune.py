@@ -1,0 +1,200 @@
+"""teachers/finetune.py: teachers learn, are written loadable, and teachers.toml points at them.
+
+The end-to-end test runs the script as users do (a subprocess: accelerate keeps one global
+state per process) on a tiny locally built BERT and a toy corpus a 2-layer model learns in
+seconds: in each question of 4 candidates the correct one says "yes", the others "no".
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.store import Store  # noqa: E402
+from teachers import finetune as ft  # noqa: E402
+from teachers.spec import load_teachers_toml  # noqa: E402
+
+WORDS = ["river", "city", "music", "water", "king", "war", "film", "book", "game", "church", "school", "army"]
+LABELS = ["no", "yes"]
+
+
+def toy_rows(questions: int, seed: int, id_offset: int) -> pa.Table:
+    """Questions of 4 candidates, one correct (position shuffled): 25% positives, so chance MAP ~0.52."""
+    rng = np.random.default_rng(seed)
+    rows = {k: [] for k in ("id", "text_a", "text_b", "label", "group", "source_id")}
+    for q in range(questions):
+        w = WORDS[rng.integers(len(WORDS))]
+        correct = rng.integers(4)
+        for c in range(4):
+            other = WORDS[rng.integers(len(WORDS))]
+            yes = c == correct
+            rows["id"].append(id_offset + 4 * q + c)
+            rows["text_a"].append(f"where is the {w}")
+            rows["text_b"].append(f"{'yes' if yes else 'no'} the {other} is in the city")
+            rows["label"].append(int(yes))
+            rows["group"].append(f"q{seed}-{q}")
+            rows["source_id"].append(None)
+    return pa.table(rows)
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ftstore") / "store"
+    store = Store.create(root)
+    for corpus, questions, seed in (("toy-train", 80, 1), ("toy-dev", 25, 2)):
+        part = store.write_corpus_part(corpus, 0, toy_rows(questions, seed, 100_000 * seed))
+        store.commit_corpus_parts(corpus, LABELS, [part], {"file": "toy", "format": "test"})
+    return root
+
+
+def write_config(path: Path, store: Path, encoder: Path, out: Path) -> Path:
+    path.write_text(f"""
+encoder = "{encoder}"
+store = "{store}"
+train_corpus = "toy-train"
+dev_corpus = "toy-dev"
+out = "{out}"
+max_length = 32
+bf16 = false
+threads = 1
+
+[defaults]
+epochs = 3
+lr = 1e-3
+batch_size = 8
+warmup_ratio = 0.0
+
+[[teacher]]
+name = "tiny-list"
+loss = "listwise"
+seed = 1
+
+[[teacher]]
+name = "tiny-point"
+loss = "balanced"
+seed = 2
+""")
+    return path
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "teachers" / "finetune.py"), *args],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, toy_store, tiny_teachers) -> Path:
+    d = tmp_path_factory.mktemp("ft")
+    cfg = write_config(d / "train.toml", toy_store, tiny_teachers["t1"], d / "out")
+    # the command line overrides the file: 4 epochs for one teacher only
+    proc = run_script("--config", str(cfg), "--set", "tiny-list.epochs=4")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return d / "out"
+
+
+def test_teachers_learn_the_toy_task(trained):
+    report = json.loads((trained / "finetune-report.json").read_text())
+    by_name = {t["name"]: t for t in report["teachers"]}
+    assert set(by_name) == {"tiny-list", "tiny-point"}
+    assert len(by_name["tiny-list"]["epochs"]) == 4 and len(by_name["tiny-point"]["epochs"]) == 3
+    for t in by_name.values():
+        dev = t["dev"]
+        assert dev["groups_counted"] == 25
+        # chance: MAP ~0.52 (1 correct of 4), accuracy 0.75 (always "no")
+        assert dev["map"] > 0.9, t
+        assert dev["accuracy"] > 0.9, t
+        # the kept epoch has the best dev MAP; among equal MAPs, not a worse accuracy
+        assert dev["map"] == max(e["dev"]["map"] for e in t["epochs"])
+        assert all(dev["accuracy"] >= e["dev"]["accuracy"] for e in t["epochs"] if e["dev"]["map"] == dev["map"])
+        assert t["seconds"] > 0
+
+
+def test_written_teachers_load_and_reproduce_their_dev_scores(trained, toy_store):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from student.metrics import map_mrr
+
+    specs = load_teachers_toml(trained / "teachers.toml")
+    assert [s.name for s in specs] == ["tiny-list", "tiny-point"]
+    report = {t["name"]: t for t in json.loads((trained / "finetune-report.json").read_text())["teachers"]}
+    dev = Store(toy_store).read_corpus_part(Store(toy_store).corpus("toy-dev").parts[0]).to_pydict()
+    for spec in specs:
+        assert Path(spec.path) == (trained / spec.name).resolve()
+        assert spec.labels == LABELS and spec.max_length == 32 and spec.dtype == "float32"
+        model = AutoModelForSequenceClassification.from_pretrained(spec.path).eval()
+        assert model.config.id2label == {0: "no", 1: "yes"}
+        tok = AutoTokenizer.from_pretrained(spec.path)
+        with torch.no_grad():
+            batch = tok(dev["text_a"], dev["text_b"], padding=True, truncation=True, max_length=32, return_tensors="pt")
+            logits = model(**batch).logits.float()
+        scores = torch.log_softmax(logits, -1)[:, 1].numpy()
+        got = map_mrr(scores, np.array(dev["label"]) == 1, dev["group"])
+        # the saved weights are the kept epoch's (not the last epoch's)
+        assert got["map"] == pytest.approx(report[spec.name]["dev"]["map"], abs=1e-3)
+
+
+def test_listwise_loss_matches_hand_computation():
+    scores = torch.tensor([2.0, 0.0, 1.0, 0.5, -0.5, 3.0], requires_grad=True)
+    relevant = torch.tensor([True, False, True, False, True, False])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])  # group 2 has no correct candidate: it ranks nothing
+    lse0 = math.log(math.exp(2) + math.exp(0) + math.exp(1))
+    g0 = -(0.5 * (2 - lse0) + 0.5 * (1 - lse0))
+    g1 = -(-0.5 - math.log(math.exp(0.5) + math.exp(-0.5)))
+    loss = ft.listwise_loss(scores, relevant, groups)
+    assert loss.item() == pytest.approx((g0 + g1) / 2, rel=1e-6)
+    loss.backward()
+    assert scores.grad[5] == 0  # the unrankable group gets no gradient
+
+    # pairwise: mean over a group's (correct, wrong) pairs of log(1 + exp(s_wrong - s_correct))
+    p0 = (math.log1p(math.exp(0 - 2)) + math.log1p(math.exp(0 - 1))) / 2
+    p1 = math.log1p(math.exp(0.5 - -0.5))
+    assert ft.pairwise_loss(scores, relevant, groups).item() == pytest.approx((p0 + p1) / 2, rel=1e-6)
+
+
+def test_relevance_score_is_the_positive_log_odds():
+    logits = torch.tensor([[0.3, 1.5], [2.0, -1.0]])
+    assert ft.relevance_scores(logits, 1).tolist() == pytest.approx([1.2, -3.0])
+    assert ft.relevance_scores(logits, 0).tolist() == pytest.approx([-1.2, 3.0])
+
+
+def test_group_batches_keep_questions_whole():
+    rng = np.random.default_rng(0)
+    members = [np.arange(i * 5, i * 5 + 5) for i in range(10)] + [np.arange(50, 90)]  # one question of 40
+    lengths = rng.integers(5, 50, size=90)
+    batches = ft.group_batches(members, lengths, 16, rng)
+    seen = np.sort(np.concatenate(batches))
+    assert seen.tolist() == list(range(90))  # every row once
+    for b in batches:
+        assert len(b) <= 16 or len(b) == 40
+        for m in members:
+            assert np.isin(m, b).all() or not np.isin(m, b).any()
+
+
+def test_user_errors_are_one_line_messages(tmp_path, toy_store, tiny_teachers):
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+    with pytest.raises(ft.FinetuneError, match="loss 'softmax' is not one of"):
+        ft.load_config(cfg, sets=["loss=softmax"])
+    with pytest.raises(ft.FinetuneError, match="no teacher named 'nope'"):
+        ft.load_config(cfg, sets=["nope.lr=1e-4"])
+    with pytest.raises(ft.FinetuneError, match="not a Hugging Face model folder"):
+        ft.resolve_encoder(str(tmp_path))
+    c = ft.load_config(cfg, {"out": str(tmp_path / "o2")}, ["lr=2e-4", "tiny-point.epochs=5"])
+    assert [t.lr for t in c.teacher] == [2e-4, 2e-4] and [t.epochs for t in c.teacher] == [3, 5]
+    assert c.out == str(tmp_path / "o2")
+
+    proc = run_script("--config", str(cfg), "--dev-corpus", "missing")
+    assert proc.returncode == 2
+    assert "error: " in proc.stderr and "no corpus 'missing'" in proc.stderr
+    assert "Traceback" not in proc.stderr
