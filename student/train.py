@@ -117,7 +117,8 @@ def check_labels(store, cfg: TrainConfig, teachers) -> None:
         )
 
 
-def run_record(cfg: TrainConfig, store, teachers, world: int, status: str, extra: dict | None = None) -> dict:
+def run_record(cfg: TrainConfig, store, teachers, world: int, mixed_precision: str, status: str,
+               extra: dict | None = None) -> dict:
     corpora = {}
     for c in dict.fromkeys([c for s in cfg.stages for c in s.corpora] + ([cfg.eval.corpus] if cfg.eval.corpus else [])):
         m = store.corpus(c)
@@ -131,6 +132,7 @@ def run_record(cfg: TrainConfig, store, teachers, world: int, status: str, extra
         "teacher_weights": dict(zip(cfg.teachers, cfg.normalised_weights())),
         "corpora": corpora,
         "world_size": world,
+        "mixed_precision": mixed_precision,
         "config": cfg.to_dict(),
     }
     rec.update(extra or {})
@@ -301,7 +303,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(run_record(cfg, store, teachers, world, "running"), indent=2))
+        (out / "run.json").write_text(json.dumps(run_record(cfg, store, teachers, world, accelerator.mixed_precision, "running"), indent=2))
     accelerator.wait_for_everyone()
 
     weights = torch.tensor(cfg.normalised_weights() or [1.0], dtype=torch.float32, device=accelerator.device)
@@ -461,7 +463,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
     accelerator.wait_for_everyone()
     if main:
         (out / "run.json").write_text(json.dumps(run_record(
-            cfg, store, teachers, world, "done",
+            cfg, store, teachers, world, accelerator.mixed_precision, "done",
             {"steps": step, "examples": examples, "seconds": seconds, "best": state["best"]}), indent=2))
         rate = examples / max(seconds, 1e-9)
         best = state["best"]

@@ -21,6 +21,16 @@ from student.losses import distill_loss
 from student.metrics import evaluate_predictions, map_mrr
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its own Accelerator, as a new process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def encoder(tiny_teachers):
     return tiny_teachers["t1"]

@@ -110,7 +110,7 @@ def test_two_real_processes_complete_and_keep_weights_in_sync(tmp_path, encoder)
     # what ENVIRONMENT.md measured works on this machine (`--cpu --num_processes 2` runs one process)
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "student/train.py", "--config", str(cfg)]
+           "student/train.py", "--config", str(cfg), "--mixed_precision", "bf16"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -135,6 +135,7 @@ def test_two_real_processes_complete_and_keep_weights_in_sync(tmp_path, encoder)
 
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["status"] == "done" and record["world_size"] == 2 and record["variant"] == "tmkd"
+    assert record["mixed_precision"] == "bf16"
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [x["examples"] for x in lines] == [expect["unlabeled"][0], expect["train"][0], expect["train"][0]]
     assert (tmp_path / "out" / "model.safetensors").exists()
