@@ -85,12 +85,21 @@ def label_space(cfg: TrainConfig, store, teachers) -> list[str]:
         if not m.parts:
             raise StoreError(f"corpus {c!r} has no committed parts")
         if m.label_names is None:
+            if not teachers and c in [x for st in cfg.stages for x in st.corpora]:
+                raise TrainError(f"corpus {c!r} has no labels and there are no teachers: nothing to learn from "
+                                 "(no-KD trains on labelled corpora only)")
             continue
         if names is None:
             names = m.label_names
         elif m.label_names != names:
             who = "the teachers" if teachers else "the other corpora"
             raise TrainError(f"corpus {c!r} has label names {m.label_names}, {who} have {names}")
+    if cfg.eval.corpus and cfg.eval.metric in ("map", "mrr"):
+        has_groups = any(store.read_corpus_part(p, ["group"]).column("group").null_count < p.rows
+                         for p in store.corpus(cfg.eval.corpus).parts)
+        if not has_groups:
+            raise TrainError(f"eval.metric = {cfg.eval.metric!r} ranks candidates by group, but corpus "
+                             f"{cfg.eval.corpus!r} has no groups; use accuracy or f1")
     if names is None:
         raise TrainError("no label space: without teachers at least one corpus must declare label names")
     return names
@@ -202,8 +211,10 @@ def normalise(pos: Position, cfg: TrainConfig) -> Position:
 
 
 def comparable(cfg_dict: dict) -> dict:
-    """The parts of a config that decide the model and data order (must match to resume)."""
-    return {k: v for k, v in cfg_dict.items() if k not in ("output", "train", "eval")}
+    """The parts of a config that decide the model, the data order and the schedule (must match to resume)."""
+    out = {k: v for k, v in cfg_dict.items() if k not in ("output", "train", "eval")}
+    out["gradient_accumulation_steps"] = cfg_dict["train"]["gradient_accumulation_steps"]
+    return out
 
 
 # ---- evaluation -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ label. The student encoder is a tiny local BERT (2 layers, hidden 32).
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +53,9 @@ def test_config_toml_overrides_and_errors(tmp_path, encoder, store_dir):
     assert cfg.stages[0].lr == 5e-5 and cfg.stages[0].loss.soft == "kl" and cfg.student.num_layers == 1
     assert cfg.train.gradient_accumulation_steps == 2
     assert cfg.normalised_weights() == [0.75, 0.25] and cfg.variant == "mkd"
+
+    example = load_config(Path(__file__).resolve().parents[1] / "student" / "configs" / "tmkd.example.toml")
+    assert example.variant == "tmkd" and example.student.num_layers == 3 and not example.stages[0].gold
 
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\]"):
         load_config(path, ["stages.0.lrr=1"])
@@ -184,6 +187,10 @@ def test_stale_labels_message_names_the_files(tmp_path, encoder, capsys):
     assert "labels/t1/train/part-00001.parquet (missing)" in err and "Traceback" not in err
     assert main(["--config", str(tmp_path / "c.toml"), "--set", "teachers=[\"nope\"]"]) == 2
     assert "no teacher 'nope'" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "c.toml"), "--set", "eval.corpus=train", "--set", "eval.metric=mrr"]) == 2
+    assert "corpus 'train' has no groups" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "c.toml"), "--set", "stages.0.corpora=[\"nope\"]"]) == 2
+    assert "no corpus 'nope'" in capsys.readouterr().err
 
 
 # ---- export -----------------------------------------------------------------------------------
