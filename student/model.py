@@ -58,6 +58,10 @@ class MultiHeadStudent(nn.Module):
             if old.bias is not None:
                 new.bias.copy_(old.bias.detach().repeat(num_heads))
         _set_module(hf_model, self.head_name, new)
+        import inspect
+
+        # a tokenizer may return token_type_ids a model does not take (e.g. MPNet): drop them then
+        self.takes_token_types = "token_type_ids" in inspect.signature(hf_model.forward).parameters
 
     @property
     def config(self):
@@ -65,7 +69,7 @@ class MultiHeadStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
+        if token_type_ids is not None and self.takes_token_types:
             kw["token_type_ids"] = token_type_ids
         logits = self.hf(**kw).logits
         return logits.view(logits.shape[0], self.num_heads, self.num_labels)

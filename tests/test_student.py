@@ -194,12 +194,29 @@ def test_stale_labels_message_names_the_files(tmp_path, encoder, capsys):
 
 
 # ---- export -----------------------------------------------------------------------------------
-def test_exported_model_equals_multi_head_mean(tmp_path, encoder):
+def _tiny_mpnet(path, tokenizer_dir):
+    """An MPNet classifier (its head is classifier.out_proj, not classifier) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=130, pad_token_id=tok.pad_token_id)
+    MPNetForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_exported_model_equals_multi_head_mean(arch, tmp_path, encoder, tiny_tokenizer):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from student.model import export, load_student
 
+    if arch == "mpnet":
+        encoder = _tiny_mpnet(tmp_path / "mpnet", tiny_tokenizer)
     student = load_student(str(encoder), num_labels=2, num_heads=3, num_layers=1, label_names=["neg", "pos"])
+    assert student.head_name == {"bert": "classifier", "mpnet": "classifier.out_proj"}[arch]
     assert student.hf.config.num_hidden_layers == 1
     with torch.no_grad():  # make the heads clearly different
         for p in student.hf.get_submodule(student.head_name).parameters():
@@ -213,7 +230,9 @@ def test_exported_model_equals_multi_head_mean(tmp_path, encoder):
     enc = tok2(["the river city", "a film"], ["good water", "bad king of the north"], padding=True,
                return_tensors="pt")
     with torch.no_grad():
-        heads = student(**enc)
+        heads = student(**enc)  # drops token_type_ids for MPNet
+        if arch == "mpnet":
+            enc.pop("token_type_ids")
         got = model(**enc).logits
     assert heads.shape == (2, 3, 2)
     assert not torch.allclose(heads[:, 0], heads[:, 1])
@@ -267,3 +286,23 @@ def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encode
     assert cfgjson["id2label"] == {"0": "neg", "1": "pos"}
     # it learnt the task, not just the loss (chance: accuracy 0.52, MAP ~0.8)
     assert max(x["eval_accuracy"] for x in lines) >= 0.9 and result.best["value"] >= 0.9, lines
+
+
+def test_stream_holds_at_most_one_part_plus_the_buffer(tmp_path, encoder, monkeypatch):
+    """Memory stays flat: rows read but not yet emitted never exceed the buffer plus one part."""
+    import student.data as data
+
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(30,) * 8, unlabeled=(8,), dev=())
+    parts = store.corpus("train").parts
+    read = []
+    real = data.read_rows
+    monkeypatch.setattr(data, "read_rows", lambda *a, **k: read.append(real(*a, **k)) or read[-1])
+    ds = DistillStream(str(store.root), parts, [store.teacher("t1")], str(encoder), num_labels=2, batch_size=4,
+                       max_length=16, seed=0, shuffle_buffer=40, bucket_batches=2)
+    emitted, held = 0, []
+    for pool in ds._pools(parts, np.random.default_rng(0)):
+        held.append(sum(len(r) for r in read) - emitted)
+        emitted += len(pool)
+        assert len(pool) <= 8
+    assert emitted == 240 and max(held) <= 40 + 30
+    assert len(read) == 8 and held[0] < 240  # pools flow before the last part is read
