@@ -33,6 +33,7 @@ Schema (every table and key; defaults in brackets)::
     max_grad_norm = 1.0
     checkpoint_every = 0            # optimizer steps between checkpoints; 0: end of epoch only
     keep_checkpoints = 2
+    num_threads = 0                 # torch threads per process; 0: torch's default (accelerate launch sets 1)
 
     [[stages]]                      # one or more, run in order; each hands its weights on
     name = "stage1"
@@ -116,6 +117,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    num_threads: int = 0
 
 
 @dataclass
@@ -182,6 +184,8 @@ class TrainConfig:
             problems.append(f"eval.metric must be accuracy, f1, map or mrr, not {self.eval.metric!r}")
         if self.train.mixed_precision not in ("", "no", "bf16", "fp16"):
             problems.append(f"train.mixed_precision must be no, bf16 or fp16, not {self.train.mixed_precision!r}")
+        if self.train.num_threads < 0 or self.train.keep_checkpoints < 1 or self.train.checkpoint_every < 0:
+            problems.append("train.num_threads >= 0, train.keep_checkpoints >= 1, train.checkpoint_every >= 0")
         if self.train.gradient_accumulation_steps < 1:
             problems.append("train.gradient_accumulation_steps must be >= 1")
         if self.data.num_workers < 0 or self.data.bucket_batches < 1 or self.data.shuffle_buffer < 1:

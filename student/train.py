@@ -253,6 +253,19 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer) -> dict:
 
 # ---- the run ----------------------------------------------------------------------------------
 def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    """Train as the config says; ``resume``: continue from the last checkpoint in the output folder."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return _run(cfg, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     import numpy as np
     import torch
     from accelerate import Accelerator
@@ -339,8 +352,12 @@ def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
             total = sum(math.ceil(n / ga) for n in plan)
             decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
             no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
-            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
-                                           {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+            groups = [{"params": decay, "weight_decay": stage.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+            try:  # fused AdamW: ~6x faster steps on this CPU than the default foreach kernels
+                optimizer = torch.optim.AdamW(groups, lr=stage.lr, fused=True)
+            except (RuntimeError, ValueError):
+                optimizer = torch.optim.AdamW(groups, lr=stage.lr)
             sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[stage.schedule]
             scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=int(stage.warmup_ratio * total),
                                       num_training_steps=max(1, total))
