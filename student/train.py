@@ -350,8 +350,8 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
             parts = [p for c in stage.corpora for p in store.corpus(c).parts]
             plan = [max(plan_batches(parts, cfg.seed, e, world, nw, stage.batch_size)) for e in range(stage.epochs)]
             total = sum(math.ceil(n / ga) for n in plan)
-            decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
-            no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
+            decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "norm" not in n.lower()]
+            no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "norm" not in n.lower())]
             groups = [{"params": decay, "weight_decay": stage.weight_decay},
                       {"params": no_decay, "weight_decay": 0.0}]
             try:  # fused AdamW: ~6x faster steps on this CPU than the default foreach kernels
