@@ -533,7 +533,12 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     def my_batches():
         """This rank's share of a fresh epoch of batches (same count on every rank, so DDP stays in step)."""
         batches = make_batches()
-        n = len(batches) // accelerator.num_processes * accelerator.num_processes or len(batches)
+        n = len(batches) // accelerator.num_processes * accelerator.num_processes
+        if n == 0:
+            raise FinetuneError(
+                f"teacher {spec.name!r}: {len(batches)} batch(es) for {accelerator.num_processes} processes; "
+                "use a smaller batch_size or fewer processes"
+            )
         return batches[accelerator.process_index : n : accelerator.num_processes]
 
     steps_per_epoch = len(my_batches())
@@ -544,7 +549,9 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is stepped by hand, not prepared: total_steps already counts this rank's
+    # steps, and a prepared scheduler would advance once per process on every step.
+    model, optimizer = accelerator.prepare(model, optimizer)
     weights = class_weights(data.train.labels, len(names)).to(accelerator.device)
     labels_t = torch.from_numpy(data.train.labels)
     gids_t = torch.from_numpy(gids)
@@ -555,7 +562,8 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
         model.train()
         batches = my_batches()
         total, seen = 0.0, 0
-        with _progress(console, accelerator, f"{spec.name} epoch {epoch}/{spec.epochs}", len(batches)) as advance:
+        title = f"{spec.name} epoch {epoch}/{spec.epochs}"
+        with _progress(console, accelerator, title, len(batches), cfg.log_every) as advance:
             for step, rows in enumerate(batches, 1):
                 batch = {k: v.to(accelerator.device) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
                 with accelerator.autocast():
@@ -595,9 +603,12 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     folder = Path(cfg.out) / spec.name
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for stale in [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]:
+            stale.unlink()  # a previous run's weights would enter the teacher's fingerprint
         unwrapped.save_pretrained(folder, safe_serialization=True)
         data.tokenizer.save_pretrained(folder)
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
     entry["path"] = str(folder)
     entry["seconds"] = round(time.time() - started, 1)
     test = f" | test {_fmt(entry['test'])}" if "test" in entry else ""
@@ -616,11 +627,10 @@ def _fmt(m: dict) -> str:
 class _progress:
     """A rich progress bar on a terminal; a line every ``log_every`` steps in a log file; silent on other ranks."""
 
-    def __init__(self, console, accelerator, title: str, total: int):
-        self.console, self.title, self.total = console, title, total
+    def __init__(self, console, accelerator, title: str, total: int, every: int):
+        self.console, self.title, self.total, self.every = console, title, total, max(1, every)
         self.on = accelerator.is_main_process
         self.live = self.on and console.is_terminal
-        self.every = getattr(console, "log_every", 50)
         self.t0 = time.time()
 
     def __enter__(self):
@@ -711,7 +721,6 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     except ImportError:
         pass
     console = console or Console(stderr=True)
-    console.log_every = cfg.log_every
     encoder = resolve_encoder(cfg.encoder)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
     cpu = not torch.cuda.is_available()
