@@ -11,6 +11,7 @@ OUT=${OUT:-runs/wikiqa}
 DATA=${DATA:-../shared/data}
 TEACHERS_CONFIG=${TEACHERS_CONFIG:-teachers/configs/wikiqa-minilm.toml}
 VARIANTS=${VARIANTS:-"nokd tkd mkd ensemble tmkd"}
+STUDENT_ARGS=${STUDENT_ARGS:-}   # extra arguments for every student run, e.g. "--set student.num_layers=1"
 STORE=$OUT/store
 PY=.venv/bin/python
 LABEL=.venv/bin/tmkd-label
@@ -62,7 +63,7 @@ for v in $VARIANTS; do
   else
     resume=(); [ -d "$dir/checkpoints" ] && resume=(--resume)
     log "student $v: training (teachers $teachers)"
-    $PY student/train.py --config "bench/configs/wikiqa-$v.toml" --output "$dir" "${resume[@]}" \
+    $PY student/train.py --config "bench/configs/wikiqa-$v.toml" --output "$dir" "${resume[@]}" ${STUDENT_ARGS:-} \
       --set "store=\"$STORE\"" --set "student.encoder=\"$ENCODER\"" --set "teachers=$teachers"
   fi
   STUDENTS+=("$v=$dir")

@@ -111,15 +111,14 @@ def main() -> None:
     rows = {}
     for i, rec in enumerate(records):
         rows[rec.name] = {"kind": "teacher", **metrics(teacher_logits[:, i], gold, positions, ref)}
-    rows["ensemble"] = {"kind": "ensemble", **metrics(teacher_logits.mean(1), gold, positions, ref)}
+    rows["teacher-ensemble"] = {"kind": "ensemble", **metrics(teacher_logits.mean(1), gold, positions, ref)}
 
     # Speed, measured here and now, one model after another on the same pairs.
     speeds, seconds = {}, {}
     for rec in records:
         _, pps = timed_scores(Path(rec.path), rec.name, a, b, rec.max_length, args.dtype)
         seconds[rec.name] = len(a) / pps
-    speeds["one teacher"] = len(a) / seconds[records[0].name]
-    speeds["ensemble"] = len(a) / sum(seconds.values())
+    ensemble_pps = len(a) / sum(seconds.values())
     for spec in args.students:
         name, folder = spec.split("=", 1)
         lg, pps = timed_scores(Path(folder), name, a, b, records[0].max_length, args.dtype)
@@ -129,7 +128,7 @@ def main() -> None:
         if r["kind"] == "teacher":
             r["pairs_per_s"] = len(a) / seconds[name]
         elif r["kind"] == "ensemble":
-            r["pairs_per_s"] = speeds["ensemble"]
+            r["pairs_per_s"] = ensemble_pps
         else:
             r["pairs_per_s"] = speeds[name]
     args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(a), "dtype": args.dtype, "rows": rows}, indent=2))

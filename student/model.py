@@ -104,7 +104,15 @@ def load_student(encoder: str, num_labels: int, num_heads: int, num_layers: int 
         if num_layers > have:
             raise ValueError(f"{encoder}: num_layers={num_layers} but the encoder has only {have} layers")
         config.num_hidden_layers = num_layers
-    hf = AutoModelForSequenceClassification.from_pretrained(encoder, config=config)
+    from transformers.utils import logging as hf_logging
+
+    # Dropped layers ("unexpected") and the new head ("missing") are what we asked for: no load report.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(encoder, config=config)
+    finally:
+        hf_logging.set_verbosity(level)
     return MultiHeadStudent(hf, num_heads)
 
 
