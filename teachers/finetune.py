@@ -91,6 +91,7 @@ class TeacherConfig:
     name: str
     seed: int = 0
     lr: float = 3e-5
+    head_lr: float | None = None  # lr of the new head and the pooler it reads (default: lr); higher wakes them faster
     epochs: int = 1
     batch_size: int = 32  # pairs per step (ranking losses: whole questions, up to this many pairs)
     warmup_ratio: float = 0.1  # linear warmup over this share of the steps, then linear decay to 0
@@ -113,6 +114,7 @@ class TeacherConfig:
             self.pointwise_weight = 0.1 if self.loss in GROUP_LOSSES else 1.0
         checks = [
             (self.lr > 0, "lr must be > 0"),
+            (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0"),
             (int(self.epochs) >= 1, "epochs must be >= 1"),
             (int(self.batch_size) >= 1, "batch_size must be >= 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
@@ -499,6 +501,23 @@ class Prepared:
     pad_id: int
 
 
+def param_groups(model, spec: TeacherConfig) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norms; ``head_lr`` for the head and the pooler.
+
+    The head is new and the pooler of a sentence-embedding encoder was never trained (its output
+    barely varies between inputs), so at the encoder's small lr they wake slowly.
+    """
+    head_lr = spec.head_lr or spec.lr
+    groups: dict = {}
+    for n, p in model.named_parameters():
+        no_decay = any(k in n for k in ("bias", "LayerNorm", "layer_norm", "norm.weight"))
+        head = n.startswith(("classifier", "pooler", "score")) or ".pooler." in n
+        key = (no_decay, head)
+        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else spec.weight_decay,
+                                "lr": head_lr if head else spec.lr})["params"].append(p)
+    return list(groups.values())
+
+
 def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: Prepared, console) -> dict:
     """Fine-tune one teacher; keep its best dev epoch; save it; return its report entry."""
     from accelerate.utils import set_seed
@@ -543,11 +562,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
 
     steps_per_epoch = len(my_batches())
     total_steps = steps_per_epoch * spec.epochs
-    decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm", "layer_norm"))]
-    no_decay = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "layer_norm"))]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, spec), lr=spec.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
     # The scheduler is stepped by hand, not prepared: total_steps already counts this rank's
     # steps, and a prepared scheduler would advance once per process on every step.
