@@ -83,6 +83,8 @@ seed = 1
 name = "tiny-point"
 loss = "balanced"
 seed = 2
+layers = 1
+head_lr = 3e-3
 """)
     return path
 
@@ -135,6 +137,8 @@ def test_written_teachers_load_and_reproduce_their_dev_scores(trained, toy_store
         assert spec.labels == LABELS and spec.max_length == 32 and spec.dtype == "float32"
         model = AutoModelForSequenceClassification.from_pretrained(spec.path).eval()
         assert model.config.id2label == {0: "no", 1: "yes"}
+        # `layers = 1` keeps the encoder's first layer only (the tiny encoder has 2)
+        assert model.config.num_hidden_layers == (1 if spec.name == "tiny-point" else 2)
         tok = AutoTokenizer.from_pretrained(spec.path)
         with torch.no_grad():
             batch = tok(dev["text_a"], dev["text_b"], padding=True, truncation=True, max_length=32, return_tensors="pt")
@@ -198,3 +202,18 @@ def test_user_errors_are_one_line_messages(tmp_path, toy_store, tiny_teachers):
     assert proc.returncode == 2
     assert "error: " in proc.stderr and "no corpus 'missing'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_head_lr_applies_to_the_new_head_and_pooler_only(tiny_teachers):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teachers["t1"])
+    spec = ft.TeacherConfig(name="x", lr=1e-5, head_lr=1e-3, weight_decay=0.01)
+    groups = ft.param_groups(model, spec)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)  # every parameter exactly once
+    assert lr_of[id(named["classifier.weight"])] == (1e-3, 0.01)
+    assert lr_of[id(named["bert.pooler.dense.bias"])] == (1e-3, 0.0)
+    assert lr_of[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == (1e-5, 0.01)
+    assert lr_of[id(named["bert.embeddings.LayerNorm.weight"])] == (1e-5, 0.0)
