@@ -766,8 +766,8 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", required=True, help="the TOML config (see the module docstring)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", required=True, help="the TOML config (format above)")
     for key in ("encoder", "store", "train_corpus", "dev_corpus", "test_corpus", "out"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, help=f"override `{key}` of the config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
