@@ -518,36 +518,66 @@ def param_groups(model, spec: TeacherConfig) -> list[dict]:
     return list(groups.values())
 
 
+def check_depth(encoder: Path, specs: list[TeacherConfig]) -> None:
+    """``layers`` can only cut the encoder: asking for more would add randomly initialised layers."""
+    from transformers import AutoConfig
+
+    depth = AutoConfig.from_pretrained(encoder).num_hidden_layers
+    for spec in specs:
+        if spec.layers and spec.layers > depth:
+            raise FinetuneError(f"teacher {spec.name!r}: layers {spec.layers} but the encoder has {depth}")
+
+
+def load_model(encoder: Path, spec: TeacherConfig, names: list[str]):
+    """The encoder with a new classification head for the corpus labels (and only its first ``layers``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    check_depth(encoder, [spec])
+    extra = {"num_hidden_layers": spec.layers} if spec.layers else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        encoder, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)}, **extra,
+    )
+
+
+def batch_maker(spec: TeacherConfig, data: "Prepared", rng: np.random.Generator):
+    """A function returning a fresh, shuffled epoch of row batches: whole questions for the ranking losses."""
+    lengths = data.enc_train.lengths
+    if spec.loss not in GROUP_LOSSES:
+        return lambda: pair_batches(lengths, spec.batch_size, rng)
+    _, members = group_index(data.train.groups)
+    if not members:
+        raise FinetuneError(f"teacher {spec.name!r}: loss {spec.loss!r} needs groups; corpus {data.train.corpus!r} has none")
+    if spec.rankable_only:
+        rel = data.train.labels == data.positive
+        members = [m for m in members if 0 < rel[m].sum() < len(m)]
+        if not members:
+            raise FinetuneError(f"corpus {data.train.corpus!r} has no group with a correct and a wrong candidate")
+    return lambda: group_batches(members, lengths, spec.batch_size, rng)
+
+
+def save_teacher(accelerator, model, tokenizer, folder: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer, written once by the main process."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for stale in [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]:
+            stale.unlink()  # a previous run's weights would enter the teacher's fingerprint
+        accelerator.unwrap_model(model).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
 def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: Prepared, console) -> dict:
     """Fine-tune one teacher; keep its best dev epoch; save it; return its report entry."""
     from accelerate.utils import set_seed
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
 
     started = time.time()
     set_seed(spec.seed)  # the new head's init and the data order follow the teacher's seed
     names = data.train.label_names
-    extra = {"num_hidden_layers": spec.layers} if spec.layers else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        data.encoder, num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)}, **extra,
-    )
-    if spec.layers and spec.layers > model.config.num_hidden_layers:
-        raise FinetuneError(f"teacher {spec.name!r}: layers {spec.layers} > the encoder's {model.config.num_hidden_layers}")
-
-    rng = np.random.default_rng(spec.seed)
-    lengths = data.enc_train.lengths
-    gids, members = group_index(data.train.groups)
-    if spec.loss in GROUP_LOSSES:
-        if not members:
-            raise FinetuneError(f"teacher {spec.name!r}: loss {spec.loss!r} needs groups, corpus {data.train.corpus!r} has none")
-        if spec.rankable_only:
-            rel = data.train.labels == data.positive
-            members = [m for m in members if 0 < rel[m].sum() < len(m)]
-            if not members:
-                raise FinetuneError(f"corpus {data.train.corpus!r} has no group with a correct and a wrong candidate")
-        make_batches = lambda: group_batches(members, lengths, spec.batch_size, rng)  # noqa: E731
-    else:
-        make_batches = lambda: pair_batches(lengths, spec.batch_size, rng)  # noqa: E731
+    model = load_model(data.encoder, spec, names)
+    make_batches = batch_maker(spec, data, np.random.default_rng(spec.seed))
+    gids, _ = group_index(data.train.groups)
 
     def my_batches():
         """This rank's share of a fresh epoch of batches (same count on every rank, so DDP stays in step)."""
@@ -616,13 +646,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
         entry["test"] = metrics(predict(accelerator, model, data.enc_test, cfg.eval_batch_tokens, data.pad_id),
                                 data.test, data.positive)
     folder = Path(cfg.out) / spec.name
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for stale in [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]:
-            stale.unlink()  # a previous run's weights would enter the teacher's fingerprint
-        unwrapped.save_pretrained(folder, safe_serialization=True)
-        data.tokenizer.save_pretrained(folder)
-    accelerator.wait_for_everyone()
+    save_teacher(accelerator, model, data.tokenizer, folder)
     accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
     entry["path"] = str(folder)
     entry["seconds"] = round(time.time() - started, 1)
@@ -678,10 +702,10 @@ def _toml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=True)  # a JSON string is a valid TOML basic string
 
 
-def write_teachers_toml(cfg: FinetuneConfig, label_names: list[str]) -> Path:
-    """OUT/teachers.toml for `tmkd-label run`: each teacher's folder relative to the file."""
+def write_teachers_toml(cfg: FinetuneConfig, done: list[TeacherConfig], label_names: list[str]) -> Path:
+    """OUT/teachers.toml for `tmkd-label run`: each finished teacher's folder, relative to the file."""
     lines = ["# Written by teachers/finetune.py; read by `tmkd-label run --teachers`.", ""]
-    for spec in cfg.teacher:
+    for spec in done:
         lines += [
             "[[teacher]]",
             f"name = {_toml_str(spec.name)}",
@@ -737,6 +761,7 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
         pass
     console = console or Console(stderr=True)
     encoder = resolve_encoder(cfg.encoder)
+    check_depth(encoder, cfg.teacher)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
     cpu = not torch.cuda.is_available()
     bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
@@ -754,13 +779,12 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     report = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "teacher"},
               "encoder_folder": str(encoder), "processes": accelerator.num_processes, "bf16": bf16, "teachers": []}
-    for spec in cfg.teacher:
+    for i, spec in enumerate(cfg.teacher, 1):
         report["teachers"].append(train_teacher(accelerator, cfg, spec, data, console))
-        if accelerator.is_main_process:  # written after each teacher: a crash keeps the finished ones
+        if accelerator.is_main_process:  # written after each teacher: a crash keeps the finished ones usable
             (Path(cfg.out) / "finetune-report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if accelerator.is_main_process:
-        path = write_teachers_toml(cfg, data.train.label_names)
-        accelerator.print(f"wrote {path} and {Path(cfg.out) / 'finetune-report.json'}")
+            write_teachers_toml(cfg, cfg.teacher[:i], data.train.label_names)
+    accelerator.print(f"wrote {Path(cfg.out) / 'teachers.toml'} and {Path(cfg.out) / 'finetune-report.json'}")
     accelerator.end_training()
     return report
 

@@ -192,6 +192,8 @@ def test_user_errors_are_one_line_messages(tmp_path, toy_store, tiny_teachers):
         ft.load_config(cfg, sets=["loss=softmax"])
     with pytest.raises(ft.FinetuneError, match="no teacher named 'nope'"):
         ft.load_config(cfg, sets=["nope.lr=1e-4"])
+    with pytest.raises(ft.FinetuneError, match="layers 5 but the encoder has 2"):
+        ft.check_depth(tiny_teachers["t1"], ft.load_config(cfg, sets=["tiny-point.layers=5"]).teacher)
     with pytest.raises(ft.FinetuneError, match="not a Hugging Face model folder"):
         ft.resolve_encoder(str(tmp_path))
     c = ft.load_config(cfg, {"out": str(tmp_path / "o2")}, ["lr=2e-4", "tiny-point.epochs=5"])
