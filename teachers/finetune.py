@@ -547,7 +547,9 @@ def batch_maker(spec: TeacherConfig, data: "Prepared", rng: np.random.Generator)
         return lambda: pair_batches(lengths, spec.batch_size, rng)
     _, members = group_index(data.train.groups)
     if not members:
-        raise FinetuneError(f"teacher {spec.name!r}: loss {spec.loss!r} needs groups; corpus {data.train.corpus!r} has none")
+        raise FinetuneError(
+            f"teacher {spec.name!r}: loss {spec.loss!r} needs groups; corpus {data.train.corpus!r} has none"
+        )
     if spec.rankable_only:
         rel = data.train.labels == data.positive
         members = [m for m in members if 0 < rel[m].sum() < len(m)]
@@ -614,9 +616,8 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
                 with accelerator.autocast():
                     logits = model(**batch).logits
                 rows_t = torch.from_numpy(rows)
-                loss = batch_loss(
-                    spec, logits.float(), labels_t[rows_t].to(accelerator.device), gids_t[rows_t], data.positive, weights
-                )
+                labels = labels_t[rows_t].to(accelerator.device)
+                loss = batch_loss(spec, logits.float(), labels, gids_t[rows_t], data.positive, weights)
                 accelerator.backward(loss)
                 if spec.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
