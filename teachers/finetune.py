@@ -558,14 +558,19 @@ def batch_maker(spec: TeacherConfig, data: "Prepared", rng: np.random.Generator)
     return lambda: group_batches(members, lengths, spec.batch_size, rng)
 
 
-def save_teacher(accelerator, model, tokenizer, folder: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer, written once by the main process."""
+def save_teacher(accelerator, model, tokenizer, folder: Path, record: dict) -> None:
+    """save_pretrained (safetensors) + tokenizer + how it was trained (tmkd-finetune.json), by the main process.
+
+    The record file is not among the files a teacher's fingerprint hashes, so it documents the
+    teacher without changing its identity.
+    """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for stale in [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]:
             stale.unlink()  # a previous run's weights would enter the teacher's fingerprint
         accelerator.unwrap_model(model).save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        (folder / "tmkd-finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
 
@@ -647,7 +652,9 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
         entry["test"] = metrics(predict(accelerator, model, data.enc_test, cfg.eval_batch_tokens, data.pad_id),
                                 data.test, data.positive)
     folder = Path(cfg.out) / spec.name
-    save_teacher(accelerator, model, data.tokenizer, folder)
+    record = {**entry, "encoder": cfg.encoder, "train_corpus": cfg.train_corpus, "dev_corpus": cfg.dev_corpus,
+              "max_length": cfg.max_length, "bf16": cfg.bf16}
+    save_teacher(accelerator, model, data.tokenizer, folder, record)
     accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
     entry["path"] = str(folder)
     entry["seconds"] = round(time.time() - started, 1)

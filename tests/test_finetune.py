@@ -137,6 +137,8 @@ def test_written_teachers_load_and_reproduce_their_dev_scores(trained, toy_store
         assert spec.labels == LABELS and spec.max_length == 32 and spec.dtype == "float32"
         model = AutoModelForSequenceClassification.from_pretrained(spec.path).eval()
         assert model.config.id2label == {0: "no", 1: "yes"}
+        record = json.loads((Path(spec.path) / "tmkd-finetune.json").read_text())
+        assert record["train_corpus"] == "toy-train" and record["config"]["seed"] == (1 if spec.name == "tiny-list" else 2)
         # `layers = 1` keeps the encoder's first layer only (the tiny encoder has 2)
         assert model.config.num_hidden_layers == (1 if spec.name == "tiny-point" else 2)
         tok = AutoTokenizer.from_pretrained(spec.path)
