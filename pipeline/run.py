@@ -49,7 +49,8 @@ class RunSummary:
     units_skipped: int = 0
     pairs: int = 0
     forward_passes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, from opening the store to the run log
+    scoring_seconds: float = 0.0  # from the first part read to the last part written (models loaded)
     teachers: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
     scored: list[list] = field(default_factory=list)  # [teacher, corpus, part] per unit scored
     log_path: str = ""
@@ -183,6 +184,7 @@ def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
             encs[fp] = encode_pairs(tok, a, b, spec.max_length, spec.truncation)
         return table.column("id").to_numpy(), encs
 
+    started = time.perf_counter()
     total = sum(part.rows * len(todo) for part, todo in plan)
     label = f"scoring (rank {summary.rank}/{summary.world})" if summary.world > 1 else "scoring"
     progress = Progress(
@@ -211,4 +213,5 @@ def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
                 writes.pop(0).result()
         for w in writes:
             w.result()
+    summary.scoring_seconds = time.perf_counter() - started
     summary.forward_passes = sum(t.forward_passes for t in loaded.values())

