@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import Store, logits_to_numpy
-from teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
-from teachers.spec import TeacherSpec
+from pipeline.store import Store
+from teachers.scoring import score_folder
 
 
 def read_ref(path: Path) -> dict[tuple[int, int], int]:
@@ -68,18 +66,6 @@ def metrics(logits: np.ndarray, gold: np.ndarray, positions, ref) -> dict:
             "accuracy": float((logits.argmax(1) == gold).mean())}
 
 
-def timed_scores(folder: Path, name: str, a: list[str], b: list[str], max_length: int, dtype: str):
-    """Logits and pairs/s of one model over the pairs (tokenization included, model load not)."""
-    spec = TeacherSpec(name=name, path=str(folder), max_length=max_length, dtype=dtype)
-    import torch
-
-    tok = load_tokenizer(folder)
-    model = LoadedTeacher(spec, None, folder, torch.device("cpu"), tok)
-    start = time.perf_counter()
-    logits = model.score(encode_pairs(tok, a, b, max_length, spec.truncation))
-    return logits, len(a) / (time.perf_counter() - start)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True)
@@ -116,12 +102,12 @@ def main() -> None:
     # Speed, measured here and now, one model after another on the same pairs.
     speeds, seconds = {}, {}
     for rec in records:
-        _, pps = timed_scores(Path(rec.path), rec.name, a, b, rec.max_length, args.dtype)
+        _, pps = score_folder(Path(rec.path), a, b, rec.max_length, args.dtype)
         seconds[rec.name] = len(a) / pps
     ensemble_pps = len(a) / sum(seconds.values())
     for spec in args.students:
         name, folder = spec.split("=", 1)
-        lg, pps = timed_scores(Path(folder), name, a, b, records[0].max_length, args.dtype)
+        lg, pps = score_folder(Path(folder), a, b, records[0].max_length, args.dtype)
         rows[name] = {"kind": "student", **metrics(lg, gold, positions, ref)}
         speeds[name] = pps
     for name, r in rows.items():

@@ -140,3 +140,21 @@ def load_tokenizer(folder: Path):
     if not getattr(tok, "is_fast", False):
         warnings.warn(f"{folder}: no fast tokenizer; tokenization will be slow")
     return tok
+
+
+def score_folder(folder: Path, text_a: list[str], text_b: list[str], max_length: int = 128,
+                 dtype: str = "bfloat16", device: str = "cpu") -> tuple[np.ndarray, float]:
+    """Score pairs with any sequence-classification folder (a teacher or an exported student).
+
+    Returns (logits [rows, labels], pairs/s); the time covers tokenizing and scoring, not loading.
+    Used to compare teachers and students on equal terms.
+    """
+    import time
+
+    folder = Path(folder)
+    spec = TeacherSpec(name="scorer", path=str(folder), max_length=max_length, dtype=dtype)
+    tok = load_tokenizer(folder)
+    model = LoadedTeacher(spec, None, folder, torch.device(device), tok)
+    start = time.perf_counter()
+    logits = model.score(encode_pairs(tok, text_a, text_b, max_length, spec.truncation))
+    return logits, len(text_a) / (time.perf_counter() - start)
