@@ -58,7 +58,7 @@ STUDENTS=()
 for v in $VARIANTS; do
   dir="$OUT/students/$v"
   case $v in tkd) teachers=$BEST ;; nokd) teachers='[]' ;; *) teachers=$ALL ;; esac
-  if [ -f "$dir/run.json" ] && grep -q '"result"' "$dir/run.json"; then
+  if [ -f "$dir/run.json" ] && grep -q '"status": "done"' "$dir/run.json"; then
     log "student $v: done"
   else
     resume=(); [ -d "$dir/checkpoints" ] && resume=(--resume)

