@@ -59,7 +59,8 @@ def comparison_table(store_path: Path, corpus: str, teachers: list[str], student
         seconds += len(a) / pps
         rows.append((rec.name, evaluate_predictions(logits[:, i], gold, groups, positive), pps))
     rows.append(("teacher ensemble", evaluate_predictions(logits.mean(1), gold, groups, positive), len(a) / seconds))
-    student_logits, pps = score_folder(student, a, b, records[0].max_length, "bfloat16")
+    config = json.loads((student / "run.json").read_text())["config"]
+    student_logits, pps = score_folder(student, a, b, config["student"]["max_length"], "bfloat16")
     rows.append(("student (TMKD)", evaluate_predictions(student_logits, gold, groups, positive), pps))
 
     lines = [f"{corpus}: {len(a)} pairs (official QNLI dev); accuracy of always 'not_entailment': "

@@ -217,6 +217,16 @@ def _labels_of(store: Path) -> dict:
     return {(f.parent.parent.name, f.parent.name, f.name): pq.read_table(f) for f in st.label_files()}
 
 
+def assert_same_labels(store_a: Path, store_b: Path) -> None:
+    """Both stores hold the same label parts: same ids in the same order, same logits."""
+    a, b = _labels_of(store_a), _labels_of(store_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].column("id").equals(b[key].column("id"))
+        np.testing.assert_allclose(logits_to_numpy(a[key].column("logits")), logits_to_numpy(b[key].column("logits")),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def _bigger_teachers(tmp_path: Path, tiny_tokenizer: Path) -> dict[str, Path]:
     from tiny import build_bert
 
@@ -252,12 +262,7 @@ def test_kill_9_then_rerun_completes_the_store_exactly(tmp_path, shared_data, ti
     assert not list(killed.glob("labels/**/.*.tmp"))
 
     cli("run", "--store", clean, "--teachers", teachers)
-    a, b = _labels_of(killed), _labels_of(clean)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].column("id").equals(b[key].column("id"))
-        np.testing.assert_allclose(logits_to_numpy(a[key].column("logits")), logits_to_numpy(b[key].column("logits")),
-                                   rtol=1e-5, atol=1e-6)
+    assert_same_labels(killed, clean)
 
 
 def test_two_processes_give_the_same_store_as_one(tmp_path, wikiqa_sample, tiny_teachers):
@@ -282,12 +287,7 @@ def test_two_processes_give_the_same_store_as_one(tmp_path, wikiqa_sample, tiny_
     scored = [tuple(u) for l in logs for u in l["scored"]]
     assert len(scored) == len(set(scored)) == 3 * len(Store(two).corpus("wq").parts)  # each unit once
 
-    a, b = _labels_of(one), _labels_of(two)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].column("id").equals(b[key].column("id"))
-        np.testing.assert_allclose(logits_to_numpy(a[key].column("logits")), logits_to_numpy(b[key].column("logits")),
-                                   rtol=1e-5, atol=1e-6)
+    assert_same_labels(one, two)
     assert "OK" in cli("verify", "--store", two).output
 
 
