@@ -3,7 +3,8 @@
 Views (built from the manifests, so only committed parts appear):
 
 - ``corpus``   (corpus, part, id, text_a, text_b, label, "group")
-- ``labels``   (teacher, corpus, part, id, logits FLOAT[]) — current label parts only
+- ``labels``   (teacher, corpus, part, row, id, logits FLOAT[]) — current label parts only;
+  ``row`` is the position in the part, the same for every teacher (parts are aligned)
 - ``teachers`` (name, fingerprint, path, label_names, dtype, max_length)
 - ``corpora``  (corpus, label_names, parts, "rows")
 
@@ -67,10 +68,12 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
             current = [store.label_path(t.name, name, p.part) for p in m.parts if store.check_label(t, p).status == "ok"]
             if current:
                 labels_sql.append(
-                    f"SELECT {_sql_str(t.name)} AS teacher, {_sql_str(name)} AS corpus, {_part_expr()} AS part, id, "
-                    f"CAST(logits AS FLOAT[]) AS logits FROM read_parquet({_files(current)}, filename = true)"
+                    f"SELECT {_sql_str(t.name)} AS teacher, {_sql_str(name)} AS corpus, {_part_expr()} AS part, "
+                    f"file_row_number AS \"row\", id, CAST(logits AS FLOAT[]) AS logits "
+                    f"FROM read_parquet({_files(current)}, filename = true, file_row_number = true)"
                 )
-    empty_labels = ("SELECT NULL::VARCHAR AS teacher, NULL::VARCHAR AS corpus, NULL::INTEGER AS part, NULL::BIGINT AS id, "
+    empty_labels = ("SELECT NULL::VARCHAR AS teacher, NULL::VARCHAR AS corpus, NULL::INTEGER AS part, "
+                    "NULL::BIGINT AS \"row\", NULL::BIGINT AS id, "
                     "NULL::FLOAT[] AS logits WHERE false")
     con.execute("CREATE VIEW labels AS " + (" UNION ALL ".join(labels_sql) or empty_labels))
 
