@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 from pipeline.store import Store, StoreError, check_name
 from teachers.scoring import encode_pairs, length_batches, pad_batch
+from teachers.spec import read_toml
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
@@ -158,12 +159,7 @@ def _parse_value(text: str):
 def load_config(path: str | Path, overrides: dict | None = None, sets: list[str] | None = None) -> FinetuneConfig:
     """Read the TOML config, apply command-line overrides, check it, return it typed."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FinetuneError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise FinetuneError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, FinetuneError)
 
     top_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"teacher"}
     teacher_fields = {f.name for f in dataclasses.fields(TeacherConfig)}

@@ -63,15 +63,20 @@ class TeacherSpec:
             )
 
 
+def read_toml(path: Path, error: type[Exception], what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing or malformed file is the user's error, raised as ``error``."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{path}: not valid TOML: {e}") from None
+
+
 def load_teachers_toml(path: str | Path) -> list[TeacherSpec]:
     """Parse teachers.toml; relative paths are relative to the file's folder."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise TeacherError(f"{path}: teachers file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise TeacherError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, TeacherError, "teachers file")
     entries = raw.get("teacher")
     if not isinstance(entries, list) or not entries:
         raise TeacherError(f"{path}: expected one or more [[teacher]] tables")
