@@ -87,7 +87,7 @@ def labeler(out: Path, source: Path, teacher: Path, dtype: str) -> dict:
             "rerun_units_scored": again.units_scored}
 
 
-def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 16384) -> tuple[float, np.ndarray]:
+def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 4096) -> tuple[float, np.ndarray]:
     """pairs/s of the model alone on the labeler's own batches, tensors built beforehand."""
     enc = encode_pairs(tok, a, b, 128, "longest_first")
     batches = [pad_batch(enc, rows, tok.pad_token_id) for rows in length_batches(enc.lengths, batch_tokens)]
