@@ -252,7 +252,7 @@ VARIANTS = {
     "tkd-kl": dict(teachers=["t1"], stages=[_stage("task", ["train"], soft="kl", temperature=2.0)]),
     "mkd": dict(teachers=["t1", "t2", "t3"], stages=[_stage("task", ["train"])]),
     "tmkd": dict(teachers=["t1", "t2"], stages=[_stage("stage1", ["unlabeled"], gold=False, epochs=3),
-                                               _stage("stage2", ["train"], soft="kl", epochs=3)]),
+                                               _stage("stage2", ["train"], epochs=3)]),
     "ensemble": dict(teachers=["t1", "t2", "t3"], soft_target="ensemble", stages=[_stage("task", ["train"])]),
 }
 
