@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from pipeline.store import Store, StoreError, check_name
 from teachers.scoring import encode_pairs, length_batches, pad_batch
-from teachers.spec import read_toml
+from teachers.spec import check_unique_names, read_toml
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
@@ -209,10 +209,7 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
             specs.append(TeacherConfig(**{**defaults, **t}))
         except TypeError as e:
             raise FinetuneError(f"{path}: teacher #{i}: {e}") from None
-    names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise FinetuneError(f"{path}: teacher name(s) listed twice: {', '.join(dup)}")
+    check_unique_names(path, [s.name for s in specs], FinetuneError)
     missing = [k for k in ("encoder", "store", "train_corpus", "dev_corpus", "out") if not raw.get(k)]
     if missing:
         raise FinetuneError(f"{path}: missing {', '.join(missing)} (in the file or on the command line)")

@@ -73,6 +73,13 @@ def read_toml(path: Path, error: type[Exception], what: str = "config file") -> 
         raise error(f"{path}: not valid TOML: {e}") from None
 
 
+def check_unique_names(path: Path, names: list[str], error: type[Exception]) -> None:
+    """Teacher names are folder and record names: each may appear once per file."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise error(f"{path}: teacher name(s) listed twice: {', '.join(dup)}")
+
+
 def load_teachers_toml(path: str | Path) -> list[TeacherSpec]:
     """Parse teachers.toml; relative paths are relative to the file's folder."""
     path = Path(path)
@@ -96,10 +103,7 @@ def load_teachers_toml(path: str | Path) -> list[TeacherSpec]:
             specs.append(TeacherSpec(**entry))
         except TypeError as e:
             raise TeacherError(f"{path}: teacher #{i}: {e}") from None
-    names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise TeacherError(f"{path}: teacher name(s) listed twice: {', '.join(dup)}")
+    check_unique_names(path, [s.name for s in specs], TeacherError)
     return specs
 
 
