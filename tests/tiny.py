@@ -22,6 +22,11 @@ def build_tokenizer(texts: list[str], path: Path, vocab_size: int = 400) -> Path
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    # The trainer picks the same tokens every time but numbers them in a per-process random order
+    # (a Rust hash map), which made the tiny models, and so the toy training tests, differ from one
+    # session to the next. Number them deterministically: specials first, then the rest sorted.
+    learnt = sorted(set(tok.get_vocab()) - set(specials))
+    tok.model = models.WordPiece({t: i for i, t in enumerate(specials + learnt)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
