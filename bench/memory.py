@@ -75,8 +75,12 @@ def main() -> None:
                         "--unlabeled", "--label-names", "0,1", "--ids", "text", "--part-rows", str(args.part_rows),
                         "--store", store, "--corpus", "u"], check=True, stdout=subprocess.DEVNULL)
         jobs.append((scale, n, store))
-    for scale, n, store in jobs if "labeler" in args.jobs else []:
-        rss, sec = peak_rss_mb([BIN / "tmkd-label", "run", "--store", store, "--teachers", toml])
+    for scale, n, store in jobs:  # the trainer needs the labels: score them, measured or not
+        label = [BIN / "tmkd-label", "run", "--store", store, "--teachers", toml]
+        if "labeler" not in args.jobs:
+            subprocess.run(label, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            continue
+        rss, sec = peak_rss_mb(label)
         results[f"labeler {scale}"] = {"pairs": n, "peak_rss_mb": round(rss), "seconds": round(sec, 1)}
         print(results[f"labeler {scale}"], flush=True)
     for scale, n, store in jobs if "trainer" in args.jobs else []:

@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.cpu import bound_cpu_caches
 from pipeline.store import CorpusPart, Store, StoreError, TeacherRecord
 from teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
 
@@ -128,23 +129,6 @@ def plan_units(store: Store, records: list[TeacherRecord], corpora: list[str], r
         if todo:
             mine.append((part, todo))
     return mine, skipped
-
-
-def bound_cpu_caches() -> None:
-    """Keep the labeler's memory flat as the corpus grows (measured in BENCHMARKS.md, section 6).
-
-    Length batching gives many distinct batch shapes, and oneDNN caches kernels per shape (1,024 by
-    default): peak RSS grew 1.35x from a 1x to a 10x corpus. A small kernel cache plus two malloc
-    arenas held it to 1.08x at the same speed. Both are defaults the user can override from the environment.
-    """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")  # read when the first kernel is made
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = 2 (glibc)
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to bound
 
 
 def run(opts: RunOptions, console: Console | None = None) -> RunSummary:

@@ -17,7 +17,8 @@ Schema (every table and key; defaults in brackets)::
     max_length = 128
 
     [data]
-    num_workers = 1                 # DataLoader workers per process (tokenize there) [1]
+    num_workers = -1                # DataLoader workers per process (tokenize there); -1: 0 when training
+                                    #   on the CPU (a worker takes cores from training), 2 on a GPU [-1]
     shuffle_buffer = 10000          # rows held for shuffling, per worker (bounded memory)
     bucket_batches = 50             # rows of this many batches are sorted by length, then cut
 
@@ -97,7 +98,7 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    num_workers: int = 1
+    num_workers: int = -1  # -1: auto (student.data.data_workers)
     shuffle_buffer: int = 10000
     bucket_batches: int = 50
 
@@ -188,8 +189,8 @@ class TrainConfig:
             problems.append("train.num_threads >= 0, train.keep_checkpoints >= 1, train.checkpoint_every >= 0")
         if self.train.gradient_accumulation_steps < 1:
             problems.append("train.gradient_accumulation_steps must be >= 1")
-        if self.data.num_workers < 0 or self.data.bucket_batches < 1 or self.data.shuffle_buffer < 1:
-            problems.append("data.num_workers >= 0, data.bucket_batches >= 1, data.shuffle_buffer >= 1")
+        if self.data.num_workers < -1 or self.data.bucket_batches < 1 or self.data.shuffle_buffer < 1:
+            problems.append("data.num_workers >= -1 (auto), data.bucket_batches >= 1, data.shuffle_buffer >= 1")
         for i, s in enumerate(self.stages):
             where = f"stages.{i}" + (f" ({s.name})" if s.name else "")
             if not s.corpora:

@@ -166,7 +166,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, out: Path, step: int, pos: Position, model, optimizer, scheduler, state: dict,
-                    keep: int) -> None:
+                    keep: int, num_workers: int) -> None:
     import numpy as np
     import torch
 
@@ -185,7 +185,8 @@ def save_checkpoint(accelerator, out: Path, step: int, pos: Position, model, opt
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        full = dict(state, step=step, position=pos.__dict__, world_size=accelerator.num_processes)
+        full = dict(state, step=step, position=pos.__dict__, world_size=accelerator.num_processes,
+                    num_workers=num_workers)
         (tmp / "state.json").write_text(json.dumps(full, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a checkpoint counts once its folder has its final name
@@ -214,6 +215,7 @@ def comparable(cfg_dict: dict) -> dict:
     """The parts of a config that decide the model, the data order and the schedule (must match to resume)."""
     out = {k: v for k, v in cfg_dict.items() if k not in ("output", "train", "eval")}
     out["gradient_accumulation_steps"] = cfg_dict["train"]["gradient_accumulation_steps"]
+    out["data"] = {k: v for k, v in cfg_dict["data"].items() if k != "num_workers"}  # checked once resolved
     return out
 
 
@@ -254,6 +256,9 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer) -> dict:
 # ---- the run ----------------------------------------------------------------------------------
 def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
     """Train as the config says; ``resume``: continue from the last checkpoint in the output folder."""
+    from pipeline.cpu import bound_cpu_caches
+
+    bound_cpu_caches()  # before the first kernel: keeps memory flat as the corpus grows
     import torch
 
     threads = torch.get_num_threads()
@@ -275,7 +280,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     from transformers.utils import logging as hf_logging
 
     from pipeline.store import Store
-    from student.data import DistillStream, dummy_batch, plan_batches
+    from student.data import DistillStream, data_workers, dummy_batch, plan_batches
     from student.losses import distill_loss
     from student.model import export, load_student
 
@@ -284,6 +289,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.output)
     set_seed(cfg.seed)
+    nw = data_workers(cfg.data.num_workers, accelerator.device)  # part of the data order: checked on resume
 
     store = Store(cfg.store)
     teachers = [store.teacher(n) for n in cfg.teachers]
@@ -308,6 +314,9 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
         if saved["world_size"] != world:
             raise TrainError(f"{ckpt}: made with {saved['world_size']} processes, now {world}; the data order "
                              "depends on it, so resume with the same number of processes")
+        if saved.get("num_workers", nw) != nw:
+            raise TrainError(f"{ckpt}: made with data.num_workers = {saved['num_workers']}, now {nw}; the data "
+                             f"order depends on it, so resume with --set data.num_workers={saved['num_workers']}")
         start, step = Position(**saved["position"]), saved["step"]
         state.update({k: saved[k] for k in ("best", "history", "examples", "seconds")})
     elif resume and main:
@@ -327,12 +336,12 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(run_record(cfg, store, teachers, world, accelerator.mixed_precision, "running"), indent=2))
+        (out / "run.json").write_text(json.dumps(run_record(cfg, store, teachers, world, accelerator.mixed_precision, "running",
+                                                               {"num_workers": nw}), indent=2))
     accelerator.wait_for_everyone()
 
     weights = torch.tensor(cfg.normalised_weights() or [1.0], dtype=torch.float32, device=accelerator.device)
     ga = cfg.train.gradient_accumulation_steps
-    nw = cfg.data.num_workers
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     seen: list[dict] = []  # what this rank trained on, per epoch (rows and id checksum)
     t_start = time.time()
@@ -426,7 +435,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                             save_checkpoint(accelerator, out, step, Position(si, epoch, i + 1), model, optimizer,
                                             scheduler, dict(state, examples=state["examples"] + examples_now,
                                                             seconds=state["seconds"] + time.time() - t_start,
-                                                            config=cfg.to_dict()), cfg.train.keep_checkpoints)
+                                                            config=cfg.to_dict()), cfg.train.keep_checkpoints, nw)
                         if kill_at and step == kill_at:
                             os.kill(os.getpid(), signal.SIGKILL)
                     rate = ex_epoch / max(1e-9, time.time() - t_epoch)
@@ -469,7 +478,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                 save_checkpoint(accelerator, out, step, normalise(Position(si, epoch + 1, 0), cfg), model, optimizer,
                                 scheduler, dict(state, examples=state["examples"] + examples_now,
                                                 seconds=state["seconds"] + time.time() - t_start,
-                                                config=cfg.to_dict()), cfg.train.keep_checkpoints)
+                                                config=cfg.to_dict()), cfg.train.keep_checkpoints, nw)
     finally:
         progress.stop()
 
@@ -492,7 +501,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     if main:
         (out / "run.json").write_text(json.dumps(run_record(
             cfg, store, teachers, world, accelerator.mixed_precision, "done",
-            {"steps": step, "examples": examples, "seconds": seconds, "best": state["best"]}), indent=2))
+            {"steps": step, "examples": examples, "seconds": seconds, "best": state["best"], "num_workers": nw}), indent=2))
         rate = examples / max(seconds, 1e-9)
         best = state["best"]
         best_txt = f"best {best['metric']} {best['value']:.4f} ({best['stage']} epoch {best['epoch']})" if best else \

@@ -16,7 +16,7 @@ import torch
 from pipeline.store import StaleLabelsError, Store
 from student import toy
 from student.config import ConfigError, config_from_dict, load_config
-from student.data import DistillStream, plan_batches
+from student.data import DistillStream, data_workers, plan_batches
 from student.losses import distill_loss
 from student.metrics import evaluate_predictions, map_mrr
 
@@ -69,6 +69,18 @@ def test_config_toml_overrides_and_errors(tmp_path, encoder, store_dir):
 
 
 # ---- metrics ----------------------------------------------------------------------------------
+def test_data_workers_auto_uses_none_on_cpu_and_respects_a_set_count(tmp_path, encoder, store_dir):
+    # the default config asks for auto (-1): no worker beside a CPU training step, 2 on a GPU
+    assert config_from_dict(toy.config(store_dir, encoder, tmp_path / "o") | {"data": {}}).data.num_workers == -1
+    assert data_workers(-1, torch.device("cpu")) == 0
+    assert data_workers(-1, torch.device("cuda", 0)) == 2
+    assert data_workers(3, torch.device("cpu")) == 3 and data_workers(0, torch.device("cuda", 0)) == 0
+    path = tmp_path / "s.toml"
+    path.write_text(toy.to_toml(toy.config(store_dir, encoder, tmp_path / "o")))
+    with pytest.raises(ConfigError, match=r"data.num_workers >= -1 \(auto\)"):
+        load_config(path, ["data.num_workers=-2"])
+
+
 def test_map_mrr_hand_computed():
     # q1: ranking by score = [pos(0.9), neg(0.8), pos(0.3), neg(0.1)]
     #     AP = (1/1 + 2/3) / 2 = 0.8333..., RR = 1

@@ -55,7 +55,7 @@ def test_kill_9_then_resume_continues_with_the_same_data_order(tmp_path, encoder
          "warmup_ratio": 0.2, "loss": {"soft": "kl", "temperature": 2.0}},
     ]
     raw = toy.config(store.root, encoder, tmp_path / "unused", stages=stages)
-    raw["data"]["num_workers"] = 1  # tokenize in a DataLoader worker, as in real runs
+    raw["data"]["num_workers"] = 1  # tokenize in a DataLoader worker, as on a GPU
     # 2 batches per optimizer step: stage1 = 5 steps (10 batches), stage2 = 4 steps per epoch (8 batches)
     raw["train"].update({"gradient_accumulation_steps": 2, "checkpoint_every": 3})
     cfg = tmp_path / "student.toml"
@@ -77,6 +77,10 @@ def test_kill_9_then_resume_continues_with_the_same_data_order(tmp_path, encoder
     # starting again without --resume would mix two runs: refused
     again = _train(["--config", str(cfg), "--output", str(tmp_path / "run")])
     assert again.returncode == 2 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
+
+    # the data order depends on the worker count: resuming with another one is refused, naming the right one
+    other = _train(["--config", str(cfg), "--output", str(tmp_path / "run"), "--resume", "--set", "data.num_workers=-1"])
+    assert other.returncode == 2 and "data.num_workers = 1, now 0" in other.stderr, other.stderr
 
     resumed = _train(["--config", str(cfg), "--output", str(tmp_path / "run"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr

@@ -1,0 +1,26 @@
+"""Process settings that keep a long CPU job's memory flat as the corpus grows.
+
+Used by `tmkd-label run` and by the student trainer (measured in BENCHMARKS.md, section 6).
+Length batching gives many distinct batch shapes, and oneDNN caches compiled kernels per shape
+(1,024 by default), so resident memory grew with the number of batches seen: 1.35x (labeler) and
+1.21x (trainer) from a 1x to a 10x corpus. A kernel cache of 8 plus two malloc arenas held both
+to <= 1.09x, at no measured cost in speed.
+"""
+from __future__ import annotations
+
+import os
+
+
+def bound_cpu_caches() -> None:
+    """Bound oneDNN's kernel cache and glibc's malloc arenas; values set in the environment win.
+
+    Call it before the first forward pass: oneDNN reads its setting when it makes its first kernel.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = 2 (glibc)
+        except (OSError, AttributeError):
+            pass  # not glibc: nothing to bound
