@@ -6,7 +6,7 @@ Order of one epoch, fully determined by (seed, epoch, world size, workers)::
       --> DataLoader worker w of that rank takes parts w::num_workers
       --> each part is read with Store.read_aligned (ids checked, stale/missing labels refused)
       --> rows pass a bounded shuffle buffer (vectorised: permute the buffer, emit pools)
-      --> a pool of `bucket_batches` batches' rows is tokenized in the worker, sorted by length,
+      --> a pool of `bucket_batches` batches' rows is tokenized (in the worker, if any), sorted by length,
           cut into batches, and the batch order shuffled  --> padded tensors
 
 Memory per worker is bounded by one part plus the shuffle buffer, whatever the corpus size.
@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.store import CorpusPart, Store, TeacherRecord
+from teachers.scoring import Encoded, encode_pairs, pad_batch
 
 TEXT_COLUMNS = ["text_a", "text_b", "label"]
 
@@ -70,42 +71,13 @@ def plan_batches(parts, seed: int, epoch: int, world: int, workers: int, batch_s
     return out
 
 
-# ---- tokenization and batching ----------------------------------------------------------------
-def tokenize(tokenizer, text_a: np.ndarray, text_b: np.ndarray, max_length: int) -> dict[str, list]:
-    """Tokenize pairs (or single texts where text_b is null) without padding."""
-    has_b = np.array([b is not None for b in text_b], dtype=bool) if len(text_b) else np.zeros(0, bool)
-    a = ["" if x is None else x for x in text_a]
-    if has_b.all():
-        return dict(tokenizer(a, [str(x) for x in text_b], truncation=True, max_length=max_length))
-    if not has_b.any():
-        return dict(tokenizer(a, truncation=True, max_length=max_length))
-    pair_idx, single_idx = np.flatnonzero(has_b), np.flatnonzero(~has_b)
-    enc_p = tokenizer([a[i] for i in pair_idx], [text_b[i] for i in pair_idx], truncation=True, max_length=max_length)
-    enc_s = tokenizer([a[i] for i in single_idx], truncation=True, max_length=max_length)
-    out: dict[str, list] = {}
-    for key in enc_p.keys():
-        col = [None] * len(a)
-        for j, i in enumerate(pair_idx):
-            col[i] = enc_p[key][j]
-        for j, i in enumerate(single_idx):
-            col[i] = enc_s[key][j]
-        out[key] = col
-    return out
+# ---- tokenization and batching (the labeler's vectorised code: flat token arrays, numpy padding) --
+def encode(tokenizer, text_a: np.ndarray, text_b: np.ndarray, max_length: int) -> Encoded:
+    return encode_pairs(tokenizer, text_a.tolist(), text_b.tolist(), max_length, "longest_first")
 
 
-def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max((len(s) for s in seqs), default=1)
-    arr = np.full((len(seqs), width), value, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        arr[i, : len(s)] = s
-    return torch.from_numpy(arr)
-
-
-def collate(enc: dict[str, list], idx: np.ndarray, pad_id: int, labels, logits, ids) -> dict[str, torch.Tensor]:
-    batch = {"input_ids": pad([enc["input_ids"][i] for i in idx], pad_id)}
-    batch["attention_mask"] = pad([[1] * len(enc["input_ids"][i]) for i in idx], 0)
-    if "token_type_ids" in enc:
-        batch["token_type_ids"] = pad([enc["token_type_ids"][i] for i in idx], 0)
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, labels, logits, ids) -> dict[str, torch.Tensor]:
+    batch = pad_batch(enc, idx, pad_id)
     batch["labels"] = torch.from_numpy(labels[idx].astype(np.int64))
     batch["teacher_logits"] = torch.from_numpy(np.ascontiguousarray(logits[idx], dtype=np.float32))
     batch["ids"] = torch.from_numpy(ids[idx].astype(np.int64))
@@ -115,7 +87,7 @@ def collate(enc: dict[str, list], idx: np.ndarray, pad_id: int, labels, logits, 
 
 def dummy_batch(tokenizer, num_teachers: int, num_labels: int) -> dict[str, torch.Tensor]:
     """A one-row batch of weight 0: keeps a rank that ran out of data in step with the others."""
-    enc = dict(tokenizer(["."], truncation=True, max_length=8))
+    enc = encode(tokenizer, np.array(["."], dtype=object), np.array(["."], dtype=object), 8)
     idx = np.zeros(1, dtype=np.int64)
     b = collate(enc, idx, tokenizer.pad_token_id or 0, np.full(1, -1), np.zeros((1, num_teachers, num_labels)),
                 np.full(1, -1))
@@ -225,9 +197,8 @@ class DistillStream(IterableDataset):
 
     def _batches(self, pool: _Rows, rng):
         tok = self.tokenizer
-        enc = tokenize(tok, pool.text_a, pool.text_b, self.max_length)
-        lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int64, count=len(pool))
-        order = np.argsort(lengths, kind="stable")
+        enc = encode(tok, pool.text_a, pool.text_b, self.max_length)
+        order = np.argsort(enc.lengths, kind="stable")
         cuts = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for j in rng.permutation(len(cuts)):
             yield collate(enc, cuts[j], tok.pad_token_id or 0, pool.labels, pool.logits, pool.ids)
@@ -253,9 +224,8 @@ def eval_batches(store: Store, parts: list[CorpusPart], tokenizer, max_length: i
         labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
         groups = np.array(table.column("group").to_pylist(), dtype=object)
         ids = table.column("id").to_numpy()
-        enc = tokenize(tokenizer, a, b, max_length)
-        lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int64, count=len(a))
-        order = np.argsort(lengths, kind="stable")
+        enc = encode(tokenizer, a, b, max_length)
+        order = np.argsort(enc.lengths, kind="stable")
         dummy_logits = np.zeros((len(a), 0, 0), np.float32)
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
