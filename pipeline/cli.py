@@ -112,7 +112,7 @@ def query(
     """Read-only DuckDB SQL over the store.
 
     Views: corpus(corpus, part, id, text_a, text_b, label, group), labels(teacher, corpus,
-    part, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
+    part, row, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
     corpora(corpus, label_names, parts, rows).
     """
     from pipeline.query import run_query
