@@ -27,6 +27,7 @@ QUERIES = {
     "coverage": "SELECT teacher, corpus, count(DISTINCT part) AS parts, count(*) AS pairs FROM labels GROUP BY ALL",
     "agreement (one pair)": "PAIR:t0,t1",
     "agreement (all 3 pairs)": "PAIR:t0,t1;t0,t2;t1,t2",
+    "agreement (all 3 pairs, one 3-way join)": "JOIN3",
     "entropy": "ENTROPY",  # built per class count below: per-element indexing is ~3x faster than list lambdas
 }
 
@@ -41,6 +42,19 @@ def agreement_sql(pairs: str) -> str:
         f"FROM {side.format(x)} a JOIN {side.format(y)} b USING (corpus, part, \"row\")"
         for x, y in (pair.split(",") for pair in pairs.split(";"))
     )
+
+
+def agreement_join_sql(teachers: list[str]) -> str:
+    """All pairs' agreement from one N-way join (N-1 joins instead of N(N-1)/2), over the examples every
+    teacher scored; one row per pair."""
+    am = "list_position(logits, list_max(logits))"
+    sides = [f"(SELECT corpus, part, \"row\", {am} AS p FROM labels WHERE teacher = '{t}') t{i}"
+             for i, t in enumerate(teachers)]
+    joined = sides[0] + "".join(f" JOIN {s} USING (corpus, part, \"row\")" for s in sides[1:])
+    pairs = [(i, j) for i in range(len(teachers)) for j in range(i + 1, len(teachers))]
+    cols = ", ".join(f"avg((t{i}.p = t{j}.p)::INT) AS a{i}_{j}" for i, j in pairs)
+    rows = ", ".join(f"('{teachers[i]}', '{teachers[j]}', a{i}_{j})" for i, j in pairs)
+    return f"SELECT v.* FROM (SELECT {cols} FROM {joined}) s, (VALUES {rows}) v(teacher, other, agreement)"
 
 
 def entropy_sql(k: int) -> str:
@@ -106,6 +120,8 @@ def main() -> None:
         for name, sql in QUERIES.items():
             if sql == "ENTROPY":
                 sql = entropy_sql(3)
+            elif sql == "JOIN3":
+                sql = agreement_join_sql(["t0", "t1", "t2"])
             elif sql.startswith("PAIR:"):
                 sql = agreement_sql(sql[5:])
             con.execute(sql).fetchall()  # warm the file cache and metadata

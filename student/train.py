@@ -231,12 +231,11 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer) -> dict:
     net = accelerator.unwrap_model(model)
     net.eval()
     logits, gold, groups = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # one context: weights are cast once, not per batch
         for batch, labels, grp in eval_batches(store, parts, tokenizer, cfg.student.max_length, cfg.eval.batch_size):
             inputs = {k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")
                       if k in batch}
-            with accelerator.autocast():
-                out = net(**inputs)
+            out = net(**inputs)
             logits.append(out.float().mean(dim=1).cpu().numpy())
             gold.append(labels)
             groups += grp

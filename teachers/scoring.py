@@ -113,6 +113,8 @@ class LoadedTeacher:
         use_st = any(folder.glob("*.safetensors"))
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=use_st or None)
         self.model.to(device).eval()
+        if spec.compile:  # dynamic shapes: one compile serves every batch length (BENCHMARKS.md, section 1-4)
+            self.model = torch.compile(self.model, dynamic=True)
         self.amp = autocast_dtype(spec.dtype, device)
         self.compute_dtype = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.amp]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -122,14 +124,16 @@ class LoadedTeacher:
     def score(self, enc: Encoded, on_batch=None) -> np.ndarray:
         """Logits [rows, labels] in float32, in the rows' original order."""
         out = np.empty((len(enc), self.model.config.num_labels), dtype=np.float32)
-        for rows in length_batches(enc.lengths, self.spec.batch_tokens):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in pad_batch(enc, rows, self.pad_id).items()}
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        # One autocast context for all the part's batches: autocast caches the weights' low-precision
+        # copies until the context exits, so they are cast once per part, not once per batch.
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            for rows in length_batches(enc.lengths, self.spec.batch_tokens):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in pad_batch(enc, rows, self.pad_id).items()}
                 logits = self.model(**batch).logits
-            self.forward_passes += 1
-            out[rows] = logits.float().cpu().numpy()
-            if on_batch is not None:
-                on_batch(len(rows))
+                self.forward_passes += 1
+                out[rows] = logits.float().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(len(rows))
         return out
 
 

@@ -10,6 +10,9 @@
     batch_tokens = 4096          # optional: padded tokens per forward batch (4096 suits CPUs; raise it on a GPU)
     labels = ["0", "1"]          # optional: label names in logit order (default: the model's id2label)
     corpora = ["wikiqa-train"]   # optional: only these corpora (default: every corpus in the store)
+    compile = true               # optional: torch.compile the forward (one compile for all batch shapes).
+                                 #   On this CPU: +18% pairs/s in bf16, +6% in fp32, after a 15-45 s compile;
+                                 #   worth it above ~250k pairs. Labels are the same up to float rounding.
 
 A fingerprint hashes what decides a teacher's logits: weights, config, tokenizer files,
 max length, truncation and dtype. It is what tells a current label part from a stale one.
@@ -50,6 +53,7 @@ class TeacherSpec:
     labels: list[str] | None = None
     corpora: list[str] | None = None
     truncation: str = "longest_first"
+    compile: bool = False  # not in the fingerprint: the same model, the same logits up to rounding
 
     def __post_init__(self):
         check_name("teacher", self.name)
@@ -57,6 +61,8 @@ class TeacherSpec:
             raise TeacherError(f"teacher {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (8 <= int(self.max_length) <= 8192):
             raise TeacherError(f"teacher {self.name!r}: max_length {self.max_length} out of range 8..8192")
+        if not isinstance(self.compile, bool):
+            raise TeacherError(f"teacher {self.name!r}: compile must be true or false, not {self.compile!r}")
         if int(self.batch_tokens) < self.max_length:
             raise TeacherError(
                 f"teacher {self.name!r}: batch_tokens {self.batch_tokens} must be at least max_length {self.max_length}"

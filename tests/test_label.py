@@ -134,6 +134,22 @@ def test_second_run_does_no_forward_pass_and_new_teacher_scores_only_itself(
     assert "OK" in cli("verify", "--store", store).output
 
 
+def test_compiled_teacher_gives_the_same_labels_and_keeps_them_current(tmp_path, wikiqa_sample, tiny_teachers):
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)
+    one = {"t1": tiny_teachers["t1"]}
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "c.toml", one, compile=True))
+    corpus = pq.read_table([p.path for p in Store(store).corpus("wq").parts])
+    a, b = corpus.column("text_a").to_pylist(), corpus.column("text_b").to_pylist()
+    np.testing.assert_allclose(store_logits(store, "t1", "wq")[1], direct_logits(tiny_teachers["t1"], a, b, 64),
+                               rtol=1e-4, atol=1e-5)
+    # compiling is how the forward runs, not what the teacher is: without it, the labels are still current
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "e.toml", one))
+    assert Store(store).run_logs()[-1]["units_scored"] == 0
+    bad = cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "b.toml", one, compile="yes"), ok=False)
+    assert bad.exit_code != 0 and "compile must be true or false" in bad.output
+
+
 def test_changed_checkpoint_is_refused_and_replace_rescores(tmp_path, wikiqa_sample, tiny_tokenizer):
     from tiny import build_bert
 
