@@ -134,7 +134,8 @@ def test_second_run_does_no_forward_pass_and_new_teacher_scores_only_itself(
     assert "OK" in cli("verify", "--store", store).output
 
 
-def test_compiled_teacher_gives_the_same_labels_and_keeps_them_current(tmp_path, wikiqa_sample, tiny_teachers):
+def test_compiled_teacher_gives_the_same_labels_and_keeps_them_current(tmp_path, wikiqa_sample, tiny_teachers,
+                                                                      monkeypatch):
     store = tmp_path / "store"
     cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)
     one = {"t1": tiny_teachers["t1"]}
@@ -148,6 +149,14 @@ def test_compiled_teacher_gives_the_same_labels_and_keeps_them_current(tmp_path,
     assert Store(store).run_logs()[-1]["units_scored"] == 0
     bad = cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "b.toml", one, compile="yes"), ok=False)
     assert bad.exit_code != 0 and "compile must be true or false" in bad.output
+    # without a C++ compiler, a clear error before any scoring, not a traceback from the first forward
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda *a, **k: "no-such-compiler-here")
+    t2 = {"t2": tiny_teachers["t2"]}
+    res = cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "n.toml", t2, compile=True), ok=False)
+    assert res.exit_code != 0 and "needs a C++ compiler" in res.output and "Traceback" not in res.output
+    assert not any(f.parent.parent.name == "t2" for f in Store(store).label_files())
 
 
 def test_changed_checkpoint_is_refused_and_replace_rescores(tmp_path, wikiqa_sample, tiny_tokenizer):
