@@ -18,6 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cpu import bound_cpu_caches  # noqa: E402
+
+bound_cpu_caches()  # as `tmkd-label run` does, before the first kernel
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,7 +34,7 @@ GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linea
 
 
 def timed(model, batches, amp) -> float:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         t = time.perf_counter()
         for b in batches:
             model(**b)
@@ -40,7 +44,7 @@ def timed(model, batches, amp) -> float:
 def profile(model, batches, amp) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in batches:
                 model(**b)
@@ -48,7 +52,7 @@ def profile(model, batches, amp) -> dict:
     total = sum(t for _, t in rows)
     top = sorted(rows, key=lambda r: -r[1])[:12]
     gemm = sum(t for k, t in rows if any(k.startswith(g) for g in GEMM_OPS))
-    return {"gemm_share_of_op_time": gemm / total, "top_ops_self_share": {k: round(t / total, 3) for k, t in top},
+    return {"matmul_and_attention_share_of_op_time": gemm / total, "top_ops_self_share": {k: round(t / total, 3) for k, t in top},
             "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)}
 
 

@@ -24,9 +24,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from data.ingest import IngestOptions, ingest
+from pipeline.cpu import bound_cpu_caches
+
+bound_cpu_caches()  # as `tmkd-label run` does, before the first kernel: every measurement runs with its settings
+
+import torch  # noqa: E402
+
+from data.ingest import IngestOptions, ingest  # noqa: E402
 from pipeline.run import RunOptions, run
 from pipeline.store import Store
 from teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch
@@ -89,11 +94,12 @@ def labeler(out: Path, source: Path, teacher: Path, dtype: str) -> dict:
 
 
 def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 4096) -> tuple[float, np.ndarray]:
-    """pairs/s of the model alone on the labeler's own batches, tensors built beforehand."""
+    """pairs/s of the model alone on the labeler's own batches, tensors built beforehand (no_grad and one autocast
+    context, as the labeler: autocast then casts the weights once)."""
     enc = encode_pairs(tok, a, b, 128, "longest_first")
     batches = [pad_batch(enc, rows, tok.pad_token_id) for rows in length_batches(enc.lengths, batch_tokens)]
     amp = autocast_dtype(dtype, torch.device("cpu"))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         model(**batches[0])  # warm-up
         t = time.perf_counter()
         for batch in batches:
@@ -105,7 +111,7 @@ def fixed_padding(model, tok, a, b, dtype: str) -> float:
     """The common naive loop: batches of 32 in file order, padded to 128."""
     amp = autocast_dtype(dtype, torch.device("cpu"))
     t = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         for i in range(0, len(a), 32):
             batch = tok(a[i : i + 32], b[i : i + 32], padding="max_length", truncation=True, max_length=128,
                         return_tensors="pt")

@@ -5,7 +5,8 @@ DataLoader worker, length buckets, pad) runs beside the training step. This meas
 the same training steps (the trainer's own step: autocast forward, `distill_loss`, backward, grad
 clipping, fused AdamW) are timed twice on the very same batches,
 
-- streaming: batches come from ``DataLoader(DistillStream(...), num_workers=W)``, as in student/train.py;
+- streaming: batches come from ``DataLoader(DistillStream(...), num_workers=W)``, as in student/train.py
+  (W: the trainer's default, 0 on a CPU; ``--num-workers 1`` for a tokenizing worker);
 - in memory: the batches were collected into a list of tensors beforehand.
 
 Both start from the same weights; the two are alternated ``--rounds`` times and each round's ratio is
@@ -35,7 +36,7 @@ from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from pipeline.store import Store  # noqa: E402
-from student.data import DistillStream  # noqa: E402
+from student.data import DistillStream, data_workers  # noqa: E402
 from student.losses import distill_loss  # noqa: E402
 from student.model import load_student  # noqa: E402
 
@@ -71,11 +72,11 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=ROOT / "runs" / "wikiqa" / "store")
     ap.add_argument("--corpus", default="wikiqa-unlabeled")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-trainer")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1: the trainer's default (auto)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--mixed-precision", default="bf16")
     args = ap.parse_args()
@@ -90,6 +91,7 @@ def main() -> None:
     parts = store.corpus(args.corpus).parts
     num_labels = len(teachers[0].label_names)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    args.num_workers = data_workers(args.num_workers, accelerator.device)
 
     def stream():
         ds = DistillStream(str(args.store), parts, teachers, encoder, num_labels=num_labels, batch_size=args.batch_size,

@@ -38,9 +38,9 @@ def data_workers(requested: int, device) -> int:
 
     On a CPU the training step already uses every core; a worker process tokenizing beside it
     preempts one of the step's threads, and the step waits for its slowest thread. Measured on a
-    2-core machine (BENCHMARKS.md, section 6): step time streaming over in-memory 1.18 with one
-    worker, 1.01 with none (the data path costs ~2.5 ms of a ~200 ms step). On a GPU the worker's
-    tokenizing overlaps the device's work.
+    2-core machine (BENCHMARKS.md, section 6): step time streaming over in-memory 1.10 with one
+    worker, 1.00 with none (the data path costs ~2.5 ms of a ~190 ms step). On a GPU the worker's
+    tokenizing overlaps the device's work. 0 and 1 workers give the same data order.
     """
     if requested >= 0:
         return requested

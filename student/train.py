@@ -313,9 +313,12 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
         if saved["world_size"] != world:
             raise TrainError(f"{ckpt}: made with {saved['world_size']} processes, now {world}; the data order "
                              "depends on it, so resume with the same number of processes")
-        if saved.get("num_workers", nw) != nw:
-            raise TrainError(f"{ckpt}: made with data.num_workers = {saved['num_workers']}, now {nw}; the data "
-                             f"order depends on it, so resume with --set data.num_workers={saved['num_workers']}")
+        # the data order depends on the worker count (0 and 1 give the same order); checkpoints from before the
+        # count was recorded had it in their config, where it could not be auto
+        old = saved.get("num_workers", saved["config"]["data"].get("num_workers", 1))
+        if max(1, old) != max(1, nw):
+            raise TrainError(f"{ckpt}: made with data.num_workers = {old}, now {nw}; the data order depends on it, "
+                             f"so resume with --set data.num_workers={old}")
         start, step = Position(**saved["position"]), saved["step"]
         state.update({k: saved[k] for k in ("best", "history", "examples", "seconds")})
     elif resume and main:

@@ -103,21 +103,20 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return TORCH_DTYPES[dtype]
 
 
-def check_compiler(spec: TeacherSpec, device: torch.device) -> None:
-    """torch.compile's CPU backend builds C++ at the first forward: say so up front if there is no compiler."""
-    if device.type != "cpu":
-        return
+def check_compiler(spec: TeacherSpec) -> None:
+    """torch.compile builds C/C++ at the first forward (its CPU kernels; Triton's launchers on a GPU): say so up
+    front if there is no compiler, rather than fail with a traceback in the middle of scoring."""
     import shutil
 
-    from torch._inductor import cpp_builder
-
     try:
+        from torch._inductor import cpp_builder
+
         cxx = cpp_builder.get_cpp_compiler()
     except Exception:  # noqa: BLE001 - any failure here means: no usable compiler
         cxx = None
     if not cxx or not shutil.which(cxx):
         raise TeacherError(f"teacher {spec.name!r}: compile = true needs a C++ compiler (g++ or clang++) on this "
-                           "machine for torch.compile's CPU backend; install one or set compile = false")
+                           "machine for torch.compile; install one or set compile = false")
 
 
 class LoadedTeacher:
@@ -131,7 +130,7 @@ class LoadedTeacher:
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=use_st or None)
         self.model.to(device).eval()
         if spec.compile:  # dynamic shapes: one compile serves every batch length (BENCHMARKS.md, section 1-4)
-            check_compiler(spec, device)
+            check_compiler(spec)
             self.model = torch.compile(self.model, dynamic=True)
         self.amp = autocast_dtype(spec.dtype, device)
         self.compute_dtype = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.amp]

@@ -11,7 +11,7 @@
     labels = ["0", "1"]          # optional: label names in logit order (default: the model's id2label)
     corpora = ["wikiqa-train"]   # optional: only these corpora (default: every corpus in the store)
     compile = true               # optional: torch.compile the forward (one compile for all batch shapes).
-                                 #   On this CPU: +12-18% pairs/s in bf16, +5% in fp32, after a 7-45 s compile;
+                                 #   On this CPU: +12% pairs/s in bf16, +5% in fp32, after a 7-42 s compile;
                                  #   worth it above ~250k pairs. Labels are the same up to float rounding.
 
 A fingerprint hashes what decides a teacher's logits: weights, config, tokenizer files,
