@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.cpu import bound_cpu_caches
+from pipeline.cpu import bound_cpu_caches, release_free_memory
 from pipeline.store import CorpusPart, Store, StoreError, TeacherRecord
 from teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
 
@@ -213,6 +213,8 @@ def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
             # surface a failed write early rather than after hours of scoring
             while writes and writes[0].done():
                 writes.pop(0).result()
+            del encs, ids, logits
+            release_free_memory()
         for w in writes:
             w.result()
     summary.scoring_seconds = time.perf_counter() - started
