@@ -4,7 +4,8 @@ Used by `tmkd-label run` and by the student trainer (measured in BENCHMARKS.md, 
 Length batching gives many distinct batch shapes, and oneDNN caches compiled kernels per shape
 (1,024 by default), so resident memory grew with the number of batches seen: 1.35x (labeler) and
 1.21x (trainer) from a 1x to a 10x corpus. A kernel cache of 8 plus two malloc arenas held both
-to <= 1.09x, at no measured cost in speed.
+to <= 1.09x, at a cost in speed within noise (bench/kernel_cache.py); the labeler also returns
+freed memory to the OS between parts (release_free_memory).
 """
 from __future__ import annotations
 
