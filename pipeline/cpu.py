@@ -12,19 +12,26 @@ from __future__ import annotations
 import os
 
 
+def _glibc():
+    """The C library, if it is glibc (its malloc is what these settings tune); else None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def bound_cpu_caches() -> None:
     """Bound oneDNN's kernel cache and glibc's malloc arenas; values set in the environment win.
 
     Call it before the first forward pass: oneDNN reads its setting when it makes its first kernel.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = 2 (glibc)
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to bound
+    libc = _glibc()
+    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(-8, 2)  # M_ARENA_MAX = 2
 
 
 def release_free_memory() -> None:
@@ -33,9 +40,6 @@ def release_free_memory() -> None:
     Called between corpus parts: each part's token arrays, texts and logits are freed once written,
     and without this the freed pages stayed resident and peak RSS crept up with the number of parts.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -68,7 +68,6 @@ def test_config_toml_overrides_and_errors(tmp_path, encoder, store_dir):
                               stages=[{"corpora": ["unlabeled"], "gold": False}]))
 
 
-# ---- metrics ----------------------------------------------------------------------------------
 def test_data_workers_auto_uses_none_on_cpu_and_respects_a_set_count(tmp_path, encoder, store_dir):
     # the default config asks for auto (-1): no worker beside a CPU training step, 2 on a GPU
     assert config_from_dict(toy.config(store_dir, encoder, tmp_path / "o") | {"data": {}}).data.num_workers == -1
@@ -81,6 +80,7 @@ def test_data_workers_auto_uses_none_on_cpu_and_respects_a_set_count(tmp_path, e
         load_config(path, ["data.num_workers=-2"])
 
 
+# ---- metrics ----------------------------------------------------------------------------------
 def test_map_mrr_hand_computed():
     # q1: ranking by score = [pos(0.9), neg(0.8), pos(0.3), neg(0.1)]
     #     AP = (1/1 + 2/3) / 2 = 0.8333..., RR = 1
