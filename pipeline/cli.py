@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.store import Store, StoreError
 
@@ -31,10 +32,22 @@ app = typer.Typer(
 STORE_OPT = typer.Option(..., "--store", "-s", help="Path of the label store (a folder).")
 
 
+def say(console: Console, message: str, style: str = "", prefix: str = "") -> None:
+    """Print a message that may echo user text (paths, values, SQL) as plain text, never as markup."""
+    line = Text(prefix, style=style)
+    line.append(message)
+    console.print(line, highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> None:
     """A user-facing error: one red line on stderr, exit code 1, no traceback."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    say(err, message, "bold red", "error: ")
     raise typer.Exit(1)
+
+
+def cell(value) -> Text:
+    """A table cell shown as text: `[estimated]` stays visible and `[/z]` is just characters."""
+    return Text("NULL" if value is None else str(value))
 
 
 @app.command()
@@ -46,26 +59,33 @@ def run(
     shard: str = typer.Option("0/1", "--shard", help="This node's share i/n of the parts, for independent nodes (combines with accelerate/torchrun ranks)."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device; default: this rank's GPU if any, else CPU."),
     logits_dtype: str = typer.Option("float32", "--logits-dtype", help="Stored logits: float32 or float16."),
+    lease: float = typer.Option(120.0, "--lease", help="Seconds a claim on a unit lives without renewal; a killed worker's units are taken over after this."),
 ):
-    """Score every corpus part with every teacher; skip what is already scored."""
+    """Score every corpus part with every teacher; skip what is already scored and intact.
+
+    Several runs may share one store (processes, nodes): they divide the units through claims.
+    """
     from pipeline.run import RunOptions, run as run_labels
 
-    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype)
+    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease)
     try:
         s = run_labels(opts, err)
     except StoreError as e:
         fail(str(e))
     who = f"rank {s.rank}/{s.world}: " if s.world > 1 else ""
+    if s.rescored:
+        shown = ", ".join(f"{t}/{c}/{p} ({why})" for t, c, p, why in s.rescored)
+        say(err, f"{who}re-scored {len(s.rescored)} invalid label part(s): {shown}", "yellow")
+    others = f", {s.units_by_others} committed by other workers" if s.units_by_others else ""
+    lost = f", {s.units_lost} dropped after losing their claim" if s.units_lost else ""
     if s.units_scored == 0:
-        err.print(f"{who}nothing to score: all {s.units_skipped} units already scored; run log: {s.log_path}",
-                  highlight=False, soft_wrap=True)
+        say(err, f"{who}nothing to score: {s.units_skipped} units already scored{others}{lost}; "
+                 f"run log: {s.log_path}")
         return
-    err.print(
-        f"{who}scored {s.units_scored} units ({s.pairs:,} pairs) and skipped {s.units_skipped} already scored, "
-        f"in {s.seconds:.1f} s: {s.pairs_per_s:,.0f} pairs/s, {s.forward_passes} forward passes on {s.device}; "
-        f"run log: {s.log_path}",
-        highlight=False, soft_wrap=True,
-    )
+    say(err,
+        f"{who}scored {s.units_scored} units ({s.pairs:,} pairs) and skipped {s.units_skipped} already scored"
+        f"{others}{lost}, in {s.seconds:.1f} s: {s.pairs_per_s:,.0f} pairs/s, {s.forward_passes} forward passes "
+        f"on {s.device}; run log: {s.log_path}")
 
 
 @app.command()
@@ -79,18 +99,20 @@ def status(store: Path = STORE_OPT):
         corpora = {c: st.corpus(c) for c in st.corpora()}
     except StoreError as e:
         fail(str(e))
-    t = Table(title=f"corpora in {store}")
+    t = Table(title=Text(f"corpora in {store}"))
     for col in ("corpus", "parts", "rows", "labels"):
         t.add_column(col)
     for name, m in corpora.items():
-        t.add_row(name, str(len(m.parts)), f"{m.rows:,}", ", ".join(m.label_names) if m.label_names else "(unlabeled)")
+        t.add_row(cell(name), cell(len(m.parts)), cell(f"{m.rows:,}"),
+                  cell(", ".join(m.label_names) if m.label_names else "(unlabeled)"))
     out.print(t)
     t = Table(title="teacher coverage")
-    for col in ("teacher", "corpus", "parts done", "rows done", "stale", "state"):
+    for col in ("teacher", "corpus", "parts done", "rows done", "stale or damaged", "state"):
         t.add_column(col)
     for r in rows:
-        state = "[green]complete[/]" if r.done == r.total else "[yellow]incomplete[/]"
-        t.add_row(r.teacher, r.corpus, f"{r.done}/{r.total}", f"{r.rows_done:,}/{r.rows_total:,}", str(r.stale), state)
+        state = Text("complete", "green") if r.done == r.total else Text("incomplete", "yellow")
+        t.add_row(cell(r.teacher), cell(r.corpus), cell(f"{r.done}/{r.total}"),
+                  cell(f"{r.rows_done:,}/{r.rows_total:,}"), cell(r.stale), state)
     out.print(t)
     if not rows:
         out.print("no teachers yet: score with `tmkd-label run --store STORE --teachers teachers.toml`")
@@ -109,7 +131,7 @@ def query(
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     limit: int = typer.Option(100, "--max-rows", help="Rows shown in table format (csv/json print all)."),
 ):
-    """Read-only DuckDB SQL over the store.
+    """DuckDB SQL over the store, with no file access (nothing a query does can change the store).
 
     Views: corpus(corpus, part, id, text_a, text_b, label, group), labels(teacher, corpus,
     part, row, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
@@ -118,9 +140,12 @@ def query(
     from pipeline.query import run_query
 
     try:
-        columns, rows = run_query(Store(store), sql)
+        columns, rows, left = run_query(Store(store), sql)
     except StoreError as e:
         fail(str(e))
+    for kind, parts in (("corpus", left.corpus_parts), ("label", left.label_parts)):
+        if parts:
+            say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
     if fmt is Format.csv:
         w = csv.writer(sys.stdout)
         w.writerow(columns)
@@ -129,12 +154,14 @@ def query(
         json.dump([dict(zip(columns, r)) for r in rows], sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
-        t = Table(*columns)
+        t = Table()
+        for c in columns:
+            t.add_column(cell(c))
         for r in rows[:limit]:
-            t.add_row(*("NULL" if v is None else str(v) for v in r))
+            t.add_row(*(cell(v) for v in r))
         out.print(t)
         if len(rows) > limit:
-            out.print(f"({len(rows) - limit:,} more rows; use --max-rows or --format csv)")
+            say(out, f"({len(rows) - limit:,} more rows; use --max-rows or --format csv)")
 
 
 @app.command()
@@ -147,13 +174,15 @@ def verify(store: Path = STORE_OPT):
     except StoreError as e:
         fail(str(e))
     for p in report.problems:
-        err.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+        say(err, p, "red", "problem: ")
+    for n in report.notes:
+        say(err, n, "yellow", "note: ")
     counts = (f"{report.corpora} corpora, {report.corpus_parts} corpus parts, {report.teachers} teachers, "
               f"{report.label_parts} label parts")
     if report.ok:
-        out.print(f"[green]OK[/]: {counts} verified", highlight=False)
+        say(out, f"{counts} verified", "green", "OK: ")
     else:
-        err.print(f"[bold red]{len(report.problems)} problem(s)[/] in {counts}", highlight=False)
+        say(err, f"{len(report.problems)} problem(s) in {counts}", "bold red")
         raise typer.Exit(1)
 
 
@@ -170,6 +199,7 @@ def ingest(
     part_rows: int = typer.Option(50_000, "--part-rows", help="Rows per corpus part."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row and commit nothing (default: quarantine bad rows)."),
     ids: str = typer.Option("source", "--ids", help="source: the source's id where it has one, else a hash of the text pair; text: always the hash."),
+    positive_label: Optional[str] = typer.Option(None, "--positive-label", help="The positive class (a label name), stored in the corpus manifest. Default: wikiqa 1, GLUE QNLI/RTE entailment, else none."),
 ):
     """Check and shard source files into a corpus of the store; bad rows are quarantined with file, line and reason."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -179,7 +209,7 @@ def ingest(
     try:
         opts = IngestOptions(
             fmt, corpus, parse_mapping(columns, "--columns"), parse_names(label_names),
-            parse_mapping(label_map, "--label-map"), unlabeled, part_rows, strict, ids,
+            parse_mapping(label_map, "--label-map"), unlabeled, part_rows, strict, ids, positive_label=positive_label,
         )
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
@@ -193,15 +223,17 @@ def ingest(
             s = ingest_files(Store.create(store), files, opts, progress)
     except (IngestError, StoreError) as e:
         fail(str(e))
-    t = Table(title=f"ingested into corpus {s.corpus!r} of {store}", show_header=False)
-    t.add_row("rows read", f"{s.rows_read:,}")
-    t.add_row("rows written", f"{s.rows_written:,} ({s.rows_labelled:,} labelled)")
-    t.add_row("parts", f"{len(s.parts)} (part {s.parts[0]}..{s.parts[-1]})" if s.parts else "0")
-    t.add_row("label names", ", ".join(s.label_names) if s.label_names else "(none: unlabeled)")
+    t = Table(title=Text(f"ingested into corpus {s.corpus!r} of {store}"), show_header=False)
+    t.add_row(cell("rows read"), cell(f"{s.rows_read:,}"))
+    t.add_row(cell("rows written"), cell(f"{s.rows_written:,} ({s.rows_labelled:,} labelled)"))
+    t.add_row(cell("parts"), cell(f"{len(s.parts)} (part {s.parts[0]}..{s.parts[-1]})" if s.parts else "0"))
+    t.add_row(cell("label names"), cell(", ".join(s.label_names) if s.label_names else "(none: unlabeled)"))
+    if s.positive_label:
+        t.add_row(cell("positive label"), cell(s.positive_label))
     for reason, n in sorted(s.bad.items()):
-        t.add_row(f"[red]bad: {reason}[/]", f"{n:,}")
-    t.add_row("bad rows", f"{sum(s.bad.values()):,}" + (f" -> {s.quarantine}" if s.quarantine else ""))
-    t.add_row("time", f"{s.seconds:.2f} s ({s.rows_per_second:,.0f} rows/s)")
+        t.add_row(Text(f"bad: {reason}", "red"), cell(f"{n:,}"))
+    t.add_row(cell("bad rows"), cell(f"{sum(s.bad.values()):,}" + (f" -> {s.quarantine}" if s.quarantine else "")))
+    t.add_row(cell("time"), cell(f"{s.seconds:.2f} s ({s.rows_per_second:,.0f} rows/s)"))
     out.print(t)
 
 

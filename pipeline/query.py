@@ -1,116 +1,167 @@
-"""`tmkd-label query`: read-only DuckDB SQL over the store.
+"""`tmkd-label query`: DuckDB SQL over the store, with no way to touch a file.
 
-Views (built from the manifests, so only committed parts appear):
+The store is opened with pyarrow, not by DuckDB: each view is a ``pyarrow.dataset`` over the
+committed parts that pass the store's checks (``Store.check_label``, the rule `run`, `verify`
+and the trainer apply: digest, page checksums, ids, finite logits; page checksums are
+verified again while DuckDB scans). The DuckDB connection itself runs with
+``enable_external_access = false``, no allowed directories, no extension loading, no
+replacement scans of Python variables, a private temp folder, and its configuration locked.
+So no statement can read or write any file, whatever its type (COPY, EXPORT, ATTACH,
+EXPLAIN ANALYZE COPY, read_text, glob, ...): they fail with DuckDB's permission error, and
+everything else (PIVOT, SUMMARIZE, CREATE TEMP TABLE, ...) only ever sees memory.
+
+Views:
 
 - ``corpus``   (corpus, part, id, text_a, text_b, label, "group")
-- ``labels``   (teacher, corpus, part, row, id, logits FLOAT[]) — current label parts only;
+- ``labels``   (teacher, corpus, part, row, id, logits FLOAT[]) — current, intact label parts only;
   ``row`` is the position in the part, the same for every teacher (parts are aligned)
 - ``teachers`` (name, fingerprint, path, label_names, dtype, max_length)
 - ``corpora``  (corpus, label_names, parts, "rows")
 
-Read-only: every statement must be a SELECT (including WITH/DESCRIBE/SUMMARIZE) or an
-EXPLAIN; anything else (COPY, CREATE, ATTACH, SET, ...) is refused before it runs, and the
-configuration is locked so a query reads only files inside the store and writes none.
+Parts left out (damaged corpus parts, stale or damaged label parts) are returned with the
+reason, for the caller to report: a view never shrinks silently.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
 
-from pipeline.store import Store, StoreError
-
-ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+from pipeline.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, label_space_mismatch
 
 
 class QueryError(StoreError):
-    """The SQL was refused or DuckDB reported an error; the message is DuckDB's."""
+    """DuckDB reported an error (a refused file access, a SQL error); the message is DuckDB's."""
 
 
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
+@dataclass
+class LeftOut:
+    """Parts a view leaves out, with the reason: reported on stderr by the CLI."""
+
+    corpus_parts: list[str] = field(default_factory=list)  # "corpus/part (reason)"
+    label_parts: list[str] = field(default_factory=list)  # "teacher/corpus/part (reason)"
 
 
-def _files(paths) -> str:
-    return "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
+LABELS_SCHEMA = pa.schema([("teacher", pa.string()), ("corpus", pa.string()), ("part", pa.int32()),
+                           ("row", pa.int32()), ("id", pa.int64())])
+CORPUS_VIEW_SCHEMA = pa.schema([("corpus", pa.string()), ("part", pa.int32())]
+                               + [CORPUS_SCHEMA.field(n) for n in ("id", "text_a", "text_b", "label", "group")])
+# Parquet page checksums are verified as DuckDB scans the parts.
+PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+LOCKED = {
+    "enable_external_access": False,  # no file, network or extension access from SQL (none allowed)
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_persistent_secrets": False,
+    "python_enable_replacements": False,  # SQL cannot reach the caller's Python variables
+}
 
 
-def _part_expr() -> str:
-    return "CAST(regexp_extract(filename, 'part-(\\d+)\\.parquet$', 1) AS INTEGER)"
+def _dataset(paths: list[str], schema: pa.Schema, partitions: list[ds.Expression]) -> ds.Dataset:
+    """One Arrow dataset over files; the constant columns (corpus, part, ...) come from ``partitions``."""
+    return ds.FileSystemDataset.from_paths(paths, schema=schema, format=PARQUET, filesystem=pa.fs.LocalFileSystem(),
+                                           partitions=partitions)
 
 
-def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the store's views; locked against writes."""
-    con = duckdb.connect(":memory:")
-    corpus_sql, corpora_rows = [], []
+def _const(**values) -> ds.Expression:
+    expr = None
+    for k, v in values.items():
+        e = ds.field(k) == v
+        expr = e if expr is None else expr & e
+    return expr
+
+
+def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
+    """The Arrow objects behind the views, over intact committed parts; and what was left out."""
+    left = LeftOut()
     manifests = {c: store.corpus(c) for c in store.corpora()}
-    for name, m in manifests.items():
-        corpora_rows.append(
-            f"({_sql_str(name)}, {('NULL' if m.label_names is None else '[' + ', '.join(map(_sql_str, m.label_names)) + ']')}::VARCHAR[], "
-            f"{len(m.parts)}, {m.rows})"
-        )
-        if m.parts:
-            corpus_sql.append(
-                f"SELECT {_sql_str(name)} AS corpus, {_part_expr()} AS part, id, text_a, text_b, label, \"group\" "
-                f"FROM read_parquet({_files(p.path for p in m.parts)}, filename = true)"
-            )
-    empty_corpus = ("SELECT NULL::VARCHAR AS corpus, NULL::INTEGER AS part, NULL::BIGINT AS id, NULL::VARCHAR AS text_a, "
-                    "NULL::VARCHAR AS text_b, NULL::INTEGER AS label, NULL::VARCHAR AS \"group\" WHERE false")
-    con.execute("CREATE VIEW corpus AS " + (" UNION ALL ".join(corpus_sql) or empty_corpus))
+    teachers = store.teachers()
 
-    labels_sql, teacher_rows = [], []
-    for t in store.teachers().values():
-        teacher_rows.append(
-            f"({_sql_str(t.name)}, {_sql_str(t.fingerprint)}, {_sql_str(t.path)}, "
-            f"[{', '.join(map(_sql_str, t.label_names))}]::VARCHAR[], {_sql_str(t.dtype)}, {t.max_length})"
-        )
+    paths, parts, ids = [], [], {}
+    for name, m in manifests.items():
+        for p in m.parts:
+            try:  # digest + checksums + rows; the ids check the label parts' alignment below
+                ids[(name, p.part)] = store.read_corpus_part(p, ["id"]).column("id").to_numpy()
+            except CorruptPartError as e:
+                left.corpus_parts.append(f"{name}/{p.part} ({str(e).split(': ', 1)[1]})")
+                continue
+            paths.append(str(p.path))
+            parts.append(_const(corpus=name, part=p.part))
+    corpus = _dataset(paths, CORPUS_VIEW_SCHEMA, parts)
+
+    paths, parts = [], []
+    for t in teachers.values():
         for name, m in manifests.items():
             if not t.scores(name):
                 continue
-            current = [store.label_path(t.name, name, p.part) for p in m.parts if store.check_label(t, p).status == "ok"]
-            if current:
-                labels_sql.append(
-                    f"SELECT {_sql_str(t.name)} AS teacher, {_sql_str(name)} AS corpus, {_part_expr()} AS part, "
-                    f"file_row_number AS \"row\", id, CAST(logits AS FLOAT[]) AS logits "
-                    f"FROM read_parquet({_files(current)}, filename = true, file_row_number = true)"
-                )
-    empty_labels = ("SELECT NULL::VARCHAR AS teacher, NULL::VARCHAR AS corpus, NULL::INTEGER AS part, "
-                    "NULL::BIGINT AS \"row\", NULL::BIGINT AS id, "
-                    "NULL::FLOAT[] AS logits WHERE false")
-    con.execute("CREATE VIEW labels AS " + (" UNION ALL ".join(labels_sql) or empty_labels))
+            mismatch = label_space_mismatch(t.name, t.label_names, f"corpus {name!r}", m.label_names)
+            if mismatch:
+                left.label_parts.append(f"{t.name}/{name}/* ({mismatch})")
+                continue
+            for p in m.parts:
+                if (name, p.part) not in ids:
+                    continue  # its corpus part is damaged (left out above)
+                check = store.check_label(t, p, corpus_ids=ids[(name, p.part)])  # the one rule, in full
+                if check.status != "ok":
+                    if check.invalid:
+                        left.label_parts.append(f"{t.name}/{name}/{p.part} ({check.status}: {check.reason})")
+                    continue
+                paths.append(str(store.label_path(t.name, name, p.part)))
+                parts.append(_const(teacher=t.name, corpus=name, part=p.part))
+    labels = _dataset(paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), parts)
 
-    cols = "name, fingerprint, path, label_names, dtype, max_length"
-    con.execute(
-        f"CREATE VIEW teachers AS SELECT * FROM (VALUES {', '.join(teacher_rows)}) t({cols})" if teacher_rows else
-        "CREATE VIEW teachers AS SELECT NULL::VARCHAR AS name, NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS path, "
-        "NULL::VARCHAR[] AS label_names, NULL::VARCHAR AS dtype, NULL::INTEGER AS max_length WHERE false"
-    )
-    con.execute(
-        f"CREATE VIEW corpora AS SELECT * FROM (VALUES {', '.join(corpora_rows)}) c(corpus, label_names, parts, \"rows\")"
-        if corpora_rows else
-        "CREATE VIEW corpora AS SELECT NULL::VARCHAR AS corpus, NULL::VARCHAR[] AS label_names, 0 AS parts, 0 AS \"rows\" WHERE false"
-    )
-    con.execute(f"SET allowed_directories = [{_sql_str(str(store.root.resolve()) + '/')}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    return con
+    teacher_rows = pa.table({
+        "name": [t.name for t in teachers.values()],
+        "fingerprint": [t.fingerprint for t in teachers.values()],
+        "path": [t.path for t in teachers.values()],
+        "label_names": pa.array([t.label_names for t in teachers.values()], pa.list_(pa.string())),
+        "dtype": [t.dtype for t in teachers.values()],
+        "max_length": pa.array([t.max_length for t in teachers.values()], pa.int32()),
+    })
+    corpora_rows = pa.table({
+        "corpus": list(manifests),
+        "label_names": pa.array([m.label_names for m in manifests.values()], pa.list_(pa.string())),
+        "parts": pa.array([len(m.parts) for m in manifests.values()], pa.int32()),
+        "rows": pa.array([m.rows for m in manifests.values()], pa.int64()),
+    })
+    return {"corpus": corpus, "labels": labels, "teachers": teacher_rows, "corpora": corpora_rows}, left
+
+
+@contextmanager
+def connect(store: Store):
+    """An in-memory DuckDB over the store's views, with no file access; yields (connection, left out)."""
+    views, left = build_views(store)
+    scratch = tempfile.mkdtemp(prefix="tmkd-query-")  # DuckDB may spill here; removed afterwards
+    con = duckdb.connect(":memory:", config={**LOCKED, "temp_directory": scratch, "lock_configuration": True})
+    try:
+        for name, obj in views.items():  # the logits' fixed-size lists are read as FLOAT[] (the schema above)
+            con.register(name, obj)
+        yield con, left
+    finally:
+        con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_query(store: Store, sql: str):
-    """Run read-only SQL; return (column names, rows) of the last statement."""
-    con = connect(store)
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as e:
-        raise QueryError(str(e)) from None
-    if not statements:
-        raise QueryError("no SQL statement given")
-    for s in statements:
-        if s.type not in ALLOWED:
-            raise QueryError(f"refused: the store is read-only, and this is a {s.type.name} statement: {s.query.strip()}")
-    try:
-        result = None
-        for s in statements:
-            result = con.execute(s.query)
-        columns = [d[0] for d in result.description] if result.description else []
-        return columns, result.fetchall()
-    except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+    """Run SQL (any statements); return (column names, rows of the last statement, left out)."""
+    with connect(store) as (con, left):
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from None
+        if not statements:
+            raise QueryError("no SQL statement given")
+        try:
+            result = None
+            for s in statements:
+                result = con.execute(s.query)
+            columns = [d[0] for d in result.description] if result.description else []
+            return columns, result.fetchall(), left
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from None

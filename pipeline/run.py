@@ -4,11 +4,19 @@ Work unit = (teacher, corpus part). A unit whose label part is committed with th
 teacher fingerprint and corpus digest is skipped, so a second run loads no model and does
 no forward pass; a killed run, started again, redoes only the units it had not committed.
 
-Corpus parts are spread over processes: part i goes to global rank i mod world, where the
-global rank combines the launcher's rank (accelerate / torchrun set RANK and WORLD_SIZE)
-with ``--shard i/n`` for independent nodes. Every rank writes its own files; nothing is
-gathered. Within a rank, reading and tokenizing the next part and writing finished parts
-run in background threads, overlapping the forward passes.
+Before anything is scored, every unit is checked with the store's one rule
+(``Store.check_label``: commit record, digest, checksums, ids, finite logits). A damaged or
+stale label part counts as not done and is scored again, and the summary says so. A corpus
+part that does not match its manifest digest stops the run before anything is written.
+
+Workers share the store through claims (pipeline/claims.py): each unit is claimed with a
+lease before it is scored, so any number of runs started on one store (processes, nodes)
+divide the units between them and score each exactly once; a unit whose worker died is
+taken over when its lease expires. A run ends when every unit it planned is committed, by
+itself or by another worker. Corpus parts are also spread statically: part i goes to global
+rank i mod world, where the global rank combines the launcher's rank (accelerate / torchrun
+set RANK and WORLD_SIZE) with ``--shard i/n``. Within a worker, reading and tokenizing the
+next part and writing finished parts run in background threads, overlapping the forward passes.
 """
 from __future__ import annotations
 
@@ -23,8 +31,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.claims import DEFAULT_LEASE_S, ClaimLost, Claims, remove_dead_temporaries
 from pipeline.cpu import bound_cpu_caches, release_free_memory
-from pipeline.store import CorpusPart, Store, StoreError, TeacherRecord
+from pipeline.store import CorruptPartError, CorpusPart, Store, StoreError, TeacherRecord, remove_stale_tmp
 from teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
 
 
@@ -37,6 +46,7 @@ class RunOptions:
     shard: str = "0/1"  # this node's share, "i/n", for runs on independent nodes
     device: str | None = None  # None: this rank's GPU if there is one, else the CPU
     logits_dtype: str = "float32"  # float32 | float16 (halves the store; DuckDB reads both)
+    lease_s: float = DEFAULT_LEASE_S  # a claim untouched this long belongs to a dead worker
 
 
 @dataclass
@@ -47,7 +57,11 @@ class RunSummary:
     host: str
     device: str
     units_scored: int = 0
-    units_skipped: int = 0
+    units_skipped: int = 0  # already committed, current and intact when this run planned
+    units_by_others: int = 0  # committed by another worker sharing the store while this one ran
+    units_lost: int = 0  # claims lost after a stall: the result was dropped, another worker committed it
+    rescored: list[list] = field(default_factory=list)  # [teacher, corpus, part, reason] per invalid part redone
+    temporaries_removed: int = 0
     pairs: int = 0
     forward_passes: int = 0
     seconds: float = 0.0  # the whole run, from opening the store to the run log
@@ -88,8 +102,9 @@ def pick_device(device: str | None):
     return torch.device("cpu")
 
 
-def register_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], replace: bool):
-    """Fingerprint each teacher, refuse changed checkpoints and wrong label spaces, record them."""
+def register_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], replace: bool, write: bool = True):
+    """Fingerprint each teacher, refuse changed checkpoints and wrong label spaces, record them
+    (``write=False``: check only; nothing is written)."""
     known = store.teachers()
     manifests = {c: store.corpus(c) for c in corpora}
     out = []
@@ -105,30 +120,66 @@ def register_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str]
         for c in corpora:
             if record.scores(c):
                 check_label_space(record, manifests[c])
-        if old != record:
+        if old != record and write:
             store.write_teacher(record)
         out.append((spec, record, folder))
     return out
 
 
+@dataclass
+class Unit:
+    """One corpus part with the teachers that still have to score it."""
+
+    part: CorpusPart
+    teachers: list[TeacherRecord]
+    seen: dict[str, str | None]  # teacher -> digest of its commit record when planned (None: none)
+
+
 def plan_units(store: Store, records: list[TeacherRecord], corpora: list[str], rank: int, world: int):
-    """This rank's corpus parts, each with the teachers that still have to score it; and the skip count."""
+    """This rank's units still to score, the count already done, and the invalid parts found.
+
+    Every committed label part is checked in full against its corpus part (digest, checksums,
+    ids, finite logits): a damaged or stale one is planned again, never skipped. A corpus part
+    that fails its digest is an error before anything is written."""
     parts = [p for c in corpora for p in store.corpus(c).parts]
-    mine, skipped = [], 0
+    units, skipped, invalid, corrupt = [], 0, [], []
     for i, part in enumerate(parts):
         if i % world != rank:
             continue
-        todo = []
-        for rec in records:
-            if not rec.scores(part.corpus):
-                continue
-            if store.check_label(rec, part).status == "ok":
+        mine = [rec for rec in records if rec.scores(part.corpus)]
+        if not mine:
+            continue
+        try:
+            ids = store.read_corpus_part(part, ["id"]).column("id").to_numpy()
+        except CorruptPartError as e:
+            corrupt.append(str(e))
+            continue
+        todo, seen = [], {}
+        for rec in mine:
+            check = store.check_label(rec, part, corpus_ids=ids)
+            if check.status == "ok":
                 skipped += 1
-            else:
-                todo.append(rec)
+                continue
+            if check.invalid:
+                invalid.append([rec.name, part.corpus, part.part, check.reason])
+            record = _commit_or_none(store, rec, part)
+            seen[rec.name] = record.get("digest") if record else None
+            todo.append(rec)
         if todo:
-            mine.append((part, todo))
-    return mine, skipped
+            units.append(Unit(part, todo, seen))
+    if corrupt:
+        raise CorruptPartError(
+            f"{len(corrupt)} corpus part(s) do not match the store's manifest; nothing was scored:\n  "
+            + "\n  ".join(corrupt) + "\nre-ingest the corpus (or restore the files) and run again"
+        )
+    return units, skipped, invalid
+
+
+def _commit_or_none(store: Store, rec: TeacherRecord, part: CorpusPart) -> dict | None:
+    try:
+        return store.label_commit(rec.name, part.corpus, part.part)
+    except CorruptPartError:
+        return None
 
 
 def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
@@ -144,30 +195,67 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     if not corpora:
         raise StoreError(f"{store.root}: no corpora yet; add one with `tmkd-label ingest`")
     rank, world = global_rank(opts.shard)
-    teachers = register_teachers(store, load_teachers_toml(opts.teachers), corpora, opts.replace)
+    specs = load_teachers_toml(opts.teachers)
+    teachers = register_teachers(store, specs, corpora, opts.replace, write=False)  # checks only
     records = [rec for _, rec, _ in teachers]
-    plan, skipped = plan_units(store, records, corpora, rank, world)
+    plan, skipped, invalid = plan_units(store, records, corpora, rank, world)  # refuses damaged corpus parts
+    store.upgrade()
+    register_teachers(store, specs, corpora, opts.replace)  # now record them
 
     device = pick_device(opts.device) if plan else None
     summary = RunSummary(rank, world, os.getpid(), socket.gethostname(), str(device or "none"))
     summary.units_skipped = skipped
     summary.teachers = {r.name: r.fingerprint for r in records}
-    if plan:
-        _score_plan(store, plan, teachers, device, opts, summary, console)
+    with Claims(store, opts.lease_s) as claims:
+        summary.temporaries_removed = remove_dead_temporaries(store, claims)
+        if plan:
+            _score_plan(store, plan, teachers, device, opts, summary, console, claims, invalid)
     summary.seconds = time.perf_counter() - start
-    summary.log_path = str(store.write_run_log({**asdict(summary), "pairs_per_s": summary.pairs_per_s,
-                                                "options": {k: str(v) for k, v in asdict(opts).items()}}, rank))
+    log_path = store.run_log_path(rank)
+    summary.log_path = str(log_path)
+    store.write_run_log({**asdict(summary), "pairs_per_s": summary.pairs_per_s,
+                         "options": {k: str(v) for k, v in asdict(opts).items()}}, log_path)
     return summary
 
 
-def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
+def _next_claimed(store: Store, pending: list[Unit], claims: Claims, summary: RunSummary, block: bool):
+    """Claim the next part's units that no other worker holds; None when there is nothing to take
+    now (``block``: wait for other workers' units to be committed or their leases to expire)."""
+    while pending:
+        for unit in list(pending):
+            got = []
+            for rec in list(unit.teachers):
+                part = unit.part
+                if not claims.try_claim(rec.name, part.corpus, part.part):
+                    continue  # another worker holds it: come back later
+                unit.teachers.remove(rec)
+                now = _commit_or_none(store, rec, part)
+                if now is not None and now.get("digest") != unit.seen[rec.name] \
+                        and store.check_label(rec, part, decode=False).status == "ok":
+                    claims.release(rec.name, part.corpus, part.part)  # committed by another worker meanwhile
+                    summary.units_by_others += 1
+                    continue
+                summary.temporaries_removed += remove_stale_tmp(
+                    store.label_path(rec.name, part.corpus, part.part), keep=claims.token)
+                got.append(rec)
+            if not unit.teachers:
+                pending.remove(unit)
+            if got:
+                return unit.part, got
+        if not block or not pending:
+            return None
+        time.sleep(min(2.0, claims.lease_s / 8))  # others hold the rest: wait for commits or expiry
+    return None
+
+
+def _score_plan(store, plan, teachers, device, opts, summary, console, claims: Claims, invalid: list) -> None:
     from transformers.utils import logging as hf_logging
 
     from teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
 
-    needed = {rec.name for _, todo in plan for rec in todo}
+    needed = {rec.name for unit in plan for rec in unit.teachers}
     tokenizers, loaded = {}, {}
     for spec, rec, folder in teachers:
         if rec.name not in needed:
@@ -177,7 +265,7 @@ def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
         loaded[rec.name] = LoadedTeacher(spec, rec, folder, device, tokenizers[rec.tokenizer_fingerprint][0])
 
     def prepare(part: CorpusPart, todo: list[TeacherRecord]):
-        """Read a part and tokenize it once per distinct tokenizer its teachers use."""
+        """Read a part (digest checked) and tokenize it once per distinct tokenizer its teachers use."""
         table = store.read_corpus_part(part, ["id", "text_a", "text_b"])
         a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
         encs = {}
@@ -186,8 +274,27 @@ def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
             encs[fp] = encode_pairs(tok, a, b, spec.max_length, spec.truncation)
         return table.column("id").to_numpy(), encs
 
+    def write(rec, part, ids, logits, compute_dtype):
+        """Commit a unit while still holding its claim; a lost claim drops the result, loudly."""
+        try:
+            store.write_label_part(rec, part, ids, logits, opts.logits_dtype, compute_dtype, token=claims.token,
+                                   still_mine=lambda: claims.check_held(rec.name, part.corpus, part.part))
+        except ClaimLost as e:
+            summary.units_lost += 1
+            console.print(f"warning: {e}", markup=False, highlight=False)
+            return
+        finally:
+            claims.release(rec.name, part.corpus, part.part)
+        summary.units_scored += 1
+        summary.pairs += part.rows
+        summary.scored.append([rec.name, part.corpus, part.part])
+        if (rec.name, part.corpus, part.part) in redo:
+            summary.rescored.append(list(redo[(rec.name, part.corpus, part.part)]))
+
+    redo = {(t, c, p): (t, c, p, why) for t, c, p, why in invalid}
+    pending = list(plan)
     started = time.perf_counter()
-    total = sum(part.rows * len(todo) for part, todo in plan)
+    total = sum(unit.part.rows * len(unit.teachers) for unit in plan)
     label = f"scoring (rank {summary.rank}/{summary.world})" if summary.world > 1 else "scoring"
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
@@ -195,26 +302,34 @@ def _score_plan(store, plan, teachers, device, opts, summary, console) -> None:
     )
     with progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         task = progress.add_task(label, total=total)
-        ahead = deque(reader.submit(prepare, *unit) for unit in plan[:2])
+        ahead: deque = deque()
+
+        def fill(block: bool) -> None:
+            """Claim and start preparing up to two parts ahead of the one being scored."""
+            while len(ahead) < 2:
+                unit = _next_claimed(store, pending, claims, summary, block=block and not ahead)
+                if unit is None:
+                    return
+                ahead.append((*unit, reader.submit(prepare, *unit)))
+
+        fill(block=True)
         writes = []
-        for i, (part, todo) in enumerate(plan):
-            ids, encs = ahead.popleft().result()
-            if i + 2 < len(plan):
-                ahead.append(reader.submit(prepare, *plan[i + 2]))
+        while ahead:
+            part, todo, prepared = ahead.popleft()
+            fill(block=False)
+            ids, encs = prepared.result()
             for rec in todo:
                 teacher = loaded[rec.name]
                 progress.update(task, description=f"{label}: {rec.name} × {part.corpus}/{part.part:05d}")
                 logits = teacher.score(encs[rec.tokenizer_fingerprint], on_batch=lambda n: progress.advance(task, n))
-                writes.append(writer.submit(store.write_label_part, rec, part, ids, logits,
-                                            opts.logits_dtype, teacher.compute_dtype))
-                summary.units_scored += 1
-                summary.pairs += part.rows
-                summary.scored.append([rec.name, part.corpus, part.part])
+                writes.append(writer.submit(write, rec, part, ids, logits, teacher.compute_dtype))
             # surface a failed write early rather than after hours of scoring
             while writes and writes[0].done():
                 writes.pop(0).result()
             del encs, ids, logits
             release_free_memory()
+            if not ahead:
+                fill(block=True)  # only units other workers hold are left: wait for them
         for w in writes:
             w.result()
     summary.scoring_seconds = time.perf_counter() - started

@@ -8,14 +8,21 @@ through here, so the layout is defined once::
     STORE/corpus/<corpus>/manifest.json                label space + committed parts (rows, digest)
     STORE/corpus/<corpus>/part-NNNNN.parquet           id, text_a, text_b, label, group, source_id
     STORE/teachers/<teacher>.json                      name, fingerprint, path, label names, ...
-    STORE/labels/<teacher>/<corpus>/part-NNNNN.parquet id, logits (fixed-size list) + metadata
+    STORE/labels/<teacher>/<corpus>/part-NNNNN.parquet id, row, logits (fixed-size list) + metadata
+    STORE/labels/<teacher>/<corpus>/part-NNNNN.commit.json  commit record: the part's digest, rows, fingerprints
+    STORE/claims/<teacher>/<corpus>/part-NNNNN.claim   lease of the worker scoring that unit (pipeline/claims.py)
     STORE/quarantine/<corpus>/<stamp>.jsonl            bad rows from ingest, with file/line/reason
     STORE/runs/<stamp>-rank<r>.json                    run logs of ``tmkd-label run``
 
 Commits are atomic: a file is written under a hidden temporary name and renamed into
-place. A corpus part counts only once the corpus manifest lists it; a label part counts
-once its final name exists *and* its metadata carries the current teacher fingerprint and
-the digest of the corpus part it was computed from.
+place. A corpus part counts only once the corpus manifest lists it (with its sha256); a
+label part counts only once its commit record exists, names the current teacher fingerprint
+and corpus part digest, and the file's sha256 matches the record.
+
+Every read checks what it reads: ``read_corpus_part`` and ``load_label_part`` hash the
+bytes they parse against the recorded digest, and Parquet page checksums (written with
+every part) are verified while decoding. A part that fails is never consumed: readers get
+a ``CorruptPartError`` or a ``LabelCheck`` naming the file and the reason.
 
 Only pyarrow is imported here (no torch), so ``status`` and ``query`` stay fast.
 """
@@ -26,6 +33,7 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: label parts have a `row` column and a commit record with their digest
+READABLE_VERSIONS = (1, 2)  # a version-1 store opens; its label parts lack commit records and are re-scored
 TOOL_VERSION = "0.1.0"
 META_KEY = b"tmkd"  # key of our JSON record in a Parquet file's key-value metadata
 PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
@@ -57,6 +66,62 @@ class StoreError(Exception):
 
 class StaleLabelsError(StoreError):
     """Label parts are missing, stale (fingerprint/digest changed) or misaligned with their corpus part."""
+
+
+class CorruptPartError(StoreError):
+    """A committed part does not match its digest, or cannot be read: it is never consumed."""
+
+
+class LabelSpaceError(StoreError):
+    """A teacher's label space differs from a corpus's (or another teacher's)."""
+
+
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")  # transformers' default id2label names: carry no meaning
+# Names that mean "the positive class" of a binary task, in the order they are tried.
+POSITIVE_NAMES = ("1", "true", "yes", "entailment", "relevant", "positive", "paraphrase", "duplicate")
+
+
+def label_space_mismatch(teacher_name: str, teacher_labels: list[str], what: str,
+                         labels: list[str] | None) -> str | None:
+    """The one rule for label spaces, used by run, verify, the query views and the trainer.
+
+    ``what`` names the other side ("corpus 'x'" or "teacher 'y'"); ``labels`` None means it
+    declares no label space (an unlabeled corpus), which takes any teacher. Returns the
+    message if the spaces differ, else None. Counts must match; names must match in order
+    unless either side carries only generic LABEL_i names.
+    """
+    if labels is None:
+        return None
+    if len(teacher_labels) != len(labels):
+        return (f"teacher {teacher_name!r} has {len(teacher_labels)} labels {teacher_labels} but {what} has "
+                f"{len(labels)} {labels}; restrict the teacher with `corpora = [...]` in teachers.toml "
+                "or use a teacher of this task")
+    generic = any(GENERIC_LABEL.match(n) for n in list(teacher_labels) + list(labels))
+    if not generic and [n.lower() for n in teacher_labels] != [n.lower() for n in labels]:
+        return (f"teacher {teacher_name!r} labels {teacher_labels} do not match {what} labels {labels} "
+                "(order matters); set `labels = [...]` in teachers.toml if only the names differ")
+    return None
+
+
+def positive_index(label_names: list[str], wanted: str | None = None, declared: str | None = None,
+                   where: str = "") -> int:
+    """Index of the positive class, by name: ``wanted`` (the user's), else the corpus's declared one,
+    else the one label whose name means positive (POSITIVE_NAMES). Ambiguity is an error, never a guess."""
+    lower = [n.lower() for n in label_names]
+    for name, source in ((wanted, "positive_label"), (declared, "the corpus's declared positive label")):
+        if name is None:
+            continue
+        if str(name).lower() not in lower:
+            raise StoreError(f"{where}{source} {name!r} is not one of the labels {label_names}")
+        return lower.index(str(name).lower())
+    found = [i for i, n in enumerate(lower) if n in POSITIVE_NAMES]
+    if len(found) == 1:
+        return found[0]
+    raise StoreError(
+        f"{where}cannot tell the positive class of labels {label_names}"
+        + (f" (candidates: {[label_names[i] for i in found]})" if found else "")
+        + "; name it, e.g. positive_label = " + repr(label_names[-1])
+    )
 
 
 def check_name(kind: str, name: str) -> str:
@@ -91,8 +156,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+def _tmp_path(path: Path, token: str | None = None) -> Path:
+    """A hidden temporary beside ``path``; ``token`` ties it to a claim (see pipeline/claims.py)."""
+    return path.parent / f".{path.name}.{token or uuid.uuid4().hex}.tmp"
+
+
+def tmp_token(tmp: Path) -> str | None:
+    """The token in a temporary's name (``.<name>.<token>.tmp``), or None if it is not one."""
+    parts = tmp.name.split(".")
+    return parts[-2] if tmp.name.startswith(".") and len(parts) >= 4 and parts[-1] == "tmp" else None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -110,15 +182,21 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_parquet(path: Path, table: pa.Table, **write_options) -> str:
-    """Write ``table`` to ``path`` atomically; return the sha256 digest of the file."""
+def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, before_replace=None,
+                         **write_options) -> str:
+    """Write ``table`` to ``path`` atomically, with page checksums; return the sha256 digest of the file.
+
+    ``before_replace`` (if given) runs after the file is complete and before it takes its final
+    name; it may raise to abandon the write (a lost claim), and then nothing is replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+    tmp = _tmp_path(path, token)
     try:
-        pq.write_table(table, tmp, **write_options)
+        pq.write_table(table, tmp, write_page_checksum=True, **write_options)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         digest = file_digest(tmp)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -127,10 +205,38 @@ def atomic_write_parquet(path: Path, table: pa.Table, **write_options) -> str:
     return digest
 
 
-def remove_stale_tmp(path: Path) -> None:
-    """Delete temporaries a killed writer left for ``path`` (only its owner writes it)."""
+def remove_stale_tmp(path: Path, keep: str | None = None) -> int:
+    """Delete temporaries a dead writer left for ``path``; call it only while holding ``path``
+    (the ingest lock, or the unit's claim, whose token ``keep`` names our own). Returns the count."""
+    n = 0
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if keep is None or tmp_token(tmp) != keep:
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def read_verified(path: Path, digest: str, what: str) -> bytes:
+    """The bytes of a committed file, checked against its recorded digest (CorruptPartError if not)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptPartError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        raise CorruptPartError(f"{path}: {what} cannot be read ({e.strerror})") from None
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise CorruptPartError(f"{path}: {what} does not match its recorded digest (the file changed after it "
+                               f"was committed: {len(data):,} bytes, {actual[:19]}…, recorded {digest[:19]}…)")
+    return data
+
+
+def parse_parquet(data: bytes, path: Path, what: str, columns: list[str] | None = None) -> pa.Table:
+    """Decode Parquet bytes, verifying page checksums; a damaged file is a CorruptPartError."""
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptPartError(f"{path}: {what} cannot be decoded ({e})") from None
 
 
 @dataclass
@@ -151,6 +257,7 @@ class CorpusManifest:
     label_names: list[str] | None  # None: the corpus declares no label space (unlabeled)
     parts: list[CorpusPart] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)  # one entry per ingest: file, format, counts
+    positive_label: str | None = None  # the declared positive class (a label name), if any
 
     @property
     def rows(self) -> int:
@@ -181,10 +288,21 @@ class TeacherRecord:
 
 @dataclass
 class LabelCheck:
-    """Result of checking one (teacher, corpus part) label file against the store."""
+    """Result of checking one (teacher, corpus part) label file against the store.
+
+    ``ok``: committed, current and intact. ``missing``: never committed. ``stale``: committed for
+    another fingerprint, corpus part digest or schema version (a changed teacher or old store).
+    ``bad``: damaged or inconsistent (digest, checksums, schema, rows, ids, non-finite logits).
+    """
 
     status: str  # "ok", "missing", "stale", "bad"
     reason: str = ""
+    table: pa.Table | None = field(default=None, repr=False)  # the decoded part, when it was read
+
+    @property
+    def invalid(self) -> bool:
+        """Committed but not usable: stale or bad. Readers leave such parts out and say so."""
+        return self.status in ("stale", "bad")
 
 
 class Store:
@@ -195,8 +313,12 @@ class Store:
         meta = self.root / "store.json"
         if not meta.exists():
             raise StoreError(f"{self.root}: not a tmkd label store (no store.json); create one with `tmkd-label ingest`")
-        info = json.loads(meta.read_text())
-        if info.get("schema_version") != SCHEMA_VERSION:
+        try:
+            info = json.loads(meta.read_text())
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{meta}: unreadable store record ({e})") from None
+        self.version = info.get("schema_version")
+        if self.version not in READABLE_VERSIONS:
             raise StoreError(
                 f"{self.root}: store schema version {info.get('schema_version')} but this tmkd reads version "
                 f"{SCHEMA_VERSION}; re-create the store or use a matching tmkd version"
@@ -209,6 +331,13 @@ class Store:
             root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "store.json", {"schema_version": SCHEMA_VERSION, "tool_version": TOOL_VERSION})
         return cls(root)
+
+    def upgrade(self) -> None:
+        """Mark a version-1 store as version 2 (its label parts are re-scored; corpora are unchanged).
+        Only writing commands call this."""
+        if self.version != SCHEMA_VERSION:
+            atomic_write_json(self.root / "store.json", {"schema_version": SCHEMA_VERSION, "tool_version": TOOL_VERSION})
+            self.version = SCHEMA_VERSION
 
     # ---- corpora -------------------------------------------------------------------------
     def corpus_dir(self, corpus: str) -> Path:
@@ -226,12 +355,16 @@ class Store:
         if not path.exists():
             known = ", ".join(self.corpora()) or "none"
             raise StoreError(f"{self.root}: no corpus {corpus!r} (corpora in the store: {known})")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{path}: unreadable corpus manifest ({e})") from None
         parts = [
             CorpusPart(corpus, p["part"], p["rows"], p["digest"], self.corpus_dir(corpus) / p["file"])
             for p in raw["parts"]
         ]
-        return CorpusManifest(raw["name"], raw["label_names"], parts, raw.get("sources", []))
+        return CorpusManifest(raw["name"], raw["label_names"], parts, raw.get("sources", []),
+                              raw.get("positive_label"))
 
     def write_corpus_manifest(self, m: CorpusManifest) -> None:
         atomic_write_json(
@@ -241,6 +374,7 @@ class Store:
                 "label_names": m.label_names,
                 "parts": [p.to_json() for p in m.parts],
                 "sources": m.sources,
+                "positive_label": m.positive_label,
                 "schema_version": SCHEMA_VERSION,
             },
         )
@@ -257,7 +391,8 @@ class Store:
         return max((p.part for p in self.corpus(corpus).parts), default=-1) + 1 if self.has_corpus(corpus) else 0
 
     def commit_corpus_parts(
-        self, corpus: str, label_names: list[str] | None, parts: list[CorpusPart], source: dict
+        self, corpus: str, label_names: list[str] | None, parts: list[CorpusPart], source: dict,
+        positive_label: str | None = None,
     ) -> CorpusManifest:
         """Append written parts to the corpus manifest in one atomic rename (parts are immutable)."""
         check_name("corpus", corpus)
@@ -272,15 +407,28 @@ class Store:
             clash = sorted(taken & {p.part for p in parts})
             if clash:
                 raise StoreError(f"corpus {corpus!r}: parts {clash} already committed (another ingest ran at once?)")
+            if positive_label is not None and m.positive_label not in (None, positive_label):
+                raise StoreError(f"corpus {corpus!r} declares positive label {m.positive_label!r}, the new data "
+                                 f"{positive_label!r}")
         else:
             m = CorpusManifest(corpus, label_names)
+        if positive_label is not None:
+            if label_names is None or positive_label not in label_names:
+                raise StoreError(f"corpus {corpus!r}: positive label {positive_label!r} is not one of {label_names}")
+            m.positive_label = positive_label
         m.parts = sorted(m.parts + parts, key=lambda p: p.part)
         m.sources.append(source)
         self.write_corpus_manifest(m)
         return m
 
     def read_corpus_part(self, part: CorpusPart, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(part.path, columns=columns)
+        """A committed corpus part, checked: digest against the manifest, page checksums, row count.
+        Raises CorruptPartError naming the file; a damaged part is never consumed."""
+        data = read_verified(part.path, part.digest, f"corpus part {part.corpus}/{part.part}")
+        table = parse_parquet(data, part.path, f"corpus part {part.corpus}/{part.part}", columns)
+        if table.num_rows != part.rows:
+            raise CorruptPartError(f"{part.path}: {table.num_rows} rows, the manifest says {part.rows}")
+        return table
 
     # ---- teachers ------------------------------------------------------------------------
     def teacher_path(self, name: str) -> Path:
@@ -290,16 +438,24 @@ class Store:
         base = self.root / "teachers"
         out = {}
         for p in sorted(base.glob("*.json")) if base.exists() else []:
-            rec = TeacherRecord(**json.loads(p.read_text()))
+            rec = self._read_teacher(p)
             out[rec.name] = rec
         return out
+
+    @staticmethod
+    def _read_teacher(path: Path) -> TeacherRecord:
+        try:
+            return TeacherRecord(**json.loads(path.read_text()))
+        except (ValueError, TypeError, OSError) as e:
+            raise StoreError(f"{path}: unreadable teacher record ({e}); remove it and run `tmkd-label run` "
+                             "to record the teacher again") from None
 
     def teacher(self, name: str) -> TeacherRecord:
         path = self.teacher_path(name)
         if not path.exists():
             known = ", ".join(self.teachers()) or "none"
             raise StoreError(f"{self.root}: no teacher {name!r} (teachers in the store: {known})")
-        return TeacherRecord(**json.loads(path.read_text()))
+        return self._read_teacher(path)
 
     def write_teacher(self, rec: TeacherRecord) -> None:
         atomic_write_json(self.teacher_path(rec.name), asdict(rec))
@@ -308,8 +464,12 @@ class Store:
     def label_path(self, teacher: str, corpus: str, part: int) -> Path:
         return self.root / "labels" / teacher / corpus / part_name(part)
 
+    @staticmethod
+    def commit_path(label_path: Path) -> Path:
+        return label_path.with_name(label_path.name.replace(".parquet", ".commit.json"))
+
     def label_files(self) -> list[Path]:
-        """Every committed label file (temporaries are hidden files and never match)."""
+        """Every label data file with a part name (temporaries are hidden files and never match)."""
         base = self.root / "labels"
         return sorted(base.glob("*/*/part-*.parquet")) if base.exists() else []
 
@@ -320,22 +480,55 @@ class Store:
             raise StoreError(f"{path}: not a tmkd label part (no tmkd metadata)")
         return json.loads(kv[META_KEY])
 
-    def check_label(self, teacher: TeacherRecord, part: CorpusPart) -> LabelCheck:
-        """Cheap check from the file footer: is this unit committed with current fingerprints?"""
-        path = self.label_path(teacher.name, part.corpus, part.part)
-        if not path.exists():
-            return LabelCheck("missing")
+    def label_commit(self, teacher: str, corpus: str, part: int) -> dict | None:
+        """The commit record of a label part, None if it has none; StoreError if it is unreadable."""
+        path = self.commit_path(self.label_path(teacher, corpus, part))
         try:
-            meta = self.label_meta(path)
-        except Exception as e:  # unreadable footer: a corrupt file
-            return LabelCheck("bad", f"unreadable: {e}")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            return LabelCheck("stale", f"schema version {meta.get('schema_version')} != {SCHEMA_VERSION}")
-        if meta.get("fingerprint") != teacher.fingerprint:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as e:
+            raise CorruptPartError(f"{path}: unreadable commit record ({e})") from None
+
+    def check_label(self, teacher: TeacherRecord, part: CorpusPart, corpus_ids: np.ndarray | None = None,
+                    decode: bool = True) -> LabelCheck:
+        """Is this unit committed, current and intact? The one rule every reader and writer applies.
+
+        Always: a commit record naming the current fingerprint, corpus part digest and schema, and
+        the file's sha256 equal to the record's. With ``decode`` (the default): page checksums,
+        schema, one logit per label, the corpus part's row count, finite logits, and, given
+        ``corpus_ids``, the same ids in the same order. The decoded table is returned in ``table``.
+        """
+        path = self.label_path(teacher.name, part.corpus, part.part)
+        try:
+            record = self.label_commit(teacher.name, part.corpus, part.part)
+        except CorruptPartError as e:
+            return LabelCheck("bad", str(e).split(": ", 1)[1])
+        if record is None:
+            if path.exists():
+                return LabelCheck("stale", "no commit record (written by an older tmkd, or its writer was killed "
+                                           "before committing)")
+            return LabelCheck("missing")
+        if record.get("schema_version") != SCHEMA_VERSION:
+            return LabelCheck("stale", f"schema version {record.get('schema_version')} != {SCHEMA_VERSION}")
+        if record.get("fingerprint") != teacher.fingerprint:
             return LabelCheck("stale", "teacher fingerprint changed")
-        if meta.get("corpus_part_digest") != part.digest:
+        if record.get("corpus_part_digest") != part.digest:
             return LabelCheck("stale", "corpus part digest changed")
-        return LabelCheck("ok")
+        try:
+            data = read_verified(path, record.get("digest", ""), "label part")
+        except CorruptPartError as e:
+            return LabelCheck("bad", str(e).split(": ", 1)[1])
+        if not decode:
+            return LabelCheck("ok")
+        try:
+            table = parse_parquet(data, path, "label part")
+        except CorruptPartError as e:
+            return LabelCheck("bad", str(e).split(": ", 1)[1])
+        problem = _label_table_problem(table, len(teacher.label_names), part.rows, corpus_ids)
+        if problem:
+            return LabelCheck("bad", problem)
+        return LabelCheck("ok", table=table)
 
     def write_label_part(
         self,
@@ -345,13 +538,30 @@ class Store:
         logits: np.ndarray,
         store_dtype: str = "float32",
         compute_dtype: str = "float32",
+        token: str | None = None,
+        still_mine=None,
     ) -> Path:
-        """Commit one (teacher, corpus part) label file atomically."""
-        path = self.label_path(teacher.name, part.corpus, part.part)
-        remove_stale_tmp(path)
+        """Commit one (teacher, corpus part) label file: data file, then its commit record.
+
+        ``token`` names the writer's claim (its temporaries carry it); ``still_mine`` is called just
+        before the commit and may raise to abandon it (the claim was lost to another worker).
+        Logits that are not all finite are refused: a broken teacher must not enter the store.
+        """
         n, k = logits.shape
+        if n != part.rows or len(ids) != part.rows:
+            raise StoreError(f"{teacher.name} × {part.corpus}/{part.part}: {n} logits for {part.rows} rows")
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():
+            raise StoreError(f"teacher {teacher.name!r} gave NaN/inf logits for {int((~finite).sum())} rows of "
+                             f"corpus {part.corpus!r} part {part.part} (first at row {int(np.argmin(finite))}); "
+                             "nothing was written for this part")
+        path = self.label_path(teacher.name, part.corpus, part.part)
         values = pa.array(logits.astype(np.float16 if store_dtype == "float16" else np.float32).reshape(-1))
-        table = pa.table({"id": pa.array(ids, pa.int64()), "logits": pa.FixedSizeListArray.from_arrays(values, k)})
+        table = pa.table({
+            "id": pa.array(ids, pa.int64()),
+            "row": pa.array(np.arange(n, dtype=np.int32)),
+            "logits": pa.FixedSizeListArray.from_arrays(values, k),
+        })
         meta = {
             "teacher": teacher.name,
             "fingerprint": teacher.fingerprint,
@@ -367,42 +577,45 @@ class Store:
             "truncation": teacher.truncation,
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        commit = self.commit_path(path)
+
+        def commit_old_out():
+            if still_mine is not None:
+                still_mine()
+            commit.unlink(missing_ok=True)  # the old part stops counting before its file is replaced
+
         # float32 logits compress well with BYTE_STREAM_SPLIT; DuckDB cannot read it on float16.
         bss = ["logits.list.element"] if store_dtype == "float32" else False
-        atomic_write_parquet(
-            path, table, compression="zstd", use_dictionary=["id"], use_byte_stream_split=bss, write_statistics=["id"]
+        digest = atomic_write_parquet(
+            path, table, token=token, before_replace=commit_old_out, compression="zstd", use_dictionary=["id"],
+            use_byte_stream_split=bss, write_statistics=["id"], column_encoding={"row": "DELTA_BINARY_PACKED"},
         )
+        if still_mine is not None:
+            still_mine()
+        atomic_write_json(commit, {**meta, "digest": digest, "rows": n, "file": path.name})
         return path
 
     def read_aligned(self, part: CorpusPart, teachers: list[TeacherRecord], columns: list[str] | None = None):
-        """Read a corpus part with its teachers' logits, zipped by position.
+        """Read a corpus part with its teachers' logits, zipped by position, every byte checked.
 
         Returns (corpus table, logits array of shape [rows, teachers, labels], float32).
-        Raises StaleLabelsError naming the file if a label part is missing, stale or misaligned.
+        Raises CorruptPartError for a damaged corpus part, StaleLabelsError naming the file if a
+        label part is missing, stale, damaged or misaligned.
         """
         cols = None if columns is None else list(dict.fromkeys(["id", *columns]))
         table = self.read_corpus_part(part, cols)
         ids = table.column("id").to_numpy()
         stacked = []
         for t in teachers:
-            check = self.check_label(t, part)
-            path = self.label_path(t.name, part.corpus, part.part)
+            check = self.check_label(t, part, corpus_ids=ids)
             if check.status != "ok":
-                what = {"missing": "missing", "stale": "stale", "bad": "unreadable"}[check.status]
                 raise StaleLabelsError(
-                    f"{path}: label part {what} for teacher {t.name!r}, corpus {part.corpus!r} part {part.part}"
+                    f"{self.label_path(t.name, part.corpus, part.part)}: label part {check.status} for teacher "
+                    f"{t.name!r}, corpus {part.corpus!r} part {part.part}"
                     + (f" ({check.reason})" if check.reason else "")
-                    + "; run `tmkd-label run` to score it"
+                    + "; run `tmkd-label run` to score it again"
                 )
-            labels = pq.read_table(path)
-            lab_ids = labels.column("id").to_numpy()
-            if len(lab_ids) != len(ids) or not np.array_equal(lab_ids, ids):
-                bad = int(np.argmax(lab_ids != ids)) if len(lab_ids) == len(ids) else min(len(ids), len(lab_ids))
-                raise StaleLabelsError(
-                    f"{path}: ids do not match corpus part {part.path.name} "
-                    f"({len(lab_ids)} vs {len(ids)} rows, first mismatch at row {bad})"
-                )
-            stacked.append(logits_to_numpy(labels.column("logits")))
+            stacked.append(logits_to_numpy(check.table.column("logits")))
         logits = np.stack(stacked, axis=1) if stacked else np.zeros((len(ids), 0, 0), np.float32)
         return table, logits
 
@@ -410,14 +623,40 @@ class Store:
     def quarantine_path(self, corpus: str) -> Path:
         return self.root / "quarantine" / corpus / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.jsonl"
 
-    def write_run_log(self, record: dict, rank: int) -> Path:
-        path = self.root / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-rank{rank}.json"
+    def run_log_path(self, rank: int) -> Path:
+        host = re.sub(r"[^A-Za-z0-9._-]", "_", os.uname().nodename)
+        return self.root / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{host}-{os.getpid()}-rank{rank}.json"
+
+    def write_run_log(self, record: dict, path: Path) -> Path:
         atomic_write_json(path, record)
         return path
 
     def run_logs(self) -> list[dict]:
         base = self.root / "runs"
         return [json.loads(p.read_text()) for p in sorted(base.glob("*.json"))] if base.exists() else []
+
+
+def _label_table_problem(table: pa.Table, num_labels: int, rows: int, corpus_ids: np.ndarray | None) -> str | None:
+    """What is wrong with a decoded label part, or None: schema, row count, ids, finite logits."""
+    names = table.schema.names
+    if "id" not in names or "logits" not in names or not pa.types.is_int64(table.schema.field("id").type):
+        return f"not a label part: columns {names}"
+    ltype = table.schema.field("logits").type
+    if not pa.types.is_fixed_size_list(ltype) or not pa.types.is_floating(ltype.value_type):
+        return f"logits column has type {ltype}, expected a fixed-size list of floats"
+    if ltype.list_size != num_labels:
+        return f"{ltype.list_size} logits per row, the teacher has {num_labels} labels"
+    if table.num_rows != rows:
+        return f"{table.num_rows} rows, the corpus part has {rows}"
+    ids = table.column("id").to_numpy()
+    if corpus_ids is not None and not np.array_equal(ids, corpus_ids):
+        row = int(np.argmax(ids != corpus_ids))
+        return f"ids not aligned with the corpus part (first mismatch at row {row})"
+    logits = logits_to_numpy(table.column("logits"))
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        return f"{int(bad.sum())} rows with NaN/inf logits (first at row {int(np.argmax(bad))})"
+    return None
 
 
 def logits_to_numpy(column: pa.ChunkedArray) -> np.ndarray:

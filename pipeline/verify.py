@@ -1,24 +1,28 @@
-"""`tmkd-label verify`: is the store complete and consistent? Name every problem found.
+"""`tmkd-label verify`: is the store complete and intact? Name every problem found.
 
-Checks, for each corpus: every manifest part exists with its recorded row count and digest,
-and ids are unique across the corpus. For each teacher and each corpus it scores: every
-part has a label file with the current fingerprint and corpus digest, the same ids in the
-same order, one logit per label, and only finite logits. Label files nobody expects
-(unknown teacher, corpus or part) are reported too.
+Every corpus part is read back and checked against its manifest (digest, page checksums,
+row count) and ids must be unique across a corpus. Every teacher × corpus part it scores is
+checked with the store's one rule, ``Store.check_label`` (commit record, current fingerprint
+and corpus digest, file digest, page checksums, schema, one logit per label, the corpus
+part's ids in order, finite logits), and each teacher's label space against each corpus's.
+Files nobody expects (stray files, label parts of unknown teachers, corpora or parts) are
+problems too; temporaries of dead writers are only noted, since `run` removes them.
+Nothing here writes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.store import PART_RE, Store, file_digest, logits_to_numpy
+from pipeline.store import PART_RE, CorruptPartError, Store, label_space_mismatch
 
 
 @dataclass
 class VerifyReport:
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # harmless, reported but not failing
     corpora: int = 0
     corpus_parts: int = 0
     teachers: int = 0
@@ -41,14 +45,11 @@ def verify(store: Store) -> VerifyReport:
         all_ids = []
         for p in m.parts:
             report.corpus_parts += 1
-            if not p.path.exists():
-                report.problems.append(f"{p.path}: corpus part listed in the manifest is missing")
+            try:
+                ids = store.read_corpus_part(p, ["id"]).column("id").to_numpy()
+            except CorruptPartError as e:
+                report.problems.append(f"{e} (corpus part; re-ingest or restore it: `run` refuses it)")
                 continue
-            if file_digest(p.path) != p.digest:
-                report.problems.append(f"{p.path}: digest differs from the manifest (the part was modified)")
-            ids = pq.read_table(p.path, columns=["id"]).column("id").to_numpy()
-            if len(ids) != p.rows:
-                report.problems.append(f"{p.path}: {len(ids)} rows, the manifest says {p.rows}")
             corpus_ids[(name, p.part)] = ids
             all_ids.append(ids)
         if all_ids:
@@ -61,38 +62,32 @@ def verify(store: Store) -> VerifyReport:
         for name, m in manifests.items():
             if not t.scores(name):
                 continue
-            if m.label_names is not None and len(m.label_names) != len(t.label_names):
-                report.problems.append(
-                    f"teacher {t.name!r}: {len(t.label_names)} labels but corpus {name!r} has {len(m.label_names)}"
-                )
+            mismatch = label_space_mismatch(t.name, t.label_names, f"corpus {name!r}", m.label_names)
+            if mismatch:
+                report.problems.append(mismatch)
             for p in m.parts:
+                if (name, p.part) not in corpus_ids:
+                    continue  # its corpus part is damaged: reported above
                 path = store.label_path(t.name, name, p.part)
-                check = store.check_label(t, p)
-                if check.status != "ok":
-                    what = "missing (not scored yet)" if check.status == "missing" else check.reason
-                    report.problems.append(f"{path}: {what}")
-                    continue
-                report.label_parts += 1
-                table = pq.read_table(path)
-                ids = table.column("id").to_numpy()
-                expected = corpus_ids.get((name, p.part))
-                if expected is not None and not np.array_equal(ids, expected):
-                    if len(ids) != len(expected):
-                        report.problems.append(f"{path}: {len(ids)} rows, corpus part has {len(expected)}")
-                    else:
-                        row = int(np.argmax(ids != expected))
-                        report.problems.append(
-                            f"{path}: ids not aligned with corpus part {p.path.name} (first mismatch at row {row})"
-                        )
-                logits = logits_to_numpy(table.column("logits"))
-                if logits.shape[1] != len(t.label_names):
-                    report.problems.append(f"{path}: {logits.shape[1]} logits per row, teacher has {len(t.label_names)} labels")
-                bad = ~np.isfinite(logits).all(axis=1)
-                if bad.any():
-                    report.problems.append(
-                        f"{path}: {int(bad.sum())} rows with NaN/inf logits (first at row {int(np.argmax(bad))})"
-                    )
+                check = store.check_label(t, p, corpus_ids=corpus_ids[(name, p.part)])
+                if check.status == "ok":
+                    report.label_parts += 1
+                elif check.status == "missing":
+                    report.problems.append(f"{path}: missing (not scored yet; `run` scores it)")
+                else:
+                    report.problems.append(f"{path}: {check.status}: {check.reason} (`run` scores it again)")
 
+    _unexpected_files(store, teachers, manifests, report)
+    return report
+
+
+def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: VerifyReport) -> None:
+    """Everything under the store that is not part of it, by the layout in pipeline/store.py."""
+    expected = {store.root / "store.json"}
+    for name, m in manifests.items():
+        expected.add(store.corpus_dir(name) / "manifest.json")
+        expected.update(p.path for p in m.parts)
+    expected.update(store.teacher_path(t) for t in teachers)
     for f in store.label_files():
         teacher, corpus = f.parent.parent.name, f.parent.name
         match = PART_RE.match(f.name)
@@ -106,4 +101,16 @@ def verify(store: Store) -> VerifyReport:
             report.problems.append(f"{f}: label part for a corpus part that does not exist")
         elif not t.scores(corpus):
             report.problems.append(f"{f}: teacher {teacher!r} is not set to score corpus {corpus!r}")
-    return report
+        expected.add(f)
+        expected.add(store.commit_path(f))
+    for f in sorted(p for p in store.root.rglob("*") if p.is_file()):
+        top = f.relative_to(store.root).parts[0]
+        if f in expected or top in ("quarantine", "runs", "claims"):
+            continue
+        if f.name.startswith(".") and f.name.endswith(".tmp"):
+            report.notes.append(f"{f}: temporary file of a writer that is running or was killed "
+                                "(`run` removes it once its claim has expired)")
+        elif f.name.endswith(".commit.json") and not Path(str(f).replace(".commit.json", ".parquet")).exists():
+            report.problems.append(f"{f}: commit record without its label part (the part file is missing)")
+        else:
+            report.problems.append(f"{f}: stray file, not part of the store (remove it)")

@@ -73,7 +73,8 @@ def add_corpus(store: Store, corpus: str, sizes: list[int], teachers: list[str],
         hidden_by_part.append(hidden)
         ids_by_part.append(table.column("id").to_numpy())
         offset += n
-    store.commit_corpus_parts(corpus, label_names, parts, {"source": "student.toy"})
+    store.commit_corpus_parts(corpus, label_names, parts, {"source": "student.toy"},
+                              positive_label="pos" if label_names and "pos" in label_names else None)
     for name in teachers:
         rec = store.teacher(name)
         for part, hidden, ids in zip(parts, hidden_by_part, ids_by_part):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -166,7 +165,7 @@ def test_compiled_teacher_gives_the_same_labels_and_keeps_them_current(tmp_path,
     cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "e.toml", one))
     assert Store(store).run_logs()[-1]["units_scored"] == 0
     bad = cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "b.toml", one, compile="yes"), ok=False)
-    assert bad.exit_code != 0 and "compile must be true or false" in bad.output
+    assert bad.exit_code == 1 and "compile: expected true or false" in bad.output
     # without a C++ compiler, a clear user error (exit code, message) before any scoring
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda *a, **k: "no-such-compiler-here")
     t2 = {"t2": tiny_teachers["t2"]}
@@ -212,27 +211,7 @@ def test_teacher_with_wrong_label_space_is_refused(tmp_path, wikiqa_sample, tiny
     assert Store(store).label_files() == []
 
 
-def test_verify_names_corrupt_and_missing_label_parts(tmp_path, wikiqa_sample, tiny_teachers):
-    store = tmp_path / "store"
-    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 50)
-    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]}))
-    st = Store(store)
-    path = st.label_path("t1", "wq", 1)
-    table = pq.read_table(path)
-    pq.write_table(table.take(np.arange(table.num_rows)[::-1]), path)  # ids out of order, metadata kept
-
-    res = cli("verify", "--store", store, ok=False)
-    assert res.exit_code == 1
-    assert str(path) in res.output and "not aligned" in res.output
-
-    path.unlink()
-    res = cli("verify", "--store", store, ok=False)
-    assert res.exit_code == 1 and str(path) in res.output and "missing" in res.output
-    cli("run", "--store", store, "--teachers", tmp_path / "t.toml")  # the run repairs it
-    assert "OK" in cli("verify", "--store", store).output
-
-
-def test_query_is_read_only_and_reports_sql_errors(tmp_path, wikiqa_sample, tiny_teachers):
+def test_query_joins_teachers_and_reports_sql_errors(tmp_path, wikiqa_sample, tiny_teachers):
     store = tmp_path / "store"
     cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
     cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t.toml", tiny_teachers))
@@ -242,11 +221,7 @@ def test_query_is_read_only_and_reports_sql_errors(tmp_path, wikiqa_sample, tiny
     agree_n, n = map(int, agree.stdout.splitlines()[1].split(","))
     assert n == 120 and 0 <= agree_n <= n
 
-    for bad in (f"COPY (SELECT 1) TO '{tmp_path / 'x.csv'}'", "CREATE TABLE x AS SELECT 1",
-                f"SELECT * FROM read_csv('{wikiqa_sample}')", "INSTALL httpfs"):
-        res = cli("query", "--store", store, bad, ok=False)
-        assert res.exit_code == 1 and "Traceback" not in res.output, bad
-    assert not (tmp_path / "x.csv").exists()
+    # hostile statements: tests/test_store_trust.py
     res = cli("query", "--store", store, "SELECT nonsense FROM labels", ok=False)
     assert res.exit_code == 1 and "nonsense" in res.output and "Traceback" not in res.output
     teachers = json.loads(cli("query", "--store", store, "--format", "json", "SELECT * FROM teachers").stdout)

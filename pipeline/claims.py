@@ -1,0 +1,187 @@
+"""Claims: how any number of `tmkd-label run` workers share one store with no coordinator.
+
+Before scoring a work unit (teacher × corpus part) a worker claims it by creating
+``STORE/claims/<teacher>/<corpus>/part-NNNNN.claim`` if, and only if, it does not exist:
+the claim is written complete under a temporary name and hard-linked into place, which
+fails when the name is taken (atomic on local disks and NFS alike). The claim is a lease:
+its owner touches it (mtime) every ``lease / 4`` seconds from a background thread, and a
+claim untouched for ``lease`` seconds belongs to a dead worker (so does, at once, a claim
+whose process on this same host no longer exists). Another worker takes it over by
+renaming it away (only one rename can win) and claiming afresh.
+
+Temporary files carry their claim's token in their name, so the owner of a unit can remove
+every other temporary of that unit: they belong to claims that have expired. Before its
+commit a worker checks it still holds the claim; if it lost it (it stalled past its
+lease), it drops its result instead of committing over the new owner's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from pipeline.store import Store, StoreError, part_name
+
+DEFAULT_LEASE_S = 120.0
+
+
+class ClaimLost(StoreError):
+    """Another worker took over this unit (our lease expired): our result is dropped, not committed."""
+
+
+class Claims:
+    """The claims one worker holds, with a thread that renews their leases."""
+
+    def __init__(self, store: Store, lease_s: float = DEFAULT_LEASE_S):
+        if lease_s <= 0:
+            raise StoreError(f"--lease {lease_s}: must be a positive number of seconds")
+        self.store, self.lease_s = store, float(lease_s)
+        self.token = uuid.uuid4().hex  # this worker's identity in claims and temporaries
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        self.held: set[Path] = set()
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def path(self, teacher: str, corpus: str, part: int) -> Path:
+        return self.store.root / "claims" / teacher / corpus / part_name(part).replace(".parquet", ".claim")
+
+    # ---- claim, renew, release ------------------------------------------------------------
+    def try_claim(self, teacher: str, corpus: str, part: int) -> bool:
+        """Claim the unit if nobody holds a live claim on it. True if it is now ours."""
+        path = self.path(teacher, corpus, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a second try after taking over an expired claim
+            tmp = path.parent / f".{path.name}.{self.token}.tmp"
+            tmp.write_text(json.dumps({**self.owner, "claimed_at": time.time(), "lease_s": self.lease_s}))
+            try:
+                os.link(tmp, path)  # atomic create-if-absent, with complete content
+            except FileExistsError:
+                if not self._take_over_if_expired(path):
+                    return False
+                continue
+            finally:
+                tmp.unlink(missing_ok=True)
+            with self.lock:
+                self.held.add(path)
+            return True
+        return False
+
+    def _take_over_if_expired(self, path: Path) -> bool:
+        """Move an expired claim (or one whose process on this host is gone) out of the way; True if
+        we did, and may claim afresh."""
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile
+        if age < self.lease_s and not self._owner_is_dead(path):
+            return False
+        grave = path.parent / f".{path.name}.{self.token}.expired"
+        try:
+            os.rename(path, grave)  # of several workers taking over at once, one rename wins
+        except FileNotFoundError:
+            return False
+        grave.unlink(missing_ok=True)
+        return True
+
+    def _owner_is_dead(self, path: Path) -> bool:
+        """A claim of a process on this host that no longer exists need not wait for its lease (a
+        re-run after kill -9 starts at once). Other hosts' claims wait for the lease to expire."""
+        info = self.owner_of(path)
+        if not info or info.get("host") != self.owner["host"] or info.get("token") == self.token:
+            return False
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, KeyError, TypeError):
+            return False
+        return False
+
+    def owner_of(self, path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def holds(self, teacher: str, corpus: str, part: int) -> bool:
+        info = self.owner_of(self.path(teacher, corpus, part))
+        return info is not None and info.get("token") == self.token
+
+    def check_held(self, teacher: str, corpus: str, part: int) -> None:
+        """Raise ClaimLost unless we still hold this unit (called right before committing)."""
+        if not self.holds(teacher, corpus, part):
+            raise ClaimLost(f"lost the claim on {teacher} × {corpus}/{part} to another worker (lease "
+                            f"{self.lease_s:g} s expired); its result is dropped, the other worker commits it")
+
+    def release(self, teacher: str, corpus: str, part: int) -> None:
+        path = self.path(teacher, corpus, part)
+        with self.lock:
+            self.held.discard(path)
+        if self.holds(teacher, corpus, part):
+            path.unlink(missing_ok=True)
+
+    def is_live(self, teacher: str, corpus: str, part: int) -> bool:
+        """Does any worker hold a live claim on this unit?"""
+        try:
+            return time.time() - self.path(teacher, corpus, part).stat().st_mtime < self.lease_s
+        except FileNotFoundError:
+            return False
+
+    def renew(self) -> None:
+        """Touch every claim we hold; forget the ones another worker took over."""
+        with self.lock:
+            held = list(self.held)
+        for path in held:
+            info = self.owner_of(path)
+            if info is None or info.get("token") != self.token:
+                with self.lock:
+                    self.held.discard(path)
+                continue
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass
+
+    # ---- the renewal thread ---------------------------------------------------------------
+    def __enter__(self) -> "Claims":
+        def loop():
+            while not self._stop.wait(self.lease_s / 4):
+                self.renew()
+
+        self._thread = threading.Thread(target=loop, name="tmkd-claims", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self.lock:
+            held = list(self.held)
+        for path in held:  # release what we still hold (a failed run leaves its units to others now)
+            info = self.owner_of(path)
+            if info is not None and info.get("token") == self.token:
+                path.unlink(missing_ok=True)
+        with self.lock:
+            self.held.clear()
+
+
+def remove_dead_temporaries(store: Store, claims: Claims) -> int:
+    """Delete label temporaries whose unit has no live claim: their writers are gone. Returns the count."""
+    base = store.root / "labels"
+    n = 0
+    for tmp in base.glob("*/*/.part-*.tmp") if base.exists() else []:
+        name = tmp.name[1:].split(".parquet")[0]  # ".part-00003.parquet.<token>.tmp" -> "part-00003"
+        try:
+            part = int(name.removeprefix("part-"))
+        except ValueError:
+            continue
+        if not claims.is_live(tmp.parent.parent.name, tmp.parent.name, part):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n

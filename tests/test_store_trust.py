@@ -1,0 +1,408 @@
+"""The store is sacred: no command can damage it, damage never passes, and every tool agrees on what is valid.
+
+Each case below damages a scored store the way a disk, a hand edit or a bug would, then checks
+what a user sees: `verify` names the file and the reason and exits 1; `query` leaves the part
+out and says so; the trainer refuses it; the next `run` repairs what it can (label parts are
+re-scored, and the summary says so) and refuses, writing nothing, what it cannot (a corpus
+part that no longer matches its manifest). The README's reliability table lists the same cases.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.store import Store, logits_to_numpy
+from test_label import cli, write_teachers
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, wikiqa_sample, tiny_teachers) -> tuple[Path, Path]:
+    """A store with one corpus of 3 parts scored by two teachers; and its teachers.toml."""
+    base = tmp_path_factory.mktemp("scored")
+    store = base / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 50)
+    teachers = write_teachers(base / "t.toml", {k: tiny_teachers[k] for k in ("t1", "t2")})
+    cli("run", "--store", store, "--teachers", teachers)
+    return store, teachers
+
+
+# ---- ways to damage a store -----------------------------------------------------------------
+def _rewrite(path: Path, change) -> None:
+    """Rewrite a Parquet file through ``change(table) -> table``, keeping its metadata: valid Parquet."""
+    table = pq.read_table(path)
+    pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), path)
+
+
+def _logits(table: pa.Table, fn) -> pa.Table:
+    values = fn(logits_to_numpy(table.column("logits")).copy())
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return table.set_column(table.schema.get_field_index("logits"), "logits", arr)
+
+
+def flip_logit_bytes(path: Path) -> None:
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("logits"))
+    data = bytearray(path.read_bytes())
+    at = col.data_page_offset + col.total_compressed_size // 2
+    for i in range(at, at + 3):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def swap_rows(table):
+    return _logits(table, lambda x: x[[1, 0, *range(2, len(x))]])
+
+
+def swap_ids(table):
+    ids = table.column("id").to_numpy().copy()
+    ids[[0, 1]] = ids[[1, 0]]
+    return table.set_column(0, "id", pa.array(ids))
+
+
+def nan_row(table):
+    def put(x):
+        x[3, 0] = np.nan
+        return x
+    return _logits(table, put)
+
+
+def recommit(store: Store, path: Path) -> None:
+    """What a buggy writer would do: make the commit record match a bad file."""
+    commit = store.commit_path(path)
+    record = json.loads(commit.read_text())
+    record["digest"] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    commit.write_text(json.dumps(record))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_corpus(path: Path) -> None:
+    table = pq.read_table(path)
+    text = table.column("text_a").to_pylist()
+    text[0] = text[0] + " (edited)"
+    pq.write_table(table.set_column(1, "text_a", pa.array(text)), path)
+
+
+LABEL = ("labels", "t1", "wq", 1)  # the damaged unit in the label cases
+CASES = {
+    # name: (what is damaged, damage(store, path), verify's reason)
+    "flipped bytes": ("label", lambda st, p: flip_logit_bytes(p), "does not match its recorded digest"),
+    "swapped rows": ("label", lambda st, p: _rewrite(p, swap_rows), "does not match its recorded digest"),
+    "scaled logits": ("label", lambda st, p: _rewrite(p, lambda t: _logits(t, lambda x: 3 * x)),
+                      "does not match its recorded digest"),
+    "NaN": ("label", lambda st, p: _rewrite(p, nan_row), "does not match its recorded digest"),
+    "NaN, recommitted": ("label", lambda st, p: (_rewrite(p, nan_row), recommit(st, p)), "rows with NaN/inf logits"),
+    "swapped ids": ("label", lambda st, p: _rewrite(p, swap_ids), "does not match its recorded digest"),
+    "swapped ids, recommitted": ("label", lambda st, p: (_rewrite(p, swap_ids), recommit(st, p)),
+                                 "ids not aligned with the corpus part (first mismatch at row 0)"),
+    "truncated label part": ("label", lambda st, p: truncate(p), "does not match its recorded digest"),
+    "missing label part": ("label", lambda st, p: p.unlink(), "label part is missing"),
+    "truncated corpus part": ("corpus", lambda st, p: truncate(p), "does not match its recorded digest"),
+    "edited corpus part": ("corpus", lambda st, p: edit_corpus(p), "does not match its recorded digest"),
+    "missing corpus part": ("corpus", lambda st, p: p.unlink(), "corpus part wq/1 is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_damage_is_named_left_out_refused_and_repaired(case, scored, tmp_path):
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    st = Store(store)
+    kind, damage, reason = CASES[case]
+    path = st.label_path("t1", "wq", 1) if kind == "label" else st.corpus("wq").parts[1].path
+    before = logits_to_numpy(pq.read_table(st.label_path("t1", "wq", 1)).column("logits"))
+    damage(st, path)
+
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    problem = next(line for line in res.output.splitlines() if str(path) in line)
+    assert reason in problem, res.output
+
+    # query: the damaged part is left out, and stderr says which and why
+    q = cli("query", "--store", store, "--format", "csv",
+            "SELECT count(*) FROM labels WHERE teacher = 't1'" if kind == "label" else "SELECT count(*) FROM corpus")
+    rows = int(q.stdout.splitlines()[1])
+    assert rows == 120 - st.corpus("wq").parts[1].rows
+    assert ("1 label parts left out as invalid: t1/wq/1" if kind == "label" else
+            "1 corpus parts left out as invalid: wq/1") in q.stderr or case == "missing label part", q.stderr
+
+    # the next run: re-scores a damaged label part (and says so); refuses a damaged corpus part, writing nothing
+    snapshot = tree_digests(store)
+    res = cli("run", "--store", store, "--teachers", teachers, ok=False)
+    if kind == "label":
+        assert res.exit_code == 0, res.output
+        if case != "missing label part":
+            assert "re-scored 1 invalid label part(s): t1/wq/1" in res.output
+        assert Store(store).run_logs()[-1]["units_scored"] == 1
+        assert "OK" in cli("verify", "--store", store).output
+        after = logits_to_numpy(pq.read_table(st.label_path("t1", "wq", 1)).column("logits"))
+        np.testing.assert_array_equal(after, before)  # repaired to exactly what it was
+    else:
+        assert res.exit_code == 1 and str(path) in res.output and "nothing was scored" in res.output
+        assert "Traceback" not in res.output
+        assert tree_digests(store) == snapshot  # nothing written, not even a run log
+
+
+def test_stray_files_are_named_by_verify_and_ignored_by_everything_else(scored, tmp_path):
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    stray = [store / "labels" / "t1" / "wq" / "notes.txt", store / "corpus" / "wq" / "part-00099.parquet"]
+    for f in stray:
+        f.write_text("not tmkd's")
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1
+    for f in stray:
+        assert f"{f}: stray file, not part of the store" in res.output
+    out = cli("run", "--store", store, "--teachers", teachers).output
+    assert "nothing to score" in out and all(f.read_text() == "not tmkd's" for f in stray)  # never deletes them
+    assert cli("query", "--store", store, "--format", "csv", "SELECT count(*) FROM labels").stdout.split()[1] == "240"
+
+
+def test_trainer_refuses_damaged_parts(tmp_path, tiny_teachers):
+    """The trainer reads through the same checks: a damaged label or corpus part stops it, named."""
+    from pipeline.store import CorruptPartError, StaleLabelsError
+    from student import toy
+
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16, 16), unlabeled=(), dev=())
+    part = store.corpus("train").parts[1]
+    label = store.label_path("t1", "train", 1)
+    flip_logit_bytes(label)
+    with pytest.raises(StaleLabelsError, match="part-00001.parquet.*does not match its recorded digest"):
+        store.read_aligned(part, [store.teacher("t1")])
+    edit_corpus(part.path)
+    with pytest.raises(CorruptPartError, match="corpus/train/part-00001.parquet.*does not match"):
+        store.read_aligned(part, [store.teacher("t1")])
+
+
+# ---- query cannot touch a file --------------------------------------------------------------
+HOSTILE = [
+    "COPY (SELECT 1 AS x) TO '{part}'",
+    "EXPLAIN COPY (SELECT 1 AS x) TO '{part}'",
+    "EXPLAIN ANALYZE COPY (SELECT * FROM labels) TO '{part}' (FORMAT parquet)",
+    "EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '{store}/teachers/evil.json'",
+    "COPY (SELECT 1 AS x) TO 'evil.csv'",
+    "EXPORT DATABASE '{store}/export'",
+    "ATTACH '{store}/evil.duckdb' AS evil",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SET allowed_directories = ['{store}']",
+    "RESET enable_external_access",
+    "SET temp_directory = '{store}'",
+    "SELECT * FROM read_text('{part}')",
+    "SELECT * FROM read_blob('{store}/store.json')",
+    "SELECT * FROM read_csv('{outside}')",
+    "SELECT * FROM read_text('{outside}')",
+    "SELECT * FROM read_parquet('{part}')",
+    "SELECT * FROM '{part}'",
+    "SELECT * FROM glob('{store}/**')",
+    "CREATE SECRET s (TYPE s3, KEY_ID 'k', SECRET 's')",
+    "CREATE PERSISTENT SECRET s2 (TYPE s3, KEY_ID 'k', SECRET 's')",
+    "PRAGMA enable_profiling",
+    "PRAGMA profiling_output = '{store}/profile.json'",
+    "CALL pragma_version()",
+    "SELECT 1; COPY (SELECT 1 AS x) TO '{part}'",
+    "SELECT 1; EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '{store}/teachers/evil.json'",
+    "CREATE TABLE t AS SELECT * FROM labels; SELECT count(*) FROM t",
+    "ATTACH ':memory:' AS m; CREATE TABLE m.t AS SELECT 1",
+    "SELECT * FROM duckdb_settings() WHERE name = 'enable_external_access'",
+]
+
+
+def test_hostile_queries_change_nothing_and_create_nothing(scored, tmp_path, monkeypatch):
+    source, _ = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    outside = tmp_path / "outside.csv"
+    outside.write_text("a,b\n1,2\n")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    temp = tmp_path / "tmp"  # the temp folder, private to this test so other processes cannot touch it
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    part = Store(store).label_path("t1", "wq", 0)
+    before = tree_digests(store)
+    home_duckdb = Path.home() / ".duckdb"
+    home_before = tree_digests(home_duckdb) if home_duckdb.exists() else {}
+
+    for template in HOSTILE:
+        sql = template.format(part=part, store=store, outside=outside)
+        res = cli("query", "--store", store, "--format", "csv", sql, ok=False)
+        assert res.exit_code in (0, 1), (sql, res.output)
+        assert "Traceback" not in res.output and not isinstance(res.exception, (AssertionError, TypeError)), sql
+        if res.exit_code == 1:
+            assert res.output.startswith("error: "), (sql, res.output)
+        # reading or writing any file is refused, by DuckDB, whatever the statement's type
+        if any(w in template for w in ("COPY", "read_", "glob", "EXPORT", "'{part}'", ".duckdb")):
+            assert res.exit_code == 1 and ("disabled by configuration" in res.output
+                                           or "Permission" in res.output), (sql, res.output)
+        assert tree_digests(store) == before, f"{sql} changed the store"
+        assert list(work.iterdir()) == [], f"{sql} created {list(work.iterdir())}"
+    assert list(temp.iterdir()) == []  # the query's scratch folder is gone too
+    assert (tree_digests(home_duckdb) if home_duckdb.exists() else {}) == home_before
+    # and analysis statements the old allow-list refused now work
+    for sql in ("PIVOT (SELECT teacher, part FROM labels) ON teacher USING count(*)", "SUMMARIZE labels"):
+        assert cli("query", "--store", store, sql).exit_code == 0
+
+
+def test_query_table_prints_values_as_text(scored, tmp_path):
+    store, _ = scored
+    res = cli("query", "--store", store, "SELECT '[estimated]' AS note, '[/z]' AS odd, '[bold]x[/bold]' AS b")
+    assert "[estimated]" in res.stdout and "[/z]" in res.stdout and "[bold]x[/bold]" in res.stdout
+    res = cli("query", "--store", store, "SELECT * FROM no_such_view_[/z]", ok=False)
+    assert res.exit_code == 1 and "[/z]" in res.output and "Traceback" not in res.output
+
+
+def test_a_version_1_store_opens_and_its_label_parts_are_scored_again(scored, tmp_path):
+    """Stores written before commit records: corpora are kept, label parts count as stale and are redone."""
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    (store / "store.json").write_text(json.dumps({"schema_version": 1, "tool_version": "0.1.0"}))
+    for commit in store.glob("labels/*/*/*.commit.json"):
+        commit.unlink()
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1 and "no commit record" in res.output
+    res = cli("run", "--store", store, "--teachers", teachers)
+    assert "re-scored 6 invalid label part(s)" in res.output
+    assert json.loads((store / "store.json").read_text())["schema_version"] == 2
+    assert "OK" in cli("verify", "--store", store).output
+
+
+# ---- concurrent workers share a store through claims ----------------------------------------
+def _workers_store(tmp_path: Path, shared_data: Path, name: str, rows: int, part_rows: int) -> Path:
+    from tiny import read_lines
+
+    source = tmp_path / "wikiqa.tsv"
+    if not source.exists():
+        source.write_text("".join(read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", rows + 1)), newline="")
+    store = tmp_path / name
+    cli("ingest", source, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", part_rows)
+    return store
+
+
+def _start(store: Path, teachers: Path, lease: float):
+    import subprocess
+    import sys
+
+    cmd = [Path(sys.executable).parent / "tmkd-label", "run", "--store", store, "--teachers", teachers,
+           "--lease", str(lease)]
+    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _label_bytes(store: Path) -> dict:
+    return {str(p.relative_to(store)): p.read_bytes() for p in Store(store).label_files()}
+
+
+def test_three_workers_at_once_score_every_unit_exactly_once(tmp_path, shared_data, tiny_teachers):
+    teachers = write_teachers(tmp_path / "t.toml", {k: tiny_teachers[k] for k in ("t1", "t2")})
+    one = _workers_store(tmp_path, shared_data, "one", 600, 50)
+    three = _workers_store(tmp_path, shared_data, "three", 600, 50)
+    cli("run", "--store", one, "--teachers", teachers)
+
+    procs = [_start(three, teachers, lease=30) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    logs = Store(three).run_logs()
+    assert len({log["pid"] for log in logs}) == 3
+    scored = [tuple(u) for log in logs for u in log["scored"]]
+    units = 2 * len(Store(three).corpus("wq").parts)
+    assert len(scored) == len(set(scored)) == units  # every unit once, by exactly one worker
+    assert sum(log["units_lost"] for log in logs) == 0
+    assert _label_bytes(three) == _label_bytes(one)  # bit for bit
+    assert "OK" in cli("verify", "--store", three).output
+    assert not list(three.glob("claims/**/*.claim")) and not list(three.glob("labels/**/.*.tmp"))
+
+
+def test_a_killed_workers_unit_is_taken_over_by_the_survivors(tmp_path, shared_data, tiny_tokenizer):
+    import signal
+    import time
+
+    from tiny import build_bert
+
+    big = {f"b{s}": build_bert(tmp_path / f"b{s}", tiny_tokenizer, seed=s, layers=4, hidden=128) for s in (1, 2)}
+    teachers = write_teachers(tmp_path / "t.toml", big, max_length=128)
+    one = _workers_store(tmp_path, shared_data, "one", 600, 100)
+    three = _workers_store(tmp_path, shared_data, "three", 600, 100)
+    cli("run", "--store", one, "--teachers", teachers)
+
+    lease = 4.0
+    procs = [_start(three, teachers, lease) for _ in range(3)]
+    victim = procs[0]
+    deadline = time.time() + 120
+
+    def victims_claims():
+        claims = []
+        for c in three.glob("claims/*/*/*.claim"):
+            try:
+                if json.loads(c.read_text())["pid"] == victim.pid:
+                    claims.append(c)
+            except (FileNotFoundError, ValueError):
+                pass
+        return claims
+
+    held = []
+    while not held and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+        if victims_claims():
+            victim.send_signal(signal.SIGSTOP)  # freeze it, then make sure it still holds a claim
+            held = victims_claims()
+            if not held:
+                victim.send_signal(signal.SIGCONT)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert held, "the kill should land while the victim holds a claim (mid-part)"
+
+    outs = [p.communicate(timeout=300)[0] for p in procs[1:]]
+    assert all(p.returncode == 0 for p in procs[1:]), outs
+    units = {(c.parent.parent.name, c.parent.name, int(c.stem.split("-")[1])) for c in held}
+    survivors = [tuple(u) for log in Store(three).run_logs() for u in log["scored"]]
+    assert units <= set(survivors)  # the survivors finished the victim's units
+    assert len(survivors) == len(set(survivors))
+    assert _label_bytes(three) == _label_bytes(one)  # bit for bit, as a single uninterrupted run
+    assert "OK" in cli("verify", "--store", three).output
+    assert not list(three.glob("labels/**/.*.tmp"))  # the victim's temporaries went with its claim
+
+
+def test_a_claim_from_another_node_is_taken_over_only_when_its_lease_expires(tmp_path):
+    """Across nodes a dead worker cannot be seen, only its lease running out."""
+    import time
+
+    from pipeline.claims import Claims
+
+    store = Store.create(tmp_path / "store")
+    theirs, ours = Claims(store, lease_s=2.0), Claims(store, lease_s=2.0)
+    theirs.owner["host"] = "another-node"
+    assert theirs.try_claim("t1", "wq", 0)
+    path = theirs.path("t1", "wq", 0)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "host": "another-node", "pid": 1}))
+    assert not ours.try_claim("t1", "wq", 0)  # live: refused
+    theirs.renew()
+    time.sleep(1.2)
+    theirs.renew()  # a live worker keeps renewing: still refused after more than half the lease
+    time.sleep(1.2)
+    assert not ours.try_claim("t1", "wq", 0)
+    time.sleep(2.2)  # no renewal for longer than the lease: the claim is dead
+    assert ours.try_claim("t1", "wq", 0) and ours.holds("t1", "wq", 0)
+    assert not theirs.holds("t1", "wq", 0)
+    theirs.renew()  # the old owner notices it lost the claim, and would drop its result
+    assert path not in theirs.held
