@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, open_reader
+from data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, nli_label_names, open_reader
 from pipeline.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name
 
 CHUNK_ROWS = 8192  # records checked together (duplicate checks are vectorised per chunk)
@@ -55,11 +55,13 @@ class IngestOptions:
     corpus: str
     columns: dict[str, str] = field(default_factory=dict)  # corpus field -> source column/key
     label_names: list[str] | None = None  # the label space, in index order
-    label_map: dict[str, str] = field(default_factory=dict)  # raw label value -> label name
+    label_map: dict[str, str] = field(default_factory=dict)  # raw label value -> label name; defines the
+    #   names when label_names is None and the format has none that hold its targets (names_from_map)
     unlabeled: bool = False  # ignore any label column: labels are null
     part_rows: int = 50_000
     strict: bool = False  # the first bad row is an error and nothing is committed
     ids: str = "source"  # "source": the source's id where it has one, else a text hash; "text": always the text hash
+    positive_label: str | None = None  # the corpus's positive class (a label name); default: the format's, if any
 
 
 @dataclass
@@ -74,6 +76,7 @@ class IngestSummary:
     bad: dict[str, int]  # reason -> count
     quarantine: Path | None  # the quarantine file, if any row was bad
     seconds: float
+    positive_label: str | None = None  # the positive label the corpus declares after this ingest
 
     @property
     def rows_per_second(self) -> float:
@@ -112,6 +115,27 @@ def parse_mapping(text: str | None, option: str) -> dict[str, str]:
 
 def parse_names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",")] if text else None
+
+
+def names_from_map(label_map: dict[str, str], candidates: Iterable[list[str] | None] = ()) -> list[str]:
+    """The label names a --label-map defines when --label-names is not given.
+
+    The first of ``candidates`` (the format's own label space, then the corpus's in the store)
+    that holds every target of the map, so its order is kept; else the standard NLI space the
+    targets come from ([entailment, not_entailment] or [entailment, neutral, contradiction]);
+    else the targets themselves: in numeric order if all are integers (``yes=1,no=0`` gives
+    [0, 1], so 1 stays index 1), otherwise in the order the map first names them.
+    """
+    targets = list(dict.fromkeys(label_map.values()))
+    for names in candidates:
+        if names and set(targets) <= set(names):
+            return list(names)
+    standard = nli_label_names(set(targets))
+    if standard:
+        return list(standard)
+    if all(_INT_RE.match(t) for t in targets):
+        return sorted(targets, key=int)
+    return targets
 
 
 # ---- ids ---------------------------------------------------------------------------------------
@@ -225,10 +249,13 @@ class _Ingest:
         self.label_names: list[str] | None = None
         self.names_from = ""
         self.labels: LabelSpace | None = None
+        self.positive: str | None = None  # the positive label this ingest declares (None: none, or keep the corpus's)
+        self.declared: str | None = None  # the positive label the corpus in the store already declares
         self.existing = IdSet()
         if store.has_corpus(opts.corpus):
             m = store.corpus(opts.corpus)
             self._set_label_names(m.label_names, f"corpus {opts.corpus!r} in the store")
+            self.declared = m.positive_label
             for part in m.parts:
                 self.existing.add(store.read_corpus_part(part, ["id"]).column("id").to_numpy())
         self.seen = IdSet()
@@ -250,24 +277,49 @@ class _Ingest:
             self.labels = LabelSpace(self.label_names, self.opts.label_map)
 
     def _resolve_labels(self, reader: Reader) -> bool:
-        """Settle the file's label space against the corpus's; return whether its labels are read."""
+        """Settle the file's label space (and positive label) against the corpus's; return whether its labels are read.
+
+        The names: --label-names; else the format's own (WikiQA, GLUE, NLI samples) or, with
+        --label-map, the names the map defines (``names_from_map``); else the corpus's.
+        """
         labelled = reader.has_label and not self.opts.unlabeled
-        names = self.opts.label_names or (None if self.opts.unlabeled else reader.label_names)
+        names = self.opts.label_names
+        if names is None and not self.opts.unlabeled:
+            names = reader.label_names
+            if self.opts.label_map:
+                names = names_from_map(self.opts.label_map, [reader.label_names, self.label_names])
         if names is None:  # the file does not say: it takes the corpus's (an unlabeled file fits any)
             if labelled and self.label_names is None:
                 raise IngestError(
                     f"{reader.path}: the label space is unknown: pass --label-names NAME,NAME,... "
-                    "(in index order), or --unlabeled"
+                    "(in index order), or --label-map RAW=NAME,..., or --unlabeled"
                 )
-            return labelled
-        if self.label_names is None:
+        elif self.label_names is None:
             self._set_label_names(names, str(reader.path))
         elif names != self.label_names:
             raise IngestError(
                 f"{reader.path}: label names {names} differ from {self.label_names} of {self.names_from}; "
                 "use the same label names (--label-names) or another corpus"
             )
+        self._resolve_positive(reader)
         return labelled
+
+    def _resolve_positive(self, reader: Reader) -> None:
+        """--positive-label, checked against the label names; else the format's default, unless the corpus has one."""
+        wanted = self.opts.positive_label
+        if wanted is not None:
+            if self.label_names is None:
+                raise IngestError(f"--positive-label {wanted}: the corpus has no label names; "
+                                  "pass --label-names NAME,NAME,... as well")
+            if wanted not in self.label_names:
+                raise IngestError(f"--positive-label {wanted}: not one of the label names {self.label_names}")
+            if self.declared not in (None, wanted):
+                raise IngestError(f"--positive-label {wanted}: corpus {self.opts.corpus!r} in the store "
+                                  f"declares positive label {self.declared!r}; use that one or another corpus")
+            self.positive = wanted
+        elif (self.positive is None and self.declared is None and self.label_names is not None
+              and reader.positive_label in self.label_names):
+            self.positive = reader.positive_label
 
     # -- reading
     def read(self, path: Path, progress: Progress | None) -> None:
@@ -285,6 +337,8 @@ class _Ingest:
                 self._take(reader, chunk, labelled, required)
                 if progress:
                     progress(path, reader.position(), reader.size)
+        except ReaderError as e:
+            raise IngestError(str(e)) from None
         except (OSError, EOFError, pa.ArrowException) as e:
             raise IngestError(f"{path}: cannot read: {e}") from None
         finally:
@@ -363,6 +417,7 @@ class _Ingest:
             "label_map": self.opts.label_map,
             "unlabeled": self.opts.unlabeled,
             "ids": self.opts.ids,
+            "positive_label": self.positive,
             "rows_read": self.rows_read,
             "rows_written": self.rows_written,
             "parts": [p.part for p in self.writer.parts],
@@ -371,12 +426,13 @@ class _Ingest:
             "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         try:
-            self.store.commit_corpus_parts(self.opts.corpus, self.label_names, self.writer.parts, source)
+            self.store.commit_corpus_parts(self.opts.corpus, self.label_names, self.writer.parts, source,
+                                           positive_label=self.positive)
         except StoreError as e:
             raise IngestError(str(e)) from None
         return IngestSummary(
             self.opts.corpus, self.files, self.label_names, self.rows_read, self.rows_written, self.rows_labelled,
-            [p.part for p in self.writer.parts], bad, qpath, seconds,
+            [p.part for p in self.writer.parts], bad, qpath, seconds, self.positive or self.declared,
         )
 
     def discard(self) -> None:
@@ -548,3 +604,5 @@ def _check_options(opts: IngestOptions) -> None:
             raise IngestError(f"--label-names: repeated label name in {opts.label_names}")
     if opts.label_map and opts.unlabeled:
         raise IngestError("--label-map makes no sense with --unlabeled (labels are ignored)")
+    if opts.positive_label is not None and not opts.positive_label.strip():
+        raise IngestError("--positive-label: empty label name")

@@ -17,6 +17,9 @@ Conventions every reader follows:
   file, or the 0-based row index in a Parquet file.
 * Files are streamed (memory stays flat), except a JSON samples file, which is one JSON
   object and is loaded whole.
+* A text file (gzip or not) may start with a UTF-8 byte-order mark: it is skipped, so the file
+  reads exactly as without it.
+* Every message echoes user text (paths, values, column names) as plain text: no markup.
 """
 from __future__ import annotations
 
@@ -36,6 +39,20 @@ BINARY_NLI = ["entailment", "not_entailment"]
 THREE_WAY_NLI = ["entailment", "neutral", "contradiction"]
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+               (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def nli_label_names(names: set[str]) -> list[str] | None:
+    """The standard NLI label space (in its standard order) that ``names`` are evidently drawn from, if any."""
+    if names and names <= set(BINARY_NLI) and "not_entailment" in names:
+        return BINARY_NLI
+    if names and names <= set(THREE_WAY_NLI) and names & {"neutral", "contradiction"}:
+        return THREE_WAY_NLI
+    return None
+
+
 class ReaderError(Exception):
     """The file as a whole cannot be read in this format (not one bad row: the header, the JSON, ...)."""
 
@@ -53,6 +70,7 @@ class Reader:
 
     unit = "line"  # what Record.line counts, for messages ("line 12", "key '17'", "row 3")
     label_names: list[str] | None = None  # the label space the format implies, if it knows one
+    positive_label: str | None = None  # the positive class the format implies (one of label_names), if any
     has_label = True  # False: the source has no label column at all (an unlabeled source)
     required: frozenset[str] = frozenset({"text_a", "text_b"})  # besides the label, when labelled
 
@@ -80,14 +98,30 @@ class Reader:
         return f"{self.unit} {line!r}" if isinstance(line, str) else f"{self.unit} {line}"
 
     def _open(self) -> BinaryIO:
-        """The file as bytes, gunzipped if it is gzip (by content, not by name)."""
+        """The file as bytes, gunzipped if it is gzip (by content, not by name), past any UTF-8 byte-order mark.
+
+        Windows tools start UTF-8 exports with a BOM (EF BB BF); left in, it would become part of
+        the first column's name or the first JSON line. A UTF-16 or UTF-32 file is refused by name.
+        """
         f = open(self.path, "rb")
         self._file = f
+        stream: BinaryIO = f
         if f.read(2) == b"\x1f\x8b":
             f.seek(0)
-            return gzip.GzipFile(fileobj=f, mode="rb")
-        f.seek(0)
-        return f
+            stream = gzip.GzipFile(fileobj=f, mode="rb")
+        else:
+            f.seek(0)
+        start = stream.read(4)
+        if start.startswith(UTF8_BOM):
+            stream.seek(len(UTF8_BOM))
+        else:
+            stream.seek(0)  # a GzipFile rewinds by decompressing again: 4 bytes, nothing to speak of
+            for bom, encoding in _OTHER_BOMS:
+                if start.startswith(bom):
+                    self.close()
+                    raise ReaderError(f"{self.path}: the file is {encoding} (it starts with a {encoding} "
+                                      "byte-order mark); save it as UTF-8 and ingest it again")
+        return stream
 
 
 def _decode(b: bytes) -> str:
@@ -132,6 +166,10 @@ class DelimitedReader(Reader):
                 f"{self.path}: no column {', '.join(missing)} in the header {self.header}; "
                 "map the fields with --columns text_a=...,text_b=...,label=..."
             )
+        twice = sorted({c for c in self.columns.values() if self.header.count(c) > 1})
+        if twice:
+            raise ReaderError(f"{self.path}: column(s) {', '.join(twice)} appear more than once in the header "
+                              f"{self.header}; rename them so each field reads one column")
         self.has_label = "label" in self.columns
         self.required = frozenset({"text_a", "text_b"} | (set(self.explicit) - {"label"}))
 
@@ -185,6 +223,7 @@ class WikiQAReader(DelimitedReader):
 
     defaults = {"text_a": "Question", "text_b": "Sentence", "label": "Label", "group": "QuestionID"}
     label_names = ["0", "1"]
+    positive_label = "1"  # the sentence answers the question
 
     def __init__(self, path: Path, columns: dict[str, str] | None = None):
         super().__init__(path, columns)
@@ -200,19 +239,22 @@ class WikiQAReader(DelimitedReader):
         return values
 
 
-# GLUE TSVs, told apart by their header: (columns that identify it, field -> column, label names).
+# GLUE TSVs, told apart by their header:
+# (columns that identify it, field -> column, label names, positive label of a binary task or None).
 GLUE_TASKS = [
-    ({"question", "sentence"}, {"text_a": "question", "text_b": "sentence", "label": "label"}, BINARY_NLI),  # QNLI
+    ({"question", "sentence"}, {"text_a": "question", "text_b": "sentence", "label": "label"},  # QNLI
+     BINARY_NLI, "entailment"),
     ({"sentence1", "sentence2", "gold_label"},  # MNLI, SNLI
-     {"text_a": "sentence1", "text_b": "sentence2", "label": "gold_label"}, THREE_WAY_NLI),
-    ({"sentence1", "sentence2"}, {"text_a": "sentence1", "text_b": "sentence2", "label": "label"}, BINARY_NLI),  # RTE
+     {"text_a": "sentence1", "text_b": "sentence2", "label": "gold_label"}, THREE_WAY_NLI, None),
+    ({"sentence1", "sentence2"}, {"text_a": "sentence1", "text_b": "sentence2", "label": "label"},  # RTE
+     BINARY_NLI, "entailment"),
     ({"question1", "question2"},  # QQP
-     {"text_a": "question1", "text_b": "question2", "label": "is_duplicate"}, ["not_duplicate", "duplicate"]),
+     {"text_a": "question1", "text_b": "question2", "label": "is_duplicate"}, ["not_duplicate", "duplicate"], None),
 ]
 
 
 class GlueReader(DelimitedReader):
-    """A GLUE task TSV (RTE, QNLI, MNLI/SNLI, QQP), recognised by its header.
+    """A GLUE task TSV (RTE, QNLI, MNLI/SNLI, QQP), recognised by its header (positive label: QNLI/RTE's entailment).
 
     The id comes from the ``idx``/``index``/``id`` column. A label of -1 marks an unlabeled
     row (GLUE test sets), stored as null. ``--columns`` overrides the detected mapping.
@@ -220,7 +262,7 @@ class GlueReader(DelimitedReader):
 
     def map_columns(self, header: list[str]) -> dict[str, str]:
         names = set(header)
-        for marks, cols, label_names in GLUE_TASKS:
+        for marks, cols, label_names, positive in GLUE_TASKS:
             if marks <= names:
                 break
         else:
@@ -229,13 +271,13 @@ class GlueReader(DelimitedReader):
                     f"{self.path}: unrecognised GLUE header {header}; map the fields with "
                     "--columns text_a=...,text_b=...,label=... (or use --format tsv)"
                 )
-            cols, label_names = {}, None
+            cols, label_names, positive = {}, None, None
         cols = {f: c for f, c in cols.items() if c in names or f != "label"}
         id_col = next((c for c in ("idx", "index", "id") if c in names), None)
         if id_col:
             cols["id"] = id_col
         cols.update(self.explicit)
-        self.label_names = label_names
+        self.label_names, self.positive_label = label_names, positive
         return cols
 
     def fields(self, row: dict[str, str]) -> dict:
@@ -279,8 +321,8 @@ class JsonSamplesReader(Reader):
     """``{id: {text_a, text_b, label}}``, the form of the qnli/mnli/snli samples; loaded whole.
 
     The keys are the source ids. When the file's label names are all NLI names, the label
-    space is the standard one: [entailment, not_entailment] or [entailment, neutral,
-    contradiction]; otherwise ``--label-names`` must say it.
+    space is the standard one: [entailment, not_entailment] (positive label: entailment) or
+    [entailment, neutral, contradiction]; otherwise ``--label-names`` must say it.
     """
 
     unit = "key"
@@ -299,10 +341,9 @@ class JsonSamplesReader(Reader):
             raise ReaderError(f"{self.path}: expected a JSON object {{id: {{text_a, text_b, label}}}}")
         key = self.columns["label"]
         seen = {v[key] for v in self.data.values() if isinstance(v, dict) and isinstance(v.get(key), str)}
-        if seen and seen <= set(BINARY_NLI) and "not_entailment" in seen:
-            self.label_names = BINARY_NLI
-        elif seen and seen <= set(THREE_WAY_NLI) and seen & {"neutral", "contradiction"}:
-            self.label_names = THREE_WAY_NLI
+        self.label_names = nli_label_names(seen)
+        if self.label_names == BINARY_NLI:
+            self.positive_label = "entailment"
 
     def records(self) -> Iterator[Record]:
         for key, obj in self.data.items():
@@ -317,16 +358,53 @@ class JsonSamplesReader(Reader):
 # ---- Parquet --------------------------------------------------------------------------------
 
 
+def _is_text(t) -> bool:
+    """string or binary (binary is decoded like text files), plain or dictionary-encoded."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
+
+
+def _is_key(t) -> bool:
+    """A group or id: text or a number (pandas turns an int column with nulls into float64); all-null is fine."""
+    import pyarrow as pa
+
+    return _is_text(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+
+def _is_label(t) -> bool:
+    import pyarrow as pa
+
+    return _is_key(t) or pa.types.is_boolean(t)
+
+
+# Field -> (accepts the Parquet column's Arrow type?, what is expected, for the message).
+_PARQUET_TYPES = {
+    "text_a": (_is_text, "string (or binary holding UTF-8 text)"),
+    "text_b": (_is_text, "string (or binary holding UTF-8 text)"),
+    "group": (_is_key, "string or number"),
+    "id": (_is_key, "string or integer"),
+    "label": (_is_label, "string, integer or boolean"),
+}
+
+
 class ParquetReader(Reader):
     """A Parquet file read in record batches; ``columns`` maps corpus fields to its columns."""
 
     unit = "row"
 
     def __init__(self, path: Path, columns: dict[str, str] | None = None):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         super().__init__(path)
-        self._pf = pq.ParquetFile(self.path)
+        try:
+            self._pf = pq.ParquetFile(self.path)
+        except pa.ArrowException as e:
+            raise ReaderError(f"{self.path}: not a readable Parquet file: {e}") from None
         names = self._pf.schema_arrow.names
         explicit = dict(columns or {})
         self.columns = {f: f for f in FIELDS if f in names and f not in explicit} | explicit
@@ -337,6 +415,14 @@ class ParquetReader(Reader):
             raise ReaderError(
                 f"{self.path}: no column {', '.join(missing)} in {names}; map the fields with --columns"
             )
+        schema = self._pf.schema_arrow
+        for f, c in self.columns.items():
+            kind, expected = _PARQUET_TYPES[f]
+            if not kind(schema.field(c).type):
+                raise ReaderError(
+                    f"{self.path}: column {c!r} (field {f}) has type {schema.field(c).type}; expected {expected}"
+                    + (f"; map {f} to another column with --columns {f}=COLUMN" if f in ("text_a", "text_b") else "")
+                )
         self.has_label = "label" in self.columns
         self.required = frozenset({"text_a", "text_b"} | (set(explicit) - {"label"}))
         self._done = 0

@@ -58,6 +58,7 @@ import os
 import sys
 import time
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ import torch.nn.functional as F
 
 from pipeline.store import Store, StoreError, check_name
 from teachers.scoring import encode_pairs, length_batches, pad_batch
-from teachers.spec import check_unique_names, read_toml
+from teachers.spec import check_types, check_unique_names, fits_type, read_toml
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
@@ -156,18 +157,38 @@ def _parse_value(text: str):
         return text
 
 
+def _set_value(cls: type, key: str, text: str, item: str):
+    """A --set value typed as the field wants: TOML syntax (numbers, booleans, lists), or the plain text for a string field."""
+    value = _parse_value(text)
+    hint = typing.get_type_hints(cls).get(key)
+    if hint is not None and not fits_type(value, hint) and fits_type(text, hint):
+        value = text  # `--set positive_label=1`: the string "1"
+    check_types(cls, {key: value}, f"--set {item!r}", FinetuneError)
+    return value
+
+
 def load_config(path: str | Path, overrides: dict | None = None, sets: list[str] | None = None) -> FinetuneConfig:
-    """Read the TOML config, apply command-line overrides, check it, return it typed."""
+    """Read the TOML config, apply command-line overrides, check it, return it typed.
+
+    A value of the wrong type is an error naming the file, the place (``[defaults]``,
+    ``teacher #2 'minilm-a'``), the field and the type expected; a bad ``--set`` names itself.
+    """
     path = Path(path)
     raw = read_toml(path, FinetuneError)
 
     top_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"teacher"}
     teacher_fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    defaults = dict(raw.pop("defaults", {}) or {})
+    defaults = raw.pop("defaults", {})
+    if not isinstance(defaults, dict):
+        raise FinetuneError(f"{path}: defaults: expected a [defaults] table, got {defaults!r}")
     teachers = raw.pop("teacher", None)
-    if not isinstance(teachers, list) or not teachers:
+    if not isinstance(teachers, list) or not teachers or not all(isinstance(t, dict) for t in teachers):
         raise FinetuneError(f"{path}: expected one or more [[teacher]] tables")
     teachers = [dict(t) for t in teachers]
+    check_types(FinetuneConfig, raw, str(path), FinetuneError)
+    check_types(TeacherConfig, defaults, f"{path}: [defaults]", FinetuneError)
+    for i, t in enumerate(teachers, 1):
+        check_types(TeacherConfig, t, _teacher_where(path, i, t), FinetuneError)
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
@@ -175,7 +196,7 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
         key, eq, text = item.partition("=")
         if not eq:
             raise FinetuneError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = key.strip(), _parse_value(text.strip())
+        key, text = key.strip(), text.strip()
         name, dot, sub = key.rpartition(".")
         if dot:  # NAME.field: one teacher
             match = [t for t in teachers if t.get("name") == name]
@@ -183,10 +204,11 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
                 raise FinetuneError(f"--set {item!r}: no teacher named {name!r}")
             if sub not in teacher_fields:
                 raise FinetuneError(f"--set {item!r}: {sub!r} is not a teacher field")
-            match[0][sub] = value
+            match[0][sub] = _set_value(TeacherConfig, sub, text, item)
         elif key in top_fields:
-            raw[key] = value
+            raw[key] = _set_value(FinetuneConfig, key, text, item)
         elif key in teacher_fields:  # a teacher field: every teacher
+            value = _set_value(TeacherConfig, key, text, item)
             for t in teachers:
                 t[key] = value
         else:
@@ -200,15 +222,18 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
         raise FinetuneError(f"{path}: [defaults]: unknown teacher field(s) {', '.join(sorted(bad))}")
     specs = []
     for i, t in enumerate(teachers, 1):
+        where = _teacher_where(path, i, t)
         bad = set(t) - teacher_fields
         if bad:
-            raise FinetuneError(f"{path}: teacher #{i}: unknown field(s) {', '.join(sorted(bad))}")
+            raise FinetuneError(f"{where}: unknown field(s) {', '.join(sorted(bad))}")
         if "name" not in t:
-            raise FinetuneError(f"{path}: teacher #{i}: missing field 'name'")
+            raise FinetuneError(f"{where}: missing field 'name'")
         try:
             specs.append(TeacherConfig(**{**defaults, **t}))
+        except FinetuneError as e:
+            raise FinetuneError(f"{path}: {e}") from None
         except TypeError as e:
-            raise FinetuneError(f"{path}: teacher #{i}: {e}") from None
+            raise FinetuneError(f"{where}: {e}") from None
     check_unique_names(path, [s.name for s in specs], FinetuneError)
     missing = [k for k in ("encoder", "store", "train_corpus", "dev_corpus", "out") if not raw.get(k)]
     if missing:
@@ -220,6 +245,10 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
     if not (8 <= int(cfg.max_length) <= 8192):
         raise FinetuneError(f"{path}: max_length {cfg.max_length} out of range 8..8192")
     return cfg
+
+
+def _teacher_where(path: Path, i: int, t: dict) -> str:
+    return f"{path}: teacher #{i}" + (f" {t['name']!r}" if isinstance(t.get("name"), str) else "")
 
 
 def resolve_encoder(encoder: str) -> Path:
@@ -804,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except StoreError as e:  # FinetuneError and store problems: the user's to fix
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1  # a user error (README: exit codes); argparse exits 2 on usage errors
     return 0
 
 

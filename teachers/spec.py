@@ -17,17 +17,22 @@
 A fingerprint hashes what decides a teacher's logits: weights, config, tokenizer files,
 max length, truncation and dtype. It is what tells a current label part from a stale one.
 Only the standard library and the JSON config are read here: no model is loaded.
+Mistakes are TeacherErrors that name the file, the teacher and the field (a wrong type says
+which type is expected); a truncated weight file is refused before the teacher is recorded.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import struct
 import tomllib
+import types
+import typing
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.store import CorpusManifest, StoreError, TeacherRecord, check_name
+from pipeline.store import CorpusManifest, StoreError, TeacherRecord, check_name, label_space_mismatch
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -36,7 +41,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
 )
-GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
 
 class TeacherError(StoreError):
@@ -79,6 +83,71 @@ def read_toml(path: Path, error: type[Exception], what: str = "config file") -> 
         raise error(f"{path}: not valid TOML: {e}") from None
 
 
+def fits_type(value: object, tp: object) -> bool:
+    """Whether a TOML value has the type a dataclass field declares (int is not bool; a float takes an int)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits_type(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(fits_type(v, args[0]) for v in value))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # a type this check does not know: the dataclass decides
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expected(tp: object) -> str:
+    """A field's type in words (None is left out: TOML has no null, leaving a key out means the default)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"a list of {_expected(args[0]).partition(' ')[2]}s" if args else "a list"
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _kind(value: object) -> str:
+    """What a TOML value is, in words."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        odd = [v for v in value if not isinstance(v, str)]
+        return f"a list holding {_kind(odd[0])}" if odd else "a list"
+    return type(value).__name__  # dates and times
+
+
+def check_types(cls: type, values: dict, where: str, error: type[Exception]) -> None:
+    """Refuse a value whose type is not the one ``cls`` (a dataclass) declares for it.
+
+    The message names the place, the field, the expected type and what was given, e.g.
+    ``teachers.toml: teacher #2 'minilm-a': max_length: expected an integer, got "128" (a string)``.
+    Keys ``cls`` does not have are left to the caller's unknown-field check.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not fits_type(value, hints[key]):
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            raise error(f"{where}: {key}: expected {_expected(hints[key])}, got {shown} ({_kind(value)})")
+
+
 def check_unique_names(path: Path, names: list[str], error: type[Exception]) -> None:
     """Teacher names are folder and record names: each may appear once per file."""
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -96,19 +165,25 @@ def load_teachers_toml(path: str | Path) -> list[TeacherSpec]:
     known = set(TeacherSpec.__dataclass_fields__)
     specs = []
     for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise TeacherError(f"{path}: teacher #{i}: expected a [[teacher]] table, got {entry!r}")
+        where = f"{path}: teacher #{i}" + (f" {entry['name']!r}" if isinstance(entry.get("name"), str) else "")
         unknown = set(entry) - known
         if unknown:
-            raise TeacherError(f"{path}: teacher #{i}: unknown field(s) {', '.join(sorted(unknown))}")
+            raise TeacherError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         for required in ("name", "path"):
             if required not in entry:
-                raise TeacherError(f"{path}: teacher #{i}: missing field {required!r}")
+                raise TeacherError(f"{where}: missing field {required!r}")
+        check_types(TeacherSpec, entry, where, TeacherError)
         local = (path.parent / entry["path"]).resolve()
         if local.exists():
             entry = {**entry, "path": str(local)}
         try:
             specs.append(TeacherSpec(**entry))
-        except TypeError as e:
-            raise TeacherError(f"{path}: teacher #{i}: {e}") from None
+        except TeacherError as e:
+            raise TeacherError(f"{path}: {e}") from None
+        except (StoreError, TypeError) as e:  # an invalid name
+            raise TeacherError(f"{where}: {e}") from None
     check_unique_names(path, [s.name for s in specs], TeacherError)
     return specs
 
@@ -137,6 +212,63 @@ def _hash_files(h, folder: Path, patterns) -> list[str]:
                     for block in iter(lambda: fh.read(1 << 20), b""):
                         h.update(block)
     return found
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file, judged by its header and size alone (no tensor is read), or None.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON naming each tensor's
+    ``data_offsets`` into the data that follows; the file ends exactly where the last tensor does.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, too short for a safetensors header"
+        n = struct.unpack("<Q", head)[0]
+        if 8 + n > size:
+            return f"truncated or not a safetensors file: {size:,} bytes, but its header alone should be {n:,}"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (its header is not a safetensors JSON header)"
+    expected = 8 + n + end
+    if size < expected:
+        return f"truncated: {size:,} bytes of the {expected:,} its header describes"
+    if size > expected:
+        return f"corrupt: {size:,} bytes, but its header describes {expected:,}"
+    return None
+
+
+def check_weights(spec: TeacherSpec, folder: Path) -> None:
+    """Refuse truncated or corrupt weight files before the teacher is recorded (cheap: headers and sizes only).
+
+    Every ``*.safetensors`` file is checked, and every shard a ``*.index.json`` lists must exist.
+    ``pytorch_model*.bin`` files (read only when there is no safetensors file) are checked only
+    for a complete zip directory, when they are zip files (torch.save since torch 1.6).
+    """
+    where = f"teacher {spec.name!r}: weight file"
+    safetensors = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    for f in safetensors:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise TeacherError(f"{where} {f} is {problem}; copy or save the model again")
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TeacherError(f"{where} index {index} is not a valid weight index (no weight_map)") from None
+        missing = sorted(n for n in shards if not (folder / str(n)).is_file())
+        if missing:
+            raise TeacherError(f"{where} index {index} lists shard(s) missing from the folder: {', '.join(missing)}")
+    if not safetensors:
+        for f in sorted(folder.glob("pytorch_model*.bin")):
+            with open(f, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"
+            if zipped and not zipfile.is_zipfile(f):
+                raise TeacherError(f"{where} {f} is truncated or corrupt (its zip directory is missing); "
+                                   "copy or save the model again")
 
 
 def fingerprints(spec: TeacherSpec, folder: Path) -> tuple[str, str]:
@@ -174,25 +306,16 @@ def label_names(spec: TeacherSpec, folder: Path) -> list[str]:
 
 
 def check_label_space(record: TeacherRecord, corpus: CorpusManifest) -> None:
-    """Refuse a teacher whose label space differs from the corpus's."""
-    if corpus.label_names is None:
-        return  # an unlabeled corpus with no declared label space takes any teacher
-    if len(record.label_names) != len(corpus.label_names):
-        raise TeacherError(
-            f"teacher {record.name!r} has {len(record.label_names)} labels {record.label_names} but corpus "
-            f"{corpus.name!r} has {len(corpus.label_names)} {corpus.label_names}; restrict the teacher with "
-            "`corpora = [...]` in teachers.toml or use a teacher of this task"
-        )
-    named = not any(GENERIC_LABEL.match(n) for n in record.label_names)
-    if named and [n.lower() for n in record.label_names] != [n.lower() for n in corpus.label_names]:
-        raise TeacherError(
-            f"teacher {record.name!r} labels {record.label_names} do not match corpus {corpus.name!r} labels "
-            f"{corpus.label_names} (order matters); set `labels = [...]` in teachers.toml if only the names differ"
-        )
+    """Refuse a teacher whose label space differs from the corpus's (the store's one rule)."""
+    problem = label_space_mismatch(record.name, record.label_names, f"corpus {corpus.name!r}", corpus.label_names)
+    if problem:
+        raise TeacherError(problem)
 
 
 def make_record(spec: TeacherSpec) -> tuple[TeacherRecord, Path]:
+    """The teacher's record (fingerprints, label names) and folder; refuses damaged weight files first."""
     folder = resolve_folder(spec)
+    check_weights(spec, folder)
     fp, tok_fp = fingerprints(spec, folder)
     record = TeacherRecord(
         name=spec.name, fingerprint=fp, path=str(spec.path), label_names=label_names(spec, folder), dtype=spec.dtype,

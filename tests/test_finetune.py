@@ -203,7 +203,7 @@ def test_user_errors_are_one_line_messages(tmp_path, toy_store, tiny_teachers):
     assert c.out == str(tmp_path / "o2")
 
     proc = run_script("--config", str(cfg), "--dev-corpus", "missing")
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "error: " in proc.stderr and "no corpus 'missing'" in proc.stderr
     assert "Traceback" not in proc.stderr
 

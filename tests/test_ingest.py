@@ -407,3 +407,152 @@ def test_one_ingest_at_a_time_per_store(tmp_path, rte):
     finally:
         os.close(fd)
     assert ingest(store, [rte], IngestOptions("glue", "c")).rows_written == 40
+
+
+# ---- a UTF-8 byte-order mark (Windows exports) ----------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+CSV_BODY = [("1", "What is a cat?", "A cat is a small animal.", "q1"), ("0", "Where is Paris?", "Paris, France", "q2"),
+            ("1", "Who wrote Hamlet?", "Shakespeare wrote \"Hamlet\".", "q3")]
+
+
+def write_csv(path: Path, header: list[str], order: list[int], bom: bool) -> Path:
+    """CSV_BODY (label, text_a, text_b, id) with its columns in ``order``, CRLF as Excel writes it."""
+    with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([header[i] for i in order])
+        w.writerows([[r[i] for i in order] for r in CSV_BODY])
+    assert path.read_bytes().startswith(BOM) == bom
+    return path
+
+
+@pytest.mark.parametrize("first", ["label", "id"])
+def test_a_bom_csv_ingests_exactly_as_without_it(tmp_path, first):
+    order = [0, 1, 2, 3] if first == "label" else [3, 1, 2, 0]
+    got = {}
+    for bom in (False, True):
+        path = write_csv(tmp_path / f"{first}-{bom}.csv", ["label", "text_a", "text_b", "id"], order, bom)
+        store = tmp_path / f"store-{bom}"
+        cli("ingest", path, "--format", "csv", "--store", store, "--corpus", "c", "--label-names", "0,1")
+        got[bom] = rows(store, "c")
+    assert got[True] == got[False]
+    assert [r["label"] for r in got[True]] == [1, 0, 1]  # the first column is not lost
+    assert [r["source_id"] for r in got[True]] == ["q1", "q2", "q3"]  # nor replaced by text hashes
+    assert [r["text_b"] for r in got[True]] == [r[2] for r in CSV_BODY]
+
+
+def test_a_bom_csv_maps_its_first_column_with_columns(tmp_path):
+    path = write_csv(tmp_path / "x.csv", ["answer", "q", "s", "qid"], [0, 1, 2, 3], bom=True)
+    store = tmp_path / "store"
+    cli("ingest", path, "--format", "csv", "--store", store, "--corpus", "c",
+        "--columns", "label=answer,text_a=q,text_b=s,id=qid", "--label-names", "0,1")
+    assert [(r["label"], r["source_id"]) for r in rows(store, "c")] == [(1, "q1"), (0, "q2"), (1, "q3")]
+
+
+def bom_sources(tmp_path: Path, shared_data: Path, wikiqa_sample: Path) -> dict[str, tuple[str, bytes, dict]]:
+    """name -> (format, the file's bytes without a BOM, IngestOptions keywords)."""
+    jsonl = "".join(json.dumps({"id": r[3], "text_a": r[1], "text_b": r[2], "label": int(r[0])}) + "\n" for r in CSV_BODY)
+    samples = {r[3]: {"text_a": r[1], "text_b": r[2], "label": "entailment"} for r in CSV_BODY}
+    tsv = "label\ttext_a\ttext_b\tid\n" + "".join("\t".join(r) + "\n" for r in CSV_BODY)
+    return {
+        "tsv": ("tsv", tsv.encode(), {"label_names": ["0", "1"]}),
+        "jsonl": ("jsonl", jsonl.encode(), {"label_names": ["0", "1"]}),
+        "json-samples": ("json-samples", json.dumps(samples).encode(), {"label_names": ["entailment", "other"]}),
+        "glue": ("glue", head(shared_data / "rte" / "train.tsv", tmp_path / "rte.tsv", 10).read_bytes(), {}),
+        "wikiqa": ("wikiqa", wikiqa_sample.read_bytes(), {}),
+    }
+
+
+@pytest.mark.parametrize("name", ["tsv", "jsonl", "json-samples", "glue", "wikiqa"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_bom_changes_nothing_in_any_text_format(tmp_path, shared_data, wikiqa_sample, name, gz):
+    fmt, data, kw = bom_sources(tmp_path, shared_data, wikiqa_sample)[name]
+    got = {}
+    for bom in (False, True):
+        raw = BOM + data if bom else data
+        path = tmp_path / f"{name}-{bom}"
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+        store = Store.create(tmp_path / f"store-{bom}")
+        s = ingest(store, [path], IngestOptions(fmt, "c", **kw))
+        assert s.bad == {} and s.rows_written == s.rows_read > 0
+        got[bom] = rows(store.root, "c")
+    assert got[True] == got[False]
+
+
+# ---- --label-map defines the label names; --positive-label ----------------------------------------
+
+
+def yes_no_csv(path: Path, answers=("yes", "no", "yes")) -> Path:
+    """A CSV of one pair per answer (texts unique to the file: the ids are text hashes)."""
+    path.write_text("text_a,text_b,answer\n" + "".join(f"{path.stem} q{i},s{i},{a}\n" for i, a in enumerate(answers)))
+    return path
+
+
+@pytest.mark.parametrize("label_map, names, labels", [
+    ("yes=relevant,no=irrelevant", ["relevant", "irrelevant"], [0, 1, 0]),  # the map's order
+    ("no=0,yes=1", ["0", "1"], [1, 0, 1]),  # integer targets: numeric order, so 1 stays index 1
+    ("yes=1,no=0", ["0", "1"], [1, 0, 1]),
+    ("no=not_entailment,yes=entailment", ["entailment", "not_entailment"], [0, 1, 0]),  # the standard NLI order
+])
+def test_label_map_defines_the_label_names(tmp_path, label_map, names, labels):
+    path = yes_no_csv(tmp_path / "a.csv")
+    store = tmp_path / "store"
+    cli("ingest", path, "--format", "csv", "--store", store, "--corpus", "c", "--columns", "label=answer",
+        "--label-map", label_map)
+    assert Store(store).corpus("c").label_names == names
+    assert [r["label"] for r in rows(store, "c")] == labels
+    # Appending with the same map fits the corpus.
+    cli("ingest", yes_no_csv(tmp_path / "b.csv", ("no",)), "--format", "csv", "--store", store, "--corpus", "c",
+        "--columns", "label=answer", "--label-map", label_map)
+    assert [r["label"] for r in rows(store, "c")][-1] == labels[1]
+
+
+def test_label_map_keeps_a_formats_own_label_names(tmp_path, wikiqa_sample):
+    """WikiQA's names are [0, 1]: a map into them keeps that order (and the format's positive label)."""
+    store = Store.create(tmp_path / "store")
+    s = ingest(store, [wikiqa_sample], IngestOptions("wikiqa", "wq", label_map={"1": "1", "0": "0"}))
+    assert s.label_names == ["0", "1"] and s.positive_label == store.corpus("wq").positive_label == "1"
+
+
+def test_positive_label_defaults_by_format_and_is_stored(tmp_path, wikiqa_sample, rte, shared_data):
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
+    cli("ingest", rte, "--format", "glue", "--store", store, "--corpus", "rte")
+    qnli = head(shared_data / "qnli" / "dev.tsv", tmp_path / "qnli.tsv", 10)
+    cli("ingest", qnli, "--format", "glue", "--store", store, "--corpus", "qnli")
+    mnli = tmp_path / "mnli.tsv"
+    mnli.write_text("sentence1\tsentence2\tgold_label\nA.\tB.\tneutral\n")
+    cli("ingest", mnli, "--format", "glue", "--store", store, "--corpus", "mnli")
+    csv_path = yes_no_csv(tmp_path / "a.csv")
+    cli("ingest", csv_path, "--format", "csv", "--store", store, "--corpus", "plain", "--columns", "label=answer",
+        "--label-names", "no,yes")
+    cli("ingest", csv_path, "--format", "csv", "--store", store, "--corpus", "declared", "--columns", "label=answer",
+        "--label-names", "no,yes", "--positive-label", "yes")
+    st = Store(store)
+    assert {c: st.corpus(c).positive_label for c in st.corpora()} == {
+        "wq": "1", "rte": "entailment", "qnli": "entailment", "mnli": None, "plain": None, "declared": "yes"}
+    # --positive-label overrides a format's default; a later append keeps what the corpus declares.
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq0", "--positive-label", "0")
+    cli("ingest", yes_no_csv(tmp_path / "b.csv", ("no",)), "--format", "csv", "--store", store, "--corpus", "declared",
+        "--columns", "label=answer")
+    assert Store(store).corpus("wq0").positive_label == "0" and Store(store).corpus("declared").positive_label == "yes"
+
+
+@pytest.mark.parametrize("corpus, args, message", [
+    ("d", ["--label-names", "no,yes", "--positive-label", "maybe"], "--positive-label maybe: not one of the label names ['no', 'yes']"),
+    ("d", ["--label-map", "yes=1,no=0", "--positive-label", "yes"], "--positive-label yes: not one of the label names ['0', '1']"),
+    ("d", ["--unlabeled", "--positive-label", "yes"], "--positive-label yes: the corpus has no label names"),
+    ("c", ["--positive-label", "no"], "corpus 'c' in the store declares positive label 'yes'"),
+])
+def test_a_bad_positive_label_is_refused_and_nothing_is_committed(tmp_path, corpus, args, message):
+    path = yes_no_csv(tmp_path / "a.csv")
+    store = tmp_path / "store"
+    cli("ingest", path, "--format", "csv", "--store", store, "--corpus", "c", "--columns", "label=answer",
+        "--label-names", "no,yes", "--positive-label", "yes")
+    before = snapshot(store)
+    other = yes_no_csv(tmp_path / "b.csv", ("no", "yes"))
+    result = cli("ingest", other, "--format", "csv", "--store", store, "--corpus", corpus, "--columns", "label=answer",
+                 *args, ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split())
+    assert snapshot(store) == before
