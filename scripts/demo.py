@@ -65,7 +65,7 @@ def comparison_table(store_path: Path, corpus: str, teachers: list[str], student
 
     lines = [f"{corpus}: {len(a)} pairs (official QNLI dev); accuracy of always 'not_entailment': "
              f"{float((gold != positive).mean()):.3f}", "",
-             f"| model | accuracy | F1 (entailment) | pairs/s (bf16) |", "|---|---|---|---|"]
+             "| model | accuracy | F1 (entailment) | pairs/s (bf16) |", "|---|---|---|---|"]
     lines += [f"| {name} | {m['accuracy']:.3f} | {m['f1']:.3f} | {pps:.0f} |" for name, m, pps in rows]
     return "\n".join(lines)
 

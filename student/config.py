@@ -26,7 +26,10 @@ Schema (every table and key; defaults in brackets)::
     corpus = "dev"                  # [""]: no evaluation; the final model is the last one
     metric = "accuracy"             # accuracy | f1 | map | mrr: keeps the best checkpoint
     batch_size = 64
-    positive_label = 1              # the class whose score ranks candidates (MAP/MRR) and F1
+    positive_label = "entailment"   # the class (a label NAME) whose score ranks candidates (MAP/MRR) and
+                                    #   whose F1 is reported; [the eval corpus's declared positive class,
+                                    #   else the one label whose name means positive (1, true, yes,
+                                    #   entailment, relevant, positive, ...); ambiguous: an error]
 
     [train]
     mixed_precision = ""            # no | bf16 | fp16 [""]: whatever accelerate launch says
@@ -51,6 +54,10 @@ Schema (every table and key; defaults in brackets)::
     temperature = 1.0
     alpha = 0.5                     # weight of the soft part on rows with a gold label
 
+Types are checked: a wrong one is an error naming the file (or the ``--set``), the field
+(``stages.1.lr``, stages counted from 0 as in ``--set``) and the expected type. A list of
+strings also takes a single string (``corpora = "x"`` is ``corpora = ["x"]``).
+
 Overrides: ``--set stages.0.lr=5e-5`` (values are parsed as TOML literals, else strings),
 plus the typed flags ``--output``, ``--resume``, ``--mixed_precision``,
 ``--gradient_accumulation_steps``.
@@ -58,9 +65,10 @@ plus the typed flags ``--output``, ``--resume``, ``--mixed_precision``,
 from __future__ import annotations
 
 import tomllib
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
 
 class ConfigError(Exception):
@@ -108,7 +116,7 @@ class EvalConfig:
     corpus: str = ""
     metric: str = "accuracy"
     batch_size: int = 64
-    positive_label: int = 1
+    positive_label: str | None = None  # a label name; None: the corpus's declared one, else a name meaning positive
 
 
 @dataclass
@@ -158,7 +166,8 @@ class TrainConfig:
         return asdict(self)
 
     # ---- checks -----------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
+    def validate(self, source: str = "the config") -> "TrainConfig":
+        """Check values (types are checked while building); ``source`` names the file in the message."""
         problems = []
         if not self.store:
             problems.append("`store` is required")
@@ -181,6 +190,8 @@ class TrainConfig:
             problems.append("teacher_weights must be >= 0 and not all 0")
         if self.student.num_layers < 0 or self.student.max_length < 2:
             problems.append("student.num_layers must be >= 0 and student.max_length >= 2")
+        if self.eval.positive_label == "":  # `--set eval.positive_label=""`: back to the default
+            self.eval.positive_label = None
         if self.eval.metric not in ("accuracy", "f1", "map", "mrr"):
             problems.append(f"eval.metric must be accuracy, f1, map or mrr, not {self.eval.metric!r}")
         if self.train.mixed_precision not in ("", "no", "bf16", "fp16"):
@@ -212,55 +223,80 @@ class TrainConfig:
             if not s.name:
                 s.name = f"stage{i + 1}"
         if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
         return self
 
 
 # ---- building from dicts (TOML) ---------------------------------------------------------------
-def _convert(tp, value, where: str):
+# A field whose wrong type has a likely cause: said with the error.
+HINTS = {
+    "eval.positive_label": "give the label's name, e.g. positive_label = \"entailment\" (an index would depend on "
+                           "the corpus's label order)",
+}
+_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (list, "an array"),
+          (dict, "a table"))
+
+
+def _got(value) -> str:
+    """``'abc' (a string)``: the value and its TOML type, for error messages."""
+    kind = next((name for t, name in _KINDS if isinstance(value, t)), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+def _expected(tp) -> str:
+    if is_dataclass(tp) or get_origin(tp) is dict:
+        return "a table"
+    if get_origin(tp) is list:
+        (inner,) = get_args(tp)
+        return f"an array of {_expected(inner).split(' ', 1)[1]}s"
+    return {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _type_error(where: str, tp, value, src: Callable[[str], str]) -> "ConfigError":
+    hint = f"; {HINTS[where]}" if where in HINTS else ""
+    return ConfigError(f"{src(where)}: {where}: expected {_expected(tp)}, got {_got(value)}{hint}")
+
+
+def _convert(tp, value, where: str, src: Callable[[str], str]):
+    """``value`` as type ``tp``, or a ConfigError naming its source (file or --set), field and expected type."""
     origin = get_origin(tp)
+    if origin in (Union, types.UnionType):  # `str | None`: None is the default only (TOML has no null)
+        (tp,) = [a for a in get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(tp, value, where, src)
     if is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _build(tp, value, where)
+            raise _type_error(where, tp, value, src)
+        return _build(tp, value, where, src)
     if origin is list:
         (inner,) = get_args(tp)
         if not isinstance(value, list):
             if inner is str and isinstance(value, str):  # `corpora = "x"` is a list of one
                 return [value]
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(inner, v, f"{where}.{i}") for i, v in enumerate(value)]
+            raise _type_error(where, tp, value, src)
+        return [_convert(inner, v, f"{where}.{i}", src) for i, v in enumerate(value)]
     if origin is dict:
         _, inner = get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return {str(k): _convert(inner, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value  # pragma: no cover
+            raise _type_error(where, tp, value, src)
+        return {str(k): _convert(inner, v, f"{where}.{k}", src) for k, v in value.items()}
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp]
+    if not ok(value):
+        raise _type_error(where, tp, value, src)
+    return float(value) if tp is float else value
 
 
-def _build(cls, raw: dict, where: str = ""):
+def _build(cls, raw: dict, where: str = "", src: Callable[[str], str] = lambda where: "the config"):
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where or 'the config'}; known: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+        first = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{src(first)}: unknown key(s) {unknown} in {where or 'the top level'}; "
+                          f"known: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k, src) for k, v in raw.items()}
     return cls(**kwargs)
 
 
@@ -286,6 +322,8 @@ def apply_override(raw: dict, dotted: str, value: Any) -> None:
             if k not in node:
                 node[k] = [] if nxt.isdigit() else {}
             node = node[k]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is {_got(node)}, not a table")
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -296,25 +334,39 @@ def apply_override(raw: dict, dotted: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> TrainConfig:
-    """Read the TOML file (if any), apply ``key=value`` overrides and typed flags, validate."""
+    """Read the TOML file (if any), apply ``key=value`` overrides and typed flags, validate.
+
+    Errors name where the bad value came from: the file, or the ``--set`` / flag that set it."""
     raw: dict = {}
+    file_name = "the config"
     if path:
         p = Path(path)
+        file_name = str(p)
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         try:
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    given: dict[str, str] = {}  # dotted key -> the command-line text that set it (the last one wins)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. stages.0.lr=5e-5")
         key, value = item.split("=", 1)
         apply_override(raw, key.strip(), parse_value(value.strip()))
+        given[key.strip()] = f"--set {item}"
     for key, value in flags.items():
         if value is not None:
             apply_override(raw, key, value)
-    return _build(TrainConfig, raw).validate()
+            given[key] = f"--{key.rsplit('.', 1)[-1]} {value}"
+
+    def source(where: str) -> str:
+        """The --set that set this field (or a table holding it, or a key inside it), else the file."""
+        hits = [k for k in given if where == k or where.startswith(k + ".") or k.startswith(where + ".")]
+        return given[max(hits, key=len)] if hits else file_name
+
+    cfg = _build(TrainConfig, raw, src=source)
+    return cfg.validate(" ".join([file_name, *given.values()]) if given else file_name)
 
 
 def config_from_dict(raw: dict) -> TrainConfig:

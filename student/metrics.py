@@ -14,9 +14,9 @@ def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
     return float((pred == gold).mean()) if len(gold) else 0.0
 
 
-def f1(pred: np.ndarray, gold: np.ndarray, num_labels: int, positive: int = 1) -> float:
-    """Binary F1 of the positive class when there are 2 labels, else macro F1."""
-    classes = [positive] if num_labels == 2 else list(range(num_labels))
+def f1(pred: np.ndarray, gold: np.ndarray, num_labels: int, positive: int | None = 1) -> float:
+    """Binary F1 of the positive class when there are 2 labels (and it is known), else macro F1."""
+    classes = [positive] if num_labels == 2 and positive is not None else list(range(num_labels))
     scores = []
     for c in classes:
         tp = float(((pred == c) & (gold == c)).sum())
@@ -58,15 +58,19 @@ def map_mrr(scores: np.ndarray, relevant: np.ndarray, groups) -> dict:
     }
 
 
-def evaluate_predictions(logits: np.ndarray, gold: np.ndarray, groups, positive: int = 1) -> dict:
-    """All metrics for one evaluation pass. Rows without a gold label (< 0) are left out."""
+def evaluate_predictions(logits: np.ndarray, gold: np.ndarray, groups, positive: int | None = 1) -> dict:
+    """All metrics for one evaluation pass. Rows without a gold label (< 0) are left out.
+
+    ``positive``: the INDEX of the positive class (callers resolve it from a label name with
+    pipeline.store.positive_index); None (more than two labels, none named): macro F1, no ranking.
+    """
     keep = gold >= 0
     logits, gold = logits[keep], gold[keep]
     groups = [g for g, k in zip(groups, keep) if k]
     num_labels = logits.shape[1]
     pred = logits.argmax(axis=1)
     out = {"rows": int(len(gold)), "accuracy": accuracy(pred, gold), "f1": f1(pred, gold, num_labels, positive)}
-    if any(g is not None for g in groups):
+    if positive is not None and any(g is not None for g in groups):
         # log-softmax of the positive class: the model's score for "this candidate answers"
         z = logits - logits.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))

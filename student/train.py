@@ -11,7 +11,7 @@ student/data.py for the data order. Output folder::
     OUT/run.json                                          teachers + fingerprints, corpora + part digests, config
     OUT/metrics.jsonl                                     one line per (stage, epoch)
     OUT/checkpoints/step-NNNNNNNN/                        model, optimizer, scheduler, RNG per rank, position
-    OUT/checkpoints/best/                                 export of the best epoch so far
+    OUT/checkpoints/best-NNNNNNNN/                        export of the best epoch so far (the step it ended)
     OUT/ranks/rank-R.json                                 what each process saw (rows, id checksum) + weight digest
 
 Gradient accumulation: the data stream is per-rank and not wrapped by accelerate, so the loop
@@ -68,45 +68,79 @@ class RunResult:
 
 # ---- setup helpers ----------------------------------------------------------------------------
 def label_space(cfg: TrainConfig, store, teachers) -> list[str]:
-    """The task's label names: the teachers' (all equal) and every named corpus's that declares one."""
-    from pipeline.store import StoreError
+    """The task's label names, after checking every teacher and every named corpus agree on them.
 
-    names = None
-    for t in teachers:
-        if names is None:
-            names = t.label_names
-        elif t.label_names != names:
-            raise TrainError(
-                f"teachers disagree on the label space: {teachers[0].name!r} has {names}, {t.name!r} has {t.label_names}"
-            )
-    corpora = [c for s in cfg.stages for c in s.corpora] + ([cfg.eval.corpus] if cfg.eval.corpus else [])
-    for c in dict.fromkeys(corpora):
+    One rule for the whole project (pipeline.store.label_space_mismatch): counts match, names match in
+    order unless one side has only generic LABEL_i names; a corpus without labels takes any teacher.
+    The names returned are the first meaningful ones (a corpus's or a teacher's), for the export.
+    """
+    from pipeline.store import GENERIC_LABEL, LabelSpaceError, StoreError, label_space_mismatch
+
+    for t in teachers[1:]:
+        msg = label_space_mismatch(t.name, t.label_names, f"teacher {teachers[0].name!r}", teachers[0].label_names)
+        if msg:
+            raise LabelSpaceError(msg)
+    stage_corpora = [c for s in cfg.stages for c in s.corpora]
+    labelled: list[tuple[str, list[str]]] = []  # (corpus, label names), each declaring a label space
+    for c in dict.fromkeys(stage_corpora + ([cfg.eval.corpus] if cfg.eval.corpus else [])):
         m = store.corpus(c)  # StoreError naming the known corpora if absent
         if not m.parts:
             raise StoreError(f"corpus {c!r} has no committed parts")
         if m.label_names is None:
-            if not teachers and c in [x for st in cfg.stages for x in st.corpora]:
+            if not teachers and c in stage_corpora:
                 raise TrainError(f"corpus {c!r} has no labels and there are no teachers: nothing to learn from "
                                  "(no-KD trains on labelled corpora only)")
             continue
-        if names is None:
-            names = m.label_names
-        elif m.label_names != names:
-            who = "the teachers" if teachers else "the other corpora"
-            raise TrainError(f"corpus {c!r} has label names {m.label_names}, {who} have {names}")
+        for t in teachers:
+            msg = label_space_mismatch(t.name, t.label_names, f"corpus {c!r}", m.label_names)
+            if msg:
+                raise LabelSpaceError(msg)
+        if not teachers and labelled:  # no-KD: the corpora must agree among themselves, by the same rule
+            first, names = labelled[0]
+            if label_space_mismatch(first, names, f"corpus {c!r}", m.label_names):
+                raise LabelSpaceError(f"corpus {c!r} has labels {m.label_names}, corpus {first!r} has {names} "
+                                      "(order matters)")
+        labelled.append((c, m.label_names))
     if cfg.eval.corpus and cfg.eval.metric in ("map", "mrr"):
         has_groups = any(store.read_corpus_part(p, ["group"]).column("group").null_count < p.rows
                          for p in store.corpus(cfg.eval.corpus).parts)
         if not has_groups:
             raise TrainError(f"eval.metric = {cfg.eval.metric!r} ranks candidates by group, but corpus "
                              f"{cfg.eval.corpus!r} has no groups; use accuracy or f1")
-    if names is None:
+    spaces = [t.label_names for t in teachers] + [names for _, names in labelled]
+    if not spaces:
         raise TrainError("no label space: without teachers at least one corpus must declare label names")
-    return names
+    meaningful = [n for n in spaces if not any(GENERIC_LABEL.match(x) for x in n)]
+    return list((meaningful or spaces)[0])
+
+
+def positive_class(cfg: TrainConfig, store, label_names: list[str]) -> int | None:
+    """Index of the class whose score ranks candidates (MAP/MRR) and whose F1 is reported, found by NAME.
+
+    eval.positive_label, else the eval corpus's declared positive class, else the one label whose name
+    means positive; a wrong or ambiguous name is an error before training starts, never a guess. With
+    more than two labels and nothing named, None: accuracy and macro F1 need no positive class.
+    """
+    from pipeline.store import StoreError, positive_index
+
+    if not cfg.eval.corpus:
+        return None
+    m = store.corpus(cfg.eval.corpus)
+    names = m.label_names or label_names
+    try:
+        return positive_index(names, cfg.eval.positive_label, m.positive_label,
+                              where=f"eval corpus {cfg.eval.corpus!r}: ")
+    except StoreError:
+        if cfg.eval.positive_label or m.positive_label or len(names) == 2 or cfg.eval.metric in ("map", "mrr"):
+            raise
+        return None
 
 
 def check_labels(store, cfg: TrainConfig, teachers) -> None:
-    """Refuse up front every missing or stale label part the stages need, naming them."""
+    """Refuse up front every missing, stale or damaged label part the stages need, naming them.
+
+    Commit records and digests only: each part is decoded and checked in full (ids, finite
+    logits) when the stream reads it, so the bytes are not decoded twice."""
     from pipeline.store import StaleLabelsError
 
     bad = []
@@ -114,14 +148,14 @@ def check_labels(store, cfg: TrainConfig, teachers) -> None:
         for c in stage.corpora:
             for part in store.corpus(c).parts:
                 for t in teachers:
-                    chk = store.check_label(t, part)
+                    chk = store.check_label(t, part, decode=False)
                     if chk.status != "ok":
                         path = store.label_path(t.name, c, part.part)
                         bad.append(f"{path} ({chk.status}{': ' + chk.reason if chk.reason else ''})")
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise StaleLabelsError(
-            f"{len(bad)} label part(s) missing or stale for this run:\n  {shown}\n"
+            f"{len(bad)} label part(s) missing, stale or damaged for this run:\n  {shown}\n"
             "score them with `tmkd-label run`, or drop those teachers/corpora from the config"
         )
 
@@ -159,40 +193,139 @@ def param_digest(model) -> str:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
+# A kill at any moment leaves the last complete checkpoint usable: every folder is written under a
+# hidden temporary name and takes its final name in one rename once complete; nothing is removed
+# before its replacement is in place. The best epoch's export is a folder per step (best-NNNNNNNN),
+# and the checkpoint's state says which one is current, so switching "best" is part of the
+# checkpoint's own rename.
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a file in one rename: a kill leaves the old or the new content, never a truncated file."""
+    from pipeline.store import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl = one line per (stage, epoch) trained so far, rewritten whole (a kill keeps the old file)."""
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in history))
+
+
+def checkpoint_complete(ckpt: Path) -> bool:
+    """A step folder counts only with a readable state.json whose listed files are all there, whole."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = state.get("files")  # absent in checkpoints from before it was recorded: trust the rename
+    return files is None or all((ckpt / n).is_file() and (ckpt / n).stat().st_size == size
+                                for n, size in files.items())
+
+
+def _in_place(folder: Path) -> Path:
+    """``folder``, or the copy ``publish`` moved aside if a kill came before the new one took its name."""
+    aside = folder.with_name(f".old-{folder.name}")
+    return aside if not folder.exists() and aside.exists() else folder
+
+
 def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint; half-written folders (hidden temporaries, no state.json) never count."""
     base = out / "checkpoints"
-    found = sorted(p for p in base.glob("step-*") if (p / "state.json").exists()) if base.exists() else []
+    if not base.exists():
+        return None
+    steps = {p.name.removeprefix(".old-") for p in [*base.glob("step-*"), *base.glob(".old-step-*")]}
+    found = [c for c in (_in_place(base / name) for name in sorted(steps)) if checkpoint_complete(c)]
     return found[-1] if found else None
 
 
+def best_folder(out: Path, best: dict) -> Path:
+    """The export of the best epoch ``best`` (state["best"]); runs from before per-step folders used best/."""
+    folder = _in_place(out / "checkpoints" / f"best-{best['step']:08d}")
+    legacy = out / "checkpoints" / "best"
+    return legacy if not folder.exists() and legacy.exists() else folder
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's files and entries to disk, so a rename never publishes data still in the page cache."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Give the complete folder ``tmp`` its final name; a folder already there is moved aside first and
+    removed only after the new one is in place (the same step saved again: an epoch without batches)."""
+    _fsync_folder(tmp)
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(base: Path, keep: int) -> None:
+    """Remove the step folders beyond the newest ``keep``, best exports no kept checkpoint refers to, and
+    leftovers of saves a kill interrupted. Runs only after the new checkpoint is in place."""
+    steps = sorted(p for p in base.glob("step-*") if checkpoint_complete(p))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    wanted = set()
+    for ckpt in steps[-keep:]:
+        best = json.loads((ckpt / "state.json").read_text()).get("best")
+        if best and "step" in best:
+            wanted.add(f"best-{best['step']:08d}")
+    for p in list(base.glob("best-*")) + list(base.glob(".tmp-*")) + list(base.glob(".old-*")):
+        if p.name not in wanted:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, out: Path, step: int, pos: Position, model, optimizer, scheduler, state: dict,
-                    keep: int, num_workers: int) -> None:
+                    keep: int, num_workers: int, running: dict | None = None) -> None:
+    """Save everything a resume needs; ``running``: this rank's sums for the epoch in progress (mid-epoch),
+    so the resumed epoch's train_loss covers the whole epoch."""
     import numpy as np
     import torch
 
     base = out / "checkpoints"
     tmp = base / f".tmp-step-{step:08d}"
     final = base / f"step-{step:08d}"
+    rank = accelerator.process_index
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(rng, tmp / f"rng-rank{accelerator.process_index}.pt")
+    torch.save(rng, tmp / f"rng-rank{rank}.pt")
+    if running is not None:
+        (tmp / f"epoch-rank{rank}.json").write_text(json.dumps(running))
     if accelerator.is_main_process:
         torch.save(accelerator.unwrap_model(model).state_dict(), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         full = dict(state, step=step, position=pos.__dict__, world_size=accelerator.num_processes,
-                    num_workers=num_workers)
+                    num_workers=num_workers, files=files)
         (tmp / "state.json").write_text(json.dumps(full, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint counts once its folder has its final name
-        for old in sorted(base.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final)  # the checkpoint counts once its folder has its final name
+        prune_checkpoints(base, keep)
     accelerator.wait_for_everyone()
+
+
+def export_best(model, tokenizer, out: Path, step: int) -> None:
+    """Export the best epoch so far to checkpoints/best-<step>; the next checkpoint makes it current."""
+    from student.model import export
+
+    tmp = out / "checkpoints" / f".tmp-best-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(model, tokenizer, tmp)
+    publish(tmp, out / "checkpoints" / f"best-{step:08d}")
 
 
 def restore_rng(ckpt: Path, rank: int) -> None:
@@ -220,7 +353,7 @@ def comparable(cfg_dict: dict) -> dict:
 
 
 # ---- evaluation -------------------------------------------------------------------------------
-def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer) -> dict:
+def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer, positive: int | None) -> dict:
     import numpy as np
     import torch
 
@@ -249,7 +382,7 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer) -> dict:
         allp = gather_object([local])
         local = (np.concatenate([p[0] for p in allp]), np.concatenate([p[1] for p in allp]),
                  [g for p in allp for g in p[2]])
-    return evaluate_predictions(local[0], local[1], local[2], cfg.eval.positive_label)
+    return evaluate_predictions(local[0], local[1], local[2], positive)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -270,7 +403,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
 
 def _run(cfg: TrainConfig, resume: bool) -> RunResult:
-    import numpy as np
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -293,6 +425,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     store = Store(cfg.store)
     teachers = [store.teacher(n) for n in cfg.teachers]
     label_names = label_space(cfg, store, teachers)
+    positive = positive_class(cfg, store, label_names)
     check_labels(store, cfg, teachers)
     num_labels = len(label_names)
     ensemble = cfg.soft_target == "ensemble"
@@ -302,6 +435,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     ckpt = latest_checkpoint(out)
     state: dict = {"best": None, "history": [], "examples": 0, "seconds": 0.0}
     start, step = Position(), 0
+    running: dict | None = None  # this rank's sums for the epoch the checkpoint stopped in
     if ckpt is not None and not resume:
         raise TrainError(f"{out} holds checkpoints of an earlier run ({ckpt.name}): pass --resume to continue it, "
                          "or choose another output folder")
@@ -321,6 +455,9 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                              f"so resume with --set data.num_workers={old}")
         start, step = Position(**saved["position"]), saved["step"]
         state.update({k: saved[k] for k in ("best", "history", "examples", "seconds")})
+        if start.batch:  # stopped mid-epoch: continue this rank's loss sums (older checkpoints lack them)
+            f = ckpt / f"epoch-rank{rank}.json"
+            running = json.loads(f.read_text()) if f.exists() else None
     elif resume and main:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning", file=sys.stderr)
 
@@ -338,8 +475,11 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(run_record(cfg, store, teachers, world, accelerator.mixed_precision, "running",
-                                                               {"num_workers": nw}), indent=2))
+        write_atomic(out / "run.json", json.dumps(run_record(cfg, store, teachers, world, accelerator.mixed_precision,
+                                                             "running", {"num_workers": nw}), indent=2))
+        # the lines of the epochs the checkpoint holds, and no others: those a killed run wrote after its
+        # last checkpoint are trained again and written again
+        write_metrics(out, state["history"])
     accelerator.wait_for_everyone()
 
     weights = torch.tensor(cfg.normalised_weights() or [1.0], dtype=torch.float32, device=accelerator.device)
@@ -400,6 +540,13 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                 loss_sum = torch.zeros(2, dtype=torch.float64)  # weighted loss, weight
                 rows = id_sum = 0
                 t_epoch, ex_epoch = time.time(), 0
+                partial = False  # train_loss covers only the rows after a resume (an older checkpoint)
+                if skip:
+                    if running is not None:  # the sums of the batches before the checkpoint: a whole-epoch loss
+                        loss_sum = torch.tensor(running["loss_sum"], dtype=torch.float64)
+                        rows, id_sum, ex_epoch = running["rows"], running["id_sum"], running["examples"]
+                        t_epoch -= running["seconds"]
+                    partial = running is None
                 it = iter(loader)
                 for i in range(n_batches):
                     batch = next(it, None)
@@ -434,10 +581,13 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
                         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and i + 1 < n_batches:
+                            sums = {"loss_sum": loss_sum.tolist(), "rows": rows, "id_sum": id_sum,
+                                    "examples": ex_epoch, "seconds": time.time() - t_epoch}
                             save_checkpoint(accelerator, out, step, Position(si, epoch, i + 1), model, optimizer,
                                             scheduler, dict(state, examples=state["examples"] + examples_now,
                                                             seconds=state["seconds"] + time.time() - t_start,
-                                                            config=cfg.to_dict()), cfg.train.keep_checkpoints, nw)
+                                                            config=cfg.to_dict()), cfg.train.keep_checkpoints, nw,
+                                            running=sums)
                         if kill_at and step == kill_at:
                             os.kill(os.getpid(), signal.SIGKILL)
                     rate = ex_epoch / max(1e-9, time.time() - t_epoch)
@@ -454,8 +604,12 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                 line = {"stage": stage.name, "epoch": epoch + 1, "step": step,
                         "train_loss": float(totals[0] / max(float(totals[1]), 1e-9)),
                         "examples": ex_all, "examples_per_s": ex_all / max(secs, 1e-9), "seconds": secs}
+                if partial:  # resumed from a checkpoint without the epoch's sums: say what the numbers cover
+                    line.update(partial=True, note="train_loss, examples and seconds cover only the rows trained "
+                                                   "after the resume")
                 if cfg.eval.corpus:
-                    line.update({f"eval_{k}": v for k, v in evaluate(accelerator, model, store, cfg, tokenizer).items()})
+                    line.update({f"eval_{k}": v
+                                 for k, v in evaluate(accelerator, model, store, cfg, tokenizer, positive).items()})
                     value = line.get(f"eval_{cfg.eval.metric}")
                     if value is None:
                         raise TrainError(f"eval.metric = {cfg.eval.metric!r} but corpus {cfg.eval.corpus!r} has no "
@@ -465,15 +619,10 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
                         state["best"] = {"metric": cfg.eval.metric, "value": value, "stage": stage.name,
                                          "epoch": epoch + 1, "step": step}
                         if main:
-                            tmp = out / "checkpoints" / ".tmp-best"
-                            shutil.rmtree(tmp, ignore_errors=True)
-                            export(accelerator.unwrap_model(model), tokenizer, tmp)
-                            shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)
-                            os.replace(tmp, out / "checkpoints" / "best")
+                            export_best(accelerator.unwrap_model(model), tokenizer, out, step)
                 state["history"].append(line)
                 if main:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(line) + "\n")
+                    write_metrics(out, state["history"])
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()
                              if k in ("train_loss", "eval_accuracy", "eval_f1", "eval_map", "eval_mrr")}
                     progress.console.print(f"{stage.name} epoch {epoch + 1}: {shown}")
@@ -487,21 +636,23 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     # --- export: the best epoch (or the last, without evaluation) as a stock HF model ---
     net = accelerator.unwrap_model(model)
     if main:
-        best_dir = out / "checkpoints" / "best"
-        if cfg.eval.corpus and best_dir.exists():
+        if state["best"] is not None:
+            best_dir = best_folder(out, state["best"])
+            if not best_dir.is_dir():
+                raise TrainError(f"{best_dir}: the export of the best epoch is missing (removed by hand?); the "
+                                 "checkpoints are kept: restore it, or train again into a new output folder")
             for f in best_dir.iterdir():
                 shutil.copy2(f, out / f.name)
         else:
             export(net, tokenizer, out)
     examples = state["examples"] + examples_now
     seconds = state["seconds"] + time.time() - t_start
-    (out / "ranks").mkdir(parents=True, exist_ok=True)
-    (out / "ranks" / f"rank-{rank}.json").write_text(json.dumps(
+    write_atomic(out / "ranks" / f"rank-{rank}.json", json.dumps(
         {"rank": rank, "world_size": world, "pid": os.getpid(), "epochs": seen, "param_digest": param_digest(net)},
         indent=2))
     accelerator.wait_for_everyone()
     if main:
-        (out / "run.json").write_text(json.dumps(run_record(
+        write_atomic(out / "run.json", json.dumps(run_record(
             cfg, store, teachers, world, accelerator.mixed_precision, "done",
             {"steps": step, "examples": examples, "seconds": seconds, "best": state["best"], "num_workers": nw}), indent=2))
         rate = examples / max(seconds, 1e-9)
@@ -546,7 +697,7 @@ def main(argv=None) -> int:
         run(cfg, resume=args.resume)
     except (ConfigError, StoreError, TrainError) as e:
         print(f"error: {clean_message(e)}", file=sys.stderr)
-        return 2
+        return 1  # a user error (README: exit codes); argparse exits 2 on usage errors
     return 0
 
 
