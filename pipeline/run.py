@@ -102,9 +102,9 @@ def pick_device(device: str | None):
     return torch.device("cpu")
 
 
-def register_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], replace: bool, write: bool = True):
-    """Fingerprint each teacher, refuse changed checkpoints and wrong label spaces, record them
-    (``write=False``: check only; nothing is written)."""
+def check_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], replace: bool):
+    """Fingerprint each teacher (its weights checked), refuse changed checkpoints and wrong label
+    spaces. Writes nothing: a run records its teachers only once all of them passed."""
     known = store.teachers()
     manifests = {c: store.corpus(c) for c in corpora}
     out = []
@@ -120,10 +120,16 @@ def register_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str]
         for c in corpora:
             if record.scores(c):
                 check_label_space(record, manifests[c])
-        if old != record and write:
-            store.write_teacher(record)
         out.append((spec, record, folder))
     return out
+
+
+def record_teachers(store: Store, records: list[TeacherRecord]) -> None:
+    """Write the records of new or changed teachers."""
+    known = store.teachers()
+    for record in records:
+        if known.get(record.name) != record:
+            store.write_teacher(record)
 
 
 @dataclass
@@ -195,12 +201,11 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     if not corpora:
         raise StoreError(f"{store.root}: no corpora yet; add one with `tmkd-label ingest`")
     rank, world = global_rank(opts.shard)
-    specs = load_teachers_toml(opts.teachers)
-    teachers = register_teachers(store, specs, corpora, opts.replace, write=False)  # checks only
+    teachers = check_teachers(store, load_teachers_toml(opts.teachers), corpora, opts.replace)
     records = [rec for _, rec, _ in teachers]
     plan, skipped, invalid = plan_units(store, records, corpora, rank, world)  # refuses damaged corpus parts
-    store.upgrade()
-    register_teachers(store, specs, corpora, opts.replace)  # now record them
+    store.upgrade()  # nothing was written before this line
+    record_teachers(store, records)
 
     device = pick_device(opts.device) if plan else None
     summary = RunSummary(rank, world, os.getpid(), socket.gethostname(), str(device or "none"))
