@@ -324,6 +324,7 @@ def test_three_workers_at_once_score_every_unit_exactly_once(tmp_path, shared_da
     assert all(p.returncode == 0 for p in procs), outs
     logs = Store(three).run_logs()
     assert len({log["pid"] for log in logs}) == 3
+    assert sorted(log["log_path"] for log in logs) == sorted(str(p) for p in (three / "runs").glob("*.json"))
     scored = [tuple(u) for log in logs for u in log["scored"]]
     units = 2 * len(Store(three).corpus("wq").parts)
     assert len(scored) == len(set(scored)) == units  # every unit once, by exactly one worker
@@ -406,3 +407,25 @@ def test_a_claim_from_another_node_is_taken_over_only_when_its_lease_expires(tmp
     assert not theirs.holds("t1", "wq", 0)
     theirs.renew()  # the old owner notices it lost the claim, and would drop its result
     assert path not in theirs.held
+
+
+def test_one_label_space_rule_and_message_for_verify_query_and_run(scored, tmp_path):
+    """A teacher record whose label names no longer match the corpus's: every tool says the same thing."""
+    from pipeline.store import label_space_mismatch
+
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    record = store / "teachers" / "t1.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "label_names": ["no", "yes"]}))
+    message = label_space_mismatch("t1", ["no", "yes"], "corpus 'wq'", ["0", "1"])
+    assert message and "do not match corpus 'wq' labels ['0', '1']" in message
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1 and message in res.output
+    q = cli("query", "--store", store, "--format", "csv", "SELECT count(*) FROM labels WHERE teacher = 't1'")
+    assert q.stdout.split()[1] == "0" and message in q.stderr
+    # run takes the labels from the teacher's checkpoint again and records them: repaired, nothing re-scored
+    cli("run", "--store", store, "--teachers", teachers)
+    assert json.loads(record.read_text())["label_names"] == ["LABEL_0", "LABEL_1"]
+    assert Store(store).run_logs()[-1]["units_scored"] == 0
+    assert "OK" in cli("verify", "--store", store).output
