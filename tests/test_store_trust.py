@@ -347,8 +347,7 @@ def test_a_killed_workers_unit_is_taken_over_by_the_survivors(tmp_path, shared_d
     cli("run", "--store", one, "--teachers", teachers)
 
     lease = 4.0
-    procs = [_start(three, teachers, lease) for _ in range(3)]
-    victim = procs[0]
+    victim = _start(three, teachers, lease)  # the first of the three: it claims units before the others start
     deadline = time.time() + 120
 
     def victims_claims():
@@ -365,14 +364,15 @@ def test_a_killed_workers_unit_is_taken_over_by_the_survivors(tmp_path, shared_d
     while not held and victim.poll() is None and time.time() < deadline:
         time.sleep(0.01)
         if victims_claims():
-            victim.send_signal(signal.SIGSTOP)  # freeze it, then make sure it still holds a claim
+            victim.send_signal(signal.SIGSTOP)  # freeze it mid-part, then make sure it still holds a claim
             held = victims_claims()
             if not held:
                 victim.send_signal(signal.SIGCONT)
+    assert held, "the victim should be frozen while it holds a claim (mid-part)"
+    procs = [victim] + [_start(three, teachers, lease) for _ in range(2)]
+    time.sleep(1.0)  # the two others start and plan while the victim still holds its units
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert held, "the kill should land while the victim holds a claim (mid-part)"
-
     outs = [p.communicate(timeout=300)[0] for p in procs[1:]]
     assert all(p.returncode == 0 for p in procs[1:]), outs
     units = {(c.parent.parent.name, c.parent.name, int(c.stem.split("-")[1])) for c in held}
