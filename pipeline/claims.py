@@ -13,11 +13,18 @@ Temporary files carry their claim's token in their name, so the owner of a unit 
 every other temporary of that unit: they belong to claims that have expired. Before its
 commit a worker checks it still holds the claim; if it lost it (it stalled past its
 lease), it drops its result instead of committing over the new owner's.
+
+Known limits: a takeover reads the claim's age, then renames it; a claim renewed or re-made
+in between can be moved away, and its owner then drops its (identical) result: work is
+repeated, never lost or committed twice. Nodes sharing a store must have distinct host names
+(a claim of a dead process on the *same* host is taken over without waiting for its lease).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import threading
 import time
@@ -37,8 +44,8 @@ class Claims:
     """The claims one worker holds, with a thread that renews their leases."""
 
     def __init__(self, store: Store, lease_s: float = DEFAULT_LEASE_S):
-        if lease_s <= 0:
-            raise StoreError(f"--lease {lease_s}: must be a positive number of seconds")
+        if not (math.isfinite(lease_s) and 1e-3 <= lease_s <= 7 * 86400):
+            raise StoreError(f"--lease {lease_s}: must be a number of seconds between 0.001 and 604800 (a week)")
         self.store, self.lease_s = store, float(lease_s)
         self.token = uuid.uuid4().hex  # this worker's identity in claims and temporaries
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
@@ -71,6 +78,13 @@ class Claims:
             return True
         return False
 
+    def _lease_of(self, path: Path) -> float:
+        """The lease its owner asked for (recorded in the claim): a short-lease worker must not take
+        over the units of a long-lease one early."""
+        info = self.owner_of(path) or {}
+        lease = info.get("lease_s")
+        return float(lease) if isinstance(lease, (int, float)) and math.isfinite(lease) and lease > 0 else self.lease_s
+
     def _take_over_if_expired(self, path: Path) -> bool:
         """Move an expired claim (or one whose process on this host is gone) out of the way; True if
         we did, and may claim afresh."""
@@ -78,7 +92,7 @@ class Claims:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return True  # released meanwhile
-        if age < self.lease_s and not self._owner_is_dead(path):
+        if age < self._lease_of(path) and not self._owner_is_dead(path):
             return False
         grave = path.parent / f".{path.name}.{self.token}.expired"
         try:
@@ -115,8 +129,9 @@ class Claims:
     def check_held(self, teacher: str, corpus: str, part: int) -> None:
         """Raise ClaimLost unless we still hold this unit (called right before committing)."""
         if not self.holds(teacher, corpus, part):
-            raise ClaimLost(f"lost the claim on {teacher} × {corpus}/{part} to another worker (lease "
-                            f"{self.lease_s:g} s expired); its result is dropped, the other worker commits it")
+            raise ClaimLost(f"lost the claim on {teacher} × {corpus}/{part} to another worker (this worker did "
+                            f"not renew its {self.lease_s:g} s lease in time); its result is dropped, the other "
+                            "worker commits it")
 
     def release(self, teacher: str, corpus: str, part: int) -> None:
         path = self.path(teacher, corpus, part)
@@ -127,10 +142,12 @@ class Claims:
 
     def is_live(self, teacher: str, corpus: str, part: int) -> bool:
         """Does any worker hold a live claim on this unit?"""
+        path = self.path(teacher, corpus, part)
         try:
-            return time.time() - self.path(teacher, corpus, part).stat().st_mtime < self.lease_s
+            age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return False
+        return age < self._lease_of(path) and not self._owner_is_dead(path)
 
     def renew(self) -> None:
         """Touch every claim we hold; forget the ones another worker took over."""
@@ -171,17 +188,20 @@ class Claims:
             self.held.clear()
 
 
+TEMP_PART = re.compile(r"^\.part-(\d{5})\.")  # ".part-00003.parquet.<token>.tmp", ".part-00003.commit.json..."
+
+
 def remove_dead_temporaries(store: Store, claims: Claims) -> int:
-    """Delete label temporaries whose unit has no live claim: their writers are gone. Returns the count."""
-    base = store.root / "labels"
+    """Delete temporaries whose unit has no live claim: their writers are gone. Returns the count.
+    Covers label parts, commit records and claims themselves (a worker killed while claiming)."""
     n = 0
-    for tmp in base.glob("*/*/.part-*.tmp") if base.exists() else []:
-        name = tmp.name[1:].split(".parquet")[0]  # ".part-00003.parquet.<token>.tmp" -> "part-00003"
-        try:
-            part = int(name.removeprefix("part-"))
-        except ValueError:
-            continue
-        if not claims.is_live(tmp.parent.parent.name, tmp.parent.name, part):
-            tmp.unlink(missing_ok=True)
-            n += 1
+    for folder in ("labels", "claims"):
+        base = store.root / folder
+        for tmp in base.glob("*/*/.part-*.tmp") if base.exists() else []:
+            match = TEMP_PART.match(tmp.name)
+            if match and not claims.is_live(tmp.parent.parent.name, tmp.parent.name, int(match.group(1))):
+                if folder == "claims" and time.time() - tmp.stat().st_mtime < claims.lease_s:
+                    continue  # a claim being written right now
+                tmp.unlink(missing_ok=True)
+                n += 1
     return n

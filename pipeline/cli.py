@@ -39,9 +39,13 @@ def say(console: Console, message: str, style: str = "", prefix: str = "") -> No
     console.print(line, highlight=False, soft_wrap=True)
 
 
-def fail(message: str) -> None:
-    """A user-facing error: one red line on stderr, exit code 1, no traceback."""
-    say(err, message, "bold red", "error: ")
+def fail(message) -> None:
+    """A user-facing error: one red line on stderr, exit code 1, no traceback. An OSError (a full
+    disk, a read-only store, a missing permission) is the user's to fix too: named, not a traceback."""
+    if isinstance(message, OSError):
+        where = f"{message.filename}: " if message.filename else ""
+        message = f"{where}{message.strerror or message}"
+    say(err, str(message), "bold red", "error: ")
     raise typer.Exit(1)
 
 
@@ -70,8 +74,8 @@ def run(
     opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease)
     try:
         s = run_labels(opts, err)
-    except StoreError as e:
-        fail(str(e))
+    except (StoreError, OSError) as e:
+        fail(e)
     who = f"rank {s.rank}/{s.world}: " if s.world > 1 else ""
     if s.rescored:
         shown = ", ".join(f"{t}/{c}/{p} ({why})" for t, c, p, why in s.rescored)
@@ -97,8 +101,8 @@ def status(store: Path = STORE_OPT):
         st = Store(store)
         rows = coverage(st)
         corpora = {c: st.corpus(c) for c in st.corpora()}
-    except StoreError as e:
-        fail(str(e))
+    except (StoreError, OSError) as e:
+        fail(e)
     t = Table(title=Text(f"corpora in {store}"))
     for col in ("corpus", "parts", "rows", "labels"):
         t.add_column(col)
@@ -118,6 +122,15 @@ def status(store: Path = STORE_OPT):
         out.print("no teachers yet: score with `tmkd-label run --store STORE --teachers teachers.toml`")
 
 
+def _json_value(v):
+    """NaN and infinities are not JSON: they are written as null (valid JSON that every reader takes)."""
+    if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+        return None
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    return v
+
+
 class Format(str, Enum):
     table = "table"
     csv = "csv"
@@ -129,7 +142,7 @@ def query(
     sql: str = typer.Argument(..., help="SQL over the views corpus, labels, teachers, corpora (read-only)."),
     store: Path = STORE_OPT,
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    limit: int = typer.Option(100, "--max-rows", help="Rows shown in table format (csv/json print all)."),
+    limit: int = typer.Option(100, "--max-rows", min=0, help="Rows shown in table format (csv/json print all)."),
 ):
     """DuckDB SQL over the store, with no file access (nothing a query does can change the store).
 
@@ -141,8 +154,8 @@ def query(
 
     try:
         columns, rows, left = run_query(Store(store), sql)
-    except StoreError as e:
-        fail(str(e))
+    except (StoreError, OSError) as e:
+        fail(e)
     for kind, parts in (("corpus", left.corpus_parts), ("label", left.label_parts)):
         if parts:
             say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
@@ -151,7 +164,10 @@ def query(
         w.writerow(columns)
         w.writerows(rows)
     elif fmt is Format.json:
-        json.dump([dict(zip(columns, r)) for r in rows], sys.stdout, default=str)
+        if len(set(columns)) != len(columns):
+            dup = sorted({c for c in columns if columns.count(c) > 1})
+            fail(f"--format json needs distinct column names; {dup} occur more than once: name them with AS")
+        json.dump([dict(zip(columns, map(_json_value, r))) for r in rows], sys.stdout, default=str, allow_nan=False)
         sys.stdout.write("\n")
     else:
         t = Table()
@@ -171,8 +187,8 @@ def verify(store: Path = STORE_OPT):
 
     try:
         report = verify_store(Store(store))
-    except StoreError as e:
-        fail(str(e))
+    except (StoreError, OSError) as e:
+        fail(e)
     for p in report.problems:
         say(err, p, "red", "problem: ")
     for n in report.notes:
@@ -221,8 +237,8 @@ def ingest(
                 bar.update(tasks[path], completed=done)
 
             s = ingest_files(Store.create(store), files, opts, progress)
-    except (IngestError, StoreError) as e:
-        fail(str(e))
+    except (IngestError, StoreError, OSError) as e:
+        fail(e)
     t = Table(title=Text(f"ingested into corpus {s.corpus!r} of {store}"), show_header=False)
     t.add_row(cell("rows read"), cell(f"{s.rows_read:,}"))
     t.add_row(cell("rows written"), cell(f"{s.rows_written:,} ({s.rows_labelled:,} labelled)"))

@@ -4,8 +4,8 @@ The store is opened with pyarrow, not by DuckDB: each view is a ``pyarrow.datase
 committed parts that pass the store's checks (``Store.check_label``, the rule `run`, `verify`
 and the trainer apply: digest, page checksums, ids, finite logits; page checksums are
 verified again while DuckDB scans). The DuckDB connection itself runs with
-``enable_external_access = false``, no allowed directories, no extension loading, no
-replacement scans of Python variables, a private temp folder, and its configuration locked.
+``enable_external_access = false``, no allowed directories, no temp folder, no extension
+loading, no replacement scans of Python variables, and its configuration locked.
 So no statement can read or write any file, whatever its type (COPY, EXPORT, ATTACH,
 EXPLAIN ANALYZE COPY, read_text, glob, ...): they fail with DuckDB's permission error, and
 everything else (PIVOT, SUMMARIZE, CREATE TEMP TABLE, ...) only ever sees memory.
@@ -18,12 +18,14 @@ Views:
 - ``teachers`` (name, fingerprint, path, label_names, dtype, max_length)
 - ``corpora``  (corpus, label_names, parts, "rows")
 
-Parts left out (damaged corpus parts, stale or damaged label parts) are returned with the
-reason, for the caller to report: a view never shrinks silently.
+Parts left out (damaged corpus parts, stale or damaged label parts, label files no view can
+show) are returned with the reason, for the caller to report: a view never shrinks silently.
+A part rewritten while the query ran (its inode, size or mtime changed since it was checked)
+discards the result with an error, so a result is always computed from checked bytes.
 """
 from __future__ import annotations
 
-import shutil
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,6 +47,13 @@ class LeftOut:
 
     corpus_parts: list[str] = field(default_factory=list)  # "corpus/part (reason)"
     label_parts: list[str] = field(default_factory=list)  # "teacher/corpus/part (reason)"
+    checked: dict[str, tuple] = field(default_factory=dict)  # path -> identity of the file as checked
+
+
+def _identity(path: str) -> tuple:
+    """What changes when a file is replaced or rewritten: inode, size, modification time."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 LABELS_SCHEMA = pa.schema([("teacher", pa.string()), ("corpus", pa.string()), ("part", pa.int32()),
@@ -93,6 +102,7 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                 continue
             paths.append(str(p.path))
             parts.append(_const(corpus=name, part=p.part))
+            left.checked[str(p.path)] = _identity(str(p.path))
     corpus = _dataset(paths, CORPUS_VIEW_SCHEMA, parts)
 
     paths, parts = [], []
@@ -114,6 +124,18 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                     continue
                 paths.append(str(store.label_path(t.name, name, p.part)))
                 parts.append(_const(teacher=t.name, corpus=name, part=p.part))
+                left.checked[paths[-1]] = _identity(paths[-1])
+    for f in store.label_files():  # label parts on disk that no view can show: never silently
+        teacher, cname = f.parent.parent.name, f.parent.name
+        if str(f) in left.checked:
+            continue
+        t, m = teachers.get(teacher), manifests.get(cname)
+        part = int(f.stem.split("-")[1]) if f.stem.split("-")[-1].isdigit() else -1
+        why = ("unknown teacher" if t is None else "unknown corpus" if m is None
+               else "no such corpus part" if part not in {p.part for p in m.parts}
+               else f"teacher not set to score corpus {cname!r}" if not t.scores(cname) else None)
+        if why:
+            left.label_parts.append(f"{teacher}/{cname}/{f.name} ({why})")
     labels = _dataset(paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), parts)
 
     teacher_rows = pa.table({
@@ -133,19 +155,46 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
     return {"corpus": corpus, "labels": labels, "teachers": teacher_rows, "corpora": corpora_rows}, left
 
 
+def _locked_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can touch no file.
+
+    DuckDB always allows the paths ``<cwd>/:memory:`` (and its .wal files) even with external
+    access off, so the connection is opened inside an empty folder that is removed at once:
+    those paths then point into a folder that no longer exists, and nothing can be created there.
+    There is no temp folder either (no spilling to disk: a query runs in memory)."""
+    here = os.getcwd()
+    scratch = tempfile.mkdtemp(prefix="tmkd-query-")
+    try:
+        os.chdir(scratch)
+        return duckdb.connect(":memory:", config={**LOCKED, "temp_directory": "", "lock_configuration": True})
+    finally:
+        os.chdir(here)
+        os.rmdir(scratch)
+
+
 @contextmanager
 def connect(store: Store):
     """An in-memory DuckDB over the store's views, with no file access; yields (connection, left out)."""
     views, left = build_views(store)
-    scratch = tempfile.mkdtemp(prefix="tmkd-query-")  # DuckDB may spill here; removed afterwards
-    con = duckdb.connect(":memory:", config={**LOCKED, "temp_directory": scratch, "lock_configuration": True})
+    con = _locked_connection()
     try:
         for name, obj in views.items():  # the logits' fixed-size lists are read as FLOAT[] (the schema above)
             con.register(name, obj)
         yield con, left
     finally:
         con.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def changed_since_checked(left: LeftOut) -> list[str]:
+    """Files the views read that were replaced or rewritten after they were checked."""
+    changed = []
+    for path, ident in left.checked.items():
+        try:
+            if _identity(path) != ident:
+                changed.append(path)
+        except FileNotFoundError:
+            changed.append(path)
+    return changed
 
 
 def run_query(store: Store, sql: str):
@@ -162,6 +211,11 @@ def run_query(store: Store, sql: str):
             for s in statements:
                 result = con.execute(s.query)
             columns = [d[0] for d in result.description] if result.description else []
-            return columns, result.fetchall(), left
+            rows = result.fetchall()
         except duckdb.Error as e:
             raise QueryError(str(e)) from None
+    changed = changed_since_checked(left)
+    if changed:  # a part checked before the query is not the part the query read: never return that
+        raise QueryError(f"the store changed while the query ran ({len(changed)} part(s) rewritten, e.g. "
+                         f"{changed[0]}); the result is discarded: run the query again")
+    return columns, rows, left

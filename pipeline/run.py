@@ -124,12 +124,11 @@ def check_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], r
     return out
 
 
-def record_teachers(store: Store, records: list[TeacherRecord]) -> None:
-    """Write the records of new or changed teachers."""
-    known = store.teachers()
+def record_teachers(store: Store, records: list[TeacherRecord], replace: bool) -> None:
+    """Write the records of new or changed teachers (a name another run recorded meanwhile with
+    another checkpoint is refused, as it would have been had that run come first)."""
     for record in records:
-        if known.get(record.name) != record:
-            store.write_teacher(record)
+        store.record_teacher(record, replace)
 
 
 @dataclass
@@ -138,7 +137,7 @@ class Unit:
 
     part: CorpusPart
     teachers: list[TeacherRecord]
-    seen: dict[str, str | None]  # teacher -> digest of its commit record when planned (None: none)
+    seen: dict[str, str | None]  # teacher -> commit id of its commit record when planned (None: none)
 
 
 def plan_units(store: Store, records: list[TeacherRecord], corpora: list[str], rank: int, world: int):
@@ -169,7 +168,7 @@ def plan_units(store: Store, records: list[TeacherRecord], corpora: list[str], r
             if check.invalid:
                 invalid.append([rec.name, part.corpus, part.part, check.reason])
             record = _commit_or_none(store, rec, part)
-            seen[rec.name] = record.get("digest") if record else None
+            seen[rec.name] = _commit_id(record)
             todo.append(rec)
         if todo:
             units.append(Unit(part, todo, seen))
@@ -179,6 +178,11 @@ def plan_units(store: Store, records: list[TeacherRecord], corpora: list[str], r
             + "\n  ".join(corrupt) + "\nre-ingest the corpus (or restore the files) and run again"
         )
     return units, skipped, invalid
+
+
+def _commit_id(record: dict | None) -> str | None:
+    """What tells one commit of a unit from another, even of the same bytes."""
+    return None if record is None else record.get("commit_id") or record.get("digest")
 
 
 def _commit_or_none(store: Store, rec: TeacherRecord, part: CorpusPart) -> dict | None:
@@ -205,7 +209,7 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     records = [rec for _, rec, _ in teachers]
     plan, skipped, invalid = plan_units(store, records, corpora, rank, world)  # refuses damaged corpus parts
     store.upgrade()  # nothing was written before this line
-    record_teachers(store, records)
+    record_teachers(store, records, opts.replace)
 
     device = pick_device(opts.device) if plan else None
     summary = RunSummary(rank, world, os.getpid(), socket.gethostname(), str(device or "none"))
@@ -235,7 +239,7 @@ def _next_claimed(store: Store, pending: list[Unit], claims: Claims, summary: Ru
                     continue  # another worker holds it: come back later
                 unit.teachers.remove(rec)
                 now = _commit_or_none(store, rec, part)
-                if now is not None and now.get("digest") != unit.seen[rec.name] \
+                if now is not None and _commit_id(now) != unit.seen[rec.name] \
                         and store.check_label(rec, part, decode=False).status == "ok":
                     claims.release(rec.name, part.corpus, part.part)  # committed by another worker meanwhile
                     summary.units_by_others += 1

@@ -126,7 +126,7 @@ def positive_index(label_names: list[str], wanted: str | None = None, declared: 
 
 def check_name(kind: str, name: str) -> str:
     """Corpus and teacher names become folder names: keep them safe and portable."""
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise StoreError(
             f"invalid {kind} name {name!r}: use letters, digits, '.', '_' or '-' (not starting with '.' or '-')"
         )
@@ -170,12 +170,31 @@ def tmp_token(tmp: Path) -> str | None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave temporaries behind
+        raise
     _fsync_dir(path.parent)
+
+
+def create_json_if_absent(path: Path, obj) -> bool:
+    """Write ``path`` only if it does not exist, atomically and complete (hard link of a finished
+    temporary: fails if the name is taken, on local disks and NFS). True if we created it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -218,6 +237,8 @@ def remove_stale_tmp(path: Path, keep: str | None = None) -> int:
 
 def read_verified(path: Path, digest: str, what: str) -> bytes:
     """The bytes of a committed file, checked against its recorded digest (CorruptPartError if not)."""
+    if path.exists() and not path.is_file():  # a folder, a FIFO (reading it would hang), a device
+        raise CorruptPartError(f"{path}: {what} is not a regular file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -315,6 +336,8 @@ class Store:
             raise StoreError(f"{self.root}: not a tmkd label store (no store.json); create one with `tmkd-label ingest`")
         try:
             info = json.loads(meta.read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
         except (ValueError, OSError) as e:
             raise StoreError(f"{meta}: unreadable store record ({e})") from None
         self.version = info.get("schema_version")
@@ -357,14 +380,19 @@ class Store:
             raise StoreError(f"{self.root}: no corpus {corpus!r} (corpora in the store: {known})")
         try:
             raw = json.loads(path.read_text())
-        except (ValueError, OSError) as e:
-            raise StoreError(f"{path}: unreadable corpus manifest ({e})") from None
-        parts = [
-            CorpusPart(corpus, p["part"], p["rows"], p["digest"], self.corpus_dir(corpus) / p["file"])
-            for p in raw["parts"]
-        ]
-        return CorpusManifest(raw["name"], raw["label_names"], parts, raw.get("sources", []),
-                              raw.get("positive_label"))
+            parts = [
+                CorpusPart(corpus, _typed(p["part"], int), _typed(p["rows"], int), _typed(p["digest"], str),
+                           self.corpus_dir(corpus) / Path(_typed(p["file"], str)).name)
+                for p in raw["parts"]
+            ]
+            names = raw["label_names"]
+            if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise TypeError(f"label_names {names!r}")
+            return CorpusManifest(_typed(raw["name"], str), names, parts, raw.get("sources", []),
+                                  raw.get("positive_label"))
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+            raise StoreError(f"{path}: unreadable corpus manifest ({type(e).__name__}: {e}); restore it "
+                             "or re-ingest the corpus") from None
 
     def write_corpus_manifest(self, m: CorpusManifest) -> None:
         atomic_write_json(
@@ -445,10 +473,33 @@ class Store:
     @staticmethod
     def _read_teacher(path: Path) -> TeacherRecord:
         try:
-            return TeacherRecord(**json.loads(path.read_text()))
+            rec = TeacherRecord(**json.loads(path.read_text()))
+            for name in ("name", "fingerprint", "path", "dtype"):
+                _typed(getattr(rec, name), str)
+            _typed(rec.max_length, int)
+            if not isinstance(rec.label_names, list) or not all(isinstance(n, str) for n in rec.label_names):
+                raise TypeError(f"label_names {rec.label_names!r}")
+            if rec.corpora is not None and not isinstance(rec.corpora, list):
+                raise TypeError(f"corpora {rec.corpora!r}")
+            return rec
         except (ValueError, TypeError, OSError) as e:
             raise StoreError(f"{path}: unreadable teacher record ({e}); remove it and run `tmkd-label run` "
                              "to record the teacher again") from None
+
+    def record_teacher(self, rec: TeacherRecord, replace: bool = False) -> None:
+        """Record a teacher. A new name is created only if absent, so of two runs started at once with
+        different checkpoints under one name, the second is refused instead of overwriting the first."""
+        if create_json_if_absent(self.teacher_path(rec.name), asdict(rec)):
+            return
+        old = self.teacher(rec.name)
+        if old == rec:
+            return
+        if old.fingerprint != rec.fingerprint and not replace:
+            raise StoreError(
+                f"teacher {rec.name!r} changed: the store has fingerprint {old.fingerprint[:19]}… "
+                f"(from {old.path}), the checkpoint now gives {rec.fingerprint[:19]}…. Give it a new name, "
+                "or pass --replace to re-score it (its old labels then count as stale)")
+        self.write_teacher(rec)
 
     def teacher(self, name: str) -> TeacherRecord:
         path = self.teacher_path(name)
@@ -484,11 +535,14 @@ class Store:
         """The commit record of a label part, None if it has none; StoreError if it is unreadable."""
         path = self.commit_path(self.label_path(teacher, corpus, part))
         try:
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (ValueError, OSError) as e:
             raise CorruptPartError(f"{path}: unreadable commit record ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
+            raise CorruptPartError(f"{path}: unreadable commit record (not a tmkd commit record)")
+        return record
 
     def check_label(self, teacher: TeacherRecord, part: CorpusPart, corpus_ids: np.ndarray | None = None,
                     decode: bool = True) -> LabelCheck:
@@ -503,7 +557,7 @@ class Store:
         try:
             record = self.label_commit(teacher.name, part.corpus, part.part)
         except CorruptPartError as e:
-            return LabelCheck("bad", str(e).split(": ", 1)[1])
+            return LabelCheck("bad", str(e))  # names the commit record's path
         if record is None:
             if path.exists():
                 return LabelCheck("stale", "no commit record (written by an older tmkd, or its writer was killed "
@@ -556,6 +610,11 @@ class Store:
                              f"corpus {part.corpus!r} part {part.part} (first at row {int(np.argmin(finite))}); "
                              "nothing was written for this part")
         path = self.label_path(teacher.name, part.corpus, part.part)
+        commit = self.commit_path(path)
+        for p in (path, commit):
+            if p.exists() and not p.is_file():
+                raise StoreError(f"{p}: not a regular file (a folder?) where teacher {teacher.name!r} writes "
+                                 f"corpus {part.corpus!r} part {part.part}; remove it and run again")
         values = pa.array(logits.astype(np.float16 if store_dtype == "float16" else np.float32).reshape(-1))
         table = pa.table({
             "id": pa.array(ids, pa.int64()),
@@ -577,7 +636,6 @@ class Store:
             "truncation": teacher.truncation,
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-        commit = self.commit_path(path)
 
         def commit_old_out():
             if still_mine is not None:
@@ -592,7 +650,9 @@ class Store:
         )
         if still_mine is not None:
             still_mine()
-        atomic_write_json(commit, {**meta, "digest": digest, "rows": n, "file": path.name})
+        # commit_id tells this commit from an earlier one of the same bytes (a re-scored damaged part)
+        atomic_write_json(commit, {**meta, "digest": digest, "rows": n, "file": path.name,
+                                   "commit_id": uuid.uuid4().hex})
         return path
 
     def read_aligned(self, part: CorpusPart, teachers: list[TeacherRecord], columns: list[str] | None = None):
@@ -657,6 +717,13 @@ def _label_table_problem(table: pa.Table, num_labels: int, rows: int, corpus_ids
     if bad.any():
         return f"{int(bad.sum())} rows with NaN/inf logits (first at row {int(np.argmax(bad))})"
     return None
+
+
+def _typed(value, kind: type):
+    """``value`` if it has type ``kind`` (bool is not an int), else TypeError: records are checked, not trusted."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
+    return value
 
 
 def logits_to_numpy(column: pa.ChunkedArray) -> np.ndarray:

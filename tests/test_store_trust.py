@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -224,6 +225,11 @@ HOSTILE = [
     "CREATE TABLE t AS SELECT * FROM labels; SELECT count(*) FROM t",
     "ATTACH ':memory:' AS m; CREATE TABLE m.t AS SELECT 1",
     "SELECT * FROM duckdb_settings() WHERE name = 'enable_external_access'",
+    # DuckDB always allows <cwd>/:memory: and its .wal files, even with external access off
+    "COPY (SELECT 'x' AS x) TO ':memory:'",
+    "COPY (SELECT 'x' AS x) TO ':memory:.wal'",
+    "SELECT * FROM read_text(':memory:.wal')",
+    "COPY (SELECT 1 AS x) TO (current_setting('temp_directory') || '/x.csv')",
 ]
 
 
@@ -252,7 +258,8 @@ def test_hostile_queries_change_nothing_and_create_nothing(scored, tmp_path, mon
         if res.exit_code == 1:
             assert res.output.startswith("error: "), (sql, res.output)
         # reading or writing any file is refused, by DuckDB, whatever the statement's type
-        if any(w in template for w in ("COPY", "read_", "glob", "EXPORT", "'{part}'", ".duckdb")):
+        if any(w in template for w in ("COPY", "read_", "glob", "EXPORT", "'{part}'", ".duckdb")) \
+                and "temp_directory" not in template:
             assert res.exit_code == 1 and ("disabled by configuration" in res.output
                                            or "Permission" in res.output), (sql, res.output)
         assert tree_digests(store) == before, f"{sql} changed the store"
@@ -262,6 +269,33 @@ def test_hostile_queries_change_nothing_and_create_nothing(scored, tmp_path, mon
     # and analysis statements the old allow-list refused now work
     for sql in ("PIVOT (SELECT teacher, part FROM labels) ON teacher USING count(*)", "SUMMARIZE labels"):
         assert cli("query", "--store", store, sql).exit_code == 0
+    # run from inside the store, the paths DuckDB allows would be the store's: still nothing written
+    monkeypatch.chdir(store)
+    for sql in ("COPY (SELECT 'x' AS x) TO ':memory:'", "COPY (SELECT 'x' AS x) TO ':memory:.wal'"):
+        assert cli("query", "--store", ".", sql, ok=False).exit_code == 1
+    assert tree_digests(store) == before
+
+
+def test_a_part_rewritten_while_a_query_runs_discards_the_result(scored, tmp_path, monkeypatch):
+    """The views are checked before the query; a part replaced after that is never read as if checked."""
+    import pipeline.query as query
+
+    source, _ = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    path = Store(store).label_path("t1", "wq", 0)
+    real = query._locked_connection
+
+    def swap_then_connect():
+        scaled = tmp_path / "scaled.parquet"
+        shutil.copy(path, scaled)
+        _rewrite(scaled, lambda t: _logits(t, lambda x: 3 * x))
+        os.replace(scaled, path)  # after the checks, before DuckDB reads the files
+        return real()
+
+    monkeypatch.setattr(query, "_locked_connection", swap_then_connect)
+    res = cli("query", "--store", store, "SELECT sum(logits[1]) FROM labels", ok=False)
+    assert res.exit_code == 1 and "the store changed while the query ran" in res.output and str(path) in res.output
 
 
 def test_query_table_prints_values_as_text(scored, tmp_path):
@@ -429,3 +463,124 @@ def test_one_label_space_rule_and_message_for_verify_query_and_run(scored, tmp_p
     assert json.loads(record.read_text())["label_names"] == ["LABEL_0", "LABEL_1"]
     assert Store(store).run_logs()[-1]["units_scored"] == 0
     assert "OK" in cli("verify", "--store", store).output
+
+
+def test_the_owners_lease_decides_when_a_claim_expires(tmp_path):
+    """A worker started with a short --lease must not take over a long-lease worker's units early."""
+    import time
+
+    from pipeline.claims import Claims
+
+    store = Store.create(tmp_path / "store")
+    patient, hasty = Claims(store, lease_s=30.0), Claims(store, lease_s=0.2)
+    patient.owner["host"] = "another-node"  # so only the lease can free it
+    assert patient.try_claim("t1", "wq", 0)
+    time.sleep(0.5)
+    assert not hasty.try_claim("t1", "wq", 0) and hasty.is_live("t1", "wq", 0)
+
+
+def test_two_runs_with_different_checkpoints_under_one_name_cannot_both_record_it(tmp_path):
+    from pipeline.store import StoreError, TeacherRecord
+
+    store = Store.create(tmp_path / "store")
+    a = TeacherRecord("t1", "sha256:aaa", "/a", ["0", "1"], "float32", 64)
+    b = TeacherRecord("t1", "sha256:bbb", "/b", ["0", "1"], "float32", 64)
+    store.record_teacher(a)
+    store.record_teacher(a)  # the same teacher again: fine
+    with pytest.raises(StoreError, match="teacher 't1' changed"):
+        store.record_teacher(b)
+    assert store.teacher("t1") == a
+    store.record_teacher(b, replace=True)
+    assert store.teacher("t1") == b
+
+
+def test_two_runs_repair_damaged_parts_once_each(scored, tmp_path):
+    """Re-scored parts are bit-identical to the damaged ones' records; commit ids still tell them apart."""
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    st = Store(store)
+    parts = st.corpus("wq").parts
+    for p in parts:
+        flip_logit_bytes(st.label_path("t1", "wq", p.part))
+    procs = [_start(store, teachers, lease=30) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(log["units_scored"] for log in Store(store).run_logs()[-2:]) == len(parts)
+    assert "OK" in cli("verify", "--store", store).output
+
+
+def _damage_records(st: Store, case: str) -> Path:
+    label = st.label_path("t1", "wq", 1)
+    if case == "commit record not an object":
+        st.commit_path(label).write_text("[]")
+        return st.commit_path(label)
+    if case == "manifest without parts":
+        path = st.corpus_dir("wq") / "manifest.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "parts"}))
+        return path
+    if case == "teacher label names null":
+        path = st.teacher_path("t1")
+        path.write_text(json.dumps({**json.loads(path.read_text()), "label_names": None}))
+        return path
+    if case == "store.json not an object":
+        (st.root / "store.json").write_text("[]")
+        return st.root / "store.json"
+    if case == "a folder where a label part goes":
+        label.unlink()
+        label.mkdir()
+        return label
+    if case == "a FIFO where a label part goes":
+        label.unlink()
+        os.mkfifo(label)
+        return label
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["commit record not an object", "manifest without parts", "teacher label names null",
+                                  "store.json not an object", "a folder where a label part goes",
+                                  "a FIFO where a label part goes"])
+def test_damaged_records_give_one_line_errors_never_tracebacks_or_hangs(case, scored, tmp_path):
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    path = _damage_records(Store(store), case)
+    for args in (["verify"], ["status"], ["query", "SELECT count(*) FROM labels"], ["run", "--teachers", teachers]):
+        res = cli(args[0], "--store", store, *args[1:], ok=False)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (case, args, res.exception)
+        if args[0] == "verify" or case in ("manifest without parts", "teacher label names null",
+                                           "store.json not an object"):
+            assert res.exit_code == 1 and str(path) in res.output, (case, args, res.output)
+    if case == "commit record not an object":  # run repaired it
+        assert "OK" in cli("verify", "--store", store).output
+
+
+def test_leftover_temporaries_of_dead_writers_are_removed_by_run(scored, tmp_path):
+    source, teachers = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    folder = store / "labels" / "t1" / "wq"
+    dead = [folder / ".part-00001.commit.json.0123abcd.tmp", folder / ".part-00002.parquet.4567ef.tmp"]
+    for f in dead:
+        f.write_text("half")
+    assert "temporary file" in cli("verify", "--store", store).output
+    cli("run", "--store", store, "--teachers", teachers)
+    assert not any(f.exists() for f in dead)
+    assert "temporary" not in cli("verify", "--store", store).output
+
+
+def test_odd_input_is_refused_or_written_as_valid_output(scored, tmp_path):
+    store, teachers = scored
+    res = cli("ingest", tmp_path / "x.tsv", "--format", "tsv", "--store", tmp_path / "s", "--corpus", "wq\n", ok=False)
+    assert res.exit_code != 0
+    (tmp_path / "x.tsv").write_text("text_a\ttext_b\na\tb\n")
+    res = cli("ingest", tmp_path / "x.tsv", "--format", "tsv", "--store", tmp_path / "s", "--corpus", "wq\n", ok=False)
+    assert res.exit_code == 1 and "invalid corpus name" in res.output
+    for lease in ("nan", "inf", "0"):
+        res = cli("run", "--store", store, "--teachers", teachers, "--lease", lease, ok=False)
+        assert res.exit_code == 1 and "--lease" in res.output, lease
+    out = cli("query", "--store", store, "--format", "json", "SELECT 'nan'::DOUBLE AS x, [1.0, 'inf'::DOUBLE] AS y")
+    assert json.loads(out.stdout) == [{"x": None, "y": [1.0, None]}]
+    res = cli("query", "--store", store, "--format", "json", "SELECT 1 AS a, 2 AS a", ok=False)
+    assert res.exit_code == 1 and "distinct column names" in res.output
+    assert cli("query", "--store", store, "--max-rows", "-1", "SELECT 1", ok=False).exit_code == 2
