@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.cpu import bound_cpu_caches  # noqa: E402
+from tmkd.teachers.cpu import bound_cpu_caches  # noqa: E402
 
 bound_cpu_caches()  # as `tmkd-label run` does, before the first kernel
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.labeler import bert_flops, fresh_store, gemm_peak, make_teacher  # noqa: E402
-from pipeline.store import Store  # noqa: E402
-from teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch  # noqa: E402
+from labeler import bert_flops, fresh_store, gemm_peak, make_teacher  # noqa: E402  (bench/ is the script's own folder)
+from tmkd.data.store import Store  # noqa: E402
+from tmkd.teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch  # noqa: E402
 
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
             "aten::_scaled_dot_product_flash_attention_for_cpu", "mkldnn", "aten::_addmm_activation")

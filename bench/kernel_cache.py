@@ -1,6 +1,6 @@
 """bf16 labeler speed and memory against oneDNN's kernel-cache capacity (one process per setting).
 
-`tmkd-label run` bounds oneDNN's kernel cache to keep memory flat as the corpus grows (pipeline/cpu.py);
+`tmkd-label run` bounds oneDNN's kernel cache to keep memory flat as the corpus grows (teachers/cpu.py);
 the bound has a speed cost in bf16, where kernels are built per batch shape. This scores WikiQA test
 (6,165 pairs, one all-MiniLM-L6-v2-shaped teacher, bf16) three times per process, for each capacity,
 alternating the settings ``--rounds`` times, and prints pairs/s per pass and the process's peak RSS.
@@ -19,14 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import resource, sys, time
-sys.path.insert(0, {root!r})
-from pipeline.cpu import bound_cpu_caches
+from tmkd.teachers.cpu import bound_cpu_caches
 bound_cpu_caches()
 import torch
 from pathlib import Path
-from pipeline.store import Store
-from teachers.spec import TeacherSpec
-from teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
+from tmkd.data.store import Store
+from tmkd.teachers.spec import TeacherSpec
+from tmkd.teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
 folder, st = Path({teacher!r}), Store({store!r})
 part = st.corpus(st.corpora()[0]).parts[0]
 t = st.read_corpus_part(part, ["text_a", "text_b"])

@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cpu import bound_cpu_caches
+from tmkd.teachers.cpu import bound_cpu_caches
 
 bound_cpu_caches()  # as `tmkd-label run` does, before the first kernel: every measurement runs with its settings
 
 import torch  # noqa: E402
 
-from data.ingest import IngestOptions, ingest  # noqa: E402
-from pipeline.run import RunOptions, run
-from pipeline.store import Store
-from teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch
+from tmkd.data.ingest import IngestOptions, ingest  # noqa: E402
+from tmkd.pipeline.run import RunOptions, run
+from tmkd.data.store import Store
+from tmkd.teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch
 
 
 def gemm_peak(dtype=torch.float32, n: int = 4096, repeats: int = 5) -> float:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.query import connect
-from pipeline.store import Store, TeacherRecord
+from tmkd.pipeline.query import connect
+from tmkd.data.store import Store, TeacherRecord
 
 PART_ROWS = 50_000
 QUERIES = {

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.cpu import bound_cpu_caches  # noqa: E402
+from tmkd.teachers.cpu import bound_cpu_caches  # noqa: E402
 
 bound_cpu_caches()  # as student/train.py does, before the first kernel
 
@@ -35,10 +33,10 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline.store import Store  # noqa: E402
-from student.data import DistillStream, data_workers  # noqa: E402
-from student.losses import distill_loss  # noqa: E402
-from student.model import load_student  # noqa: E402
+from tmkd.data.store import Store  # noqa: E402
+from tmkd.student.data import DistillStream, data_workers  # noqa: E402
+from tmkd.student.losses import distill_loss  # noqa: E402
+from tmkd.student.model import load_student  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

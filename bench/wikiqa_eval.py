@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import Store
-from teachers.scoring import score_folder
+from tmkd.data.store import Store
+from tmkd.teachers.scoring import score_folder
 
 
 def read_ref(path: Path) -> dict[tuple[int, int], int]:

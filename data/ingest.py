@@ -34,8 +34,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, nli_label_names, open_reader
-from pipeline.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name
+from tmkd.data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, nli_label_names, open_reader
+from tmkd.data.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name
 
 CHUNK_ROWS = 8192  # records checked together (duplicate checks are vectorised per chunk)
 ID_MODES = ("source", "text")

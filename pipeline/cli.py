@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.store import Store, StoreError
+from tmkd.data.store import Store, StoreError
 
 err = Console(stderr=True)
 out = Console()
@@ -69,7 +69,7 @@ def run(
 
     Several runs may share one store (processes, nodes): they divide the units through claims.
     """
-    from pipeline.run import RunOptions, run as run_labels
+    from tmkd.pipeline.run import RunOptions, run as run_labels
 
     opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease)
     try:
@@ -95,7 +95,7 @@ def run(
 @app.command()
 def status(store: Path = STORE_OPT):
     """Coverage: for each teacher × corpus, label parts done / total."""
-    from pipeline.status import coverage
+    from tmkd.pipeline.status import coverage
 
     try:
         st = Store(store)
@@ -150,7 +150,7 @@ def query(
     part, row, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
     corpora(corpus, label_names, parts, rows).
     """
-    from pipeline.query import run_query
+    from tmkd.pipeline.query import run_query
 
     try:
         columns, rows, left = run_query(Store(store), sql)
@@ -183,7 +183,7 @@ def query(
 @app.command()
 def verify(store: Path = STORE_OPT):
     """Check the store is complete and consistent; exit 0 only if it is."""
-    from pipeline.verify import verify as verify_store
+    from tmkd.pipeline.verify import verify as verify_store
 
     try:
         report = verify_store(Store(store))
@@ -220,7 +220,7 @@ def ingest(
     """Check and shard source files into a corpus of the store; bad rows are quarantined with file, line and reason."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from data.ingest import IngestError, IngestOptions, ingest as ingest_files, parse_mapping, parse_names
+    from tmkd.data.ingest import IngestError, IngestOptions, ingest as ingest_files, parse_mapping, parse_names
 
     try:
         opts = IngestOptions(

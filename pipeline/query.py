@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from pipeline.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, label_space_mismatch
+from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, label_space_mismatch
 
 
 class QueryError(StoreError):

@@ -9,7 +9,7 @@ Before anything is scored, every unit is checked with the store's one rule
 stale label part counts as not done and is scored again, and the summary says so. A corpus
 part that does not match its manifest digest stops the run before anything is written.
 
-Workers share the store through claims (pipeline/claims.py): each unit is claimed with a
+Workers share the store through claims (data/claims.py): each unit is claimed with a
 lease before it is scored, so any number of runs started on one store (processes, nodes)
 divide the units between them and score each exactly once; a unit whose worker died is
 taken over when its lease expires. A run ends when every unit it planned is committed, by
@@ -31,10 +31,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.claims import DEFAULT_LEASE_S, ClaimLost, Claims, remove_dead_temporaries
-from pipeline.cpu import bound_cpu_caches, release_free_memory
-from pipeline.store import CorruptPartError, CorpusPart, Store, StoreError, TeacherRecord, remove_stale_tmp
-from teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
+from tmkd.data.claims import DEFAULT_LEASE_S, ClaimLost, Claims, remove_dead_temporaries
+from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
+from tmkd.data.store import CorruptPartError, CorpusPart, Store, StoreError, TeacherRecord, remove_stale_tmp
+from tmkd.teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
 
 
 @dataclass
@@ -260,7 +260,7 @@ def _next_claimed(store: Store, pending: list[Unit], claims: Claims, summary: Ru
 def _score_plan(store, plan, teachers, device, opts, summary, console, claims: Claims, invalid: list) -> None:
     from transformers.utils import logging as hf_logging
 
-    from teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
+    from tmkd.teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.store import CorruptPartError, Store
+from tmkd.data.store import CorruptPartError, Store
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import PART_RE, CorruptPartError, Store, label_space_mismatch
+from tmkd.data.store import PART_RE, CorruptPartError, Store, label_space_mismatch
 
 
 @dataclass
@@ -82,7 +82,7 @@ def verify(store: Store) -> VerifyReport:
 
 
 def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: VerifyReport) -> None:
-    """Everything under the store that is not part of it, by the layout in pipeline/store.py."""
+    """Everything under the store that is not part of it, by the layout in data/store.py."""
     expected = {store.root / "store.json"}
     for name, m in manifests.items():
         expected.add(store.corpus_dir(name) / "manifest.json")

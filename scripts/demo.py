@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT / "data" / "samples" / "qnli"
 PY = sys.executable
 LABEL = str(Path(sys.executable).parent / "tmkd-label")
@@ -39,9 +38,9 @@ def comparison_table(store_path: Path, corpus: str, teachers: list[str], student
     """Dev metrics of each teacher (from the store), their ensemble and the student, plus pairs/s."""
     import numpy as np
 
-    from pipeline.store import Store
-    from student.metrics import evaluate_predictions
-    from teachers.scoring import score_folder
+    from tmkd.data.store import Store
+    from tmkd.teachers.metrics import evaluate_predictions
+    from tmkd.teachers.scoring import score_folder
 
     store = Store(store_path)
     records = [store.teacher(t) for t in teachers]

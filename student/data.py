@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.store import CorpusPart, Store, TeacherRecord
-from teachers.scoring import Encoded, encode_pairs, pad_batch
+from tmkd.data.store import CorpusPart, Store, TeacherRecord
+from tmkd.teachers.scoring import Encoded, encode_pairs, pad_batch
 
 TEXT_COLUMNS = ["text_a", "text_b", "label"]
 

@@ -23,9 +23,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python student/train.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import contextlib
 import hashlib
@@ -38,7 +35,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from student.config import ConfigError, TrainConfig, load_config
+from tmkd.student.config import ConfigError, TrainConfig, load_config
 
 KILL_ENV = "TMKD_STUDENT_KILL_AT_STEP"  # test hook: SIGKILL this process after that optimizer step
 
@@ -70,11 +67,11 @@ class RunResult:
 def label_space(cfg: TrainConfig, store, teachers) -> list[str]:
     """The task's label names, after checking every teacher and every named corpus agree on them.
 
-    One rule for the whole project (pipeline.store.label_space_mismatch): counts match, names match in
+    One rule for the whole project (tmkd.data.store.label_space_mismatch): counts match, names match in
     order unless one side has only generic LABEL_i names; a corpus without labels takes any teacher.
     The names returned are the first meaningful ones (a corpus's or a teacher's), for the export.
     """
-    from pipeline.store import GENERIC_LABEL, LabelSpaceError, StoreError, label_space_mismatch
+    from tmkd.data.store import GENERIC_LABEL, LabelSpaceError, StoreError, label_space_mismatch
 
     for t in teachers[1:]:
         msg = label_space_mismatch(t.name, t.label_names, f"teacher {teachers[0].name!r}", teachers[0].label_names)
@@ -121,7 +118,7 @@ def positive_class(cfg: TrainConfig, store, label_names: list[str]) -> int | Non
     means positive; a wrong or ambiguous name is an error before training starts, never a guess. With
     more than two labels and nothing named, None: accuracy and macro F1 need no positive class.
     """
-    from pipeline.store import StoreError, positive_index
+    from tmkd.data.store import StoreError, positive_index
 
     if not cfg.eval.corpus:
         return None
@@ -141,7 +138,7 @@ def check_labels(store, cfg: TrainConfig, teachers) -> None:
 
     Commit records and digests only: each part is decoded and checked in full (ids, finite
     logits) when the stream reads it, so the bytes are not decoded twice."""
-    from pipeline.store import StaleLabelsError
+    from tmkd.data.store import StaleLabelsError
 
     bad = []
     for stage in cfg.stages:
@@ -200,7 +197,7 @@ def param_digest(model) -> str:
 # checkpoint's own rename.
 def write_atomic(path: Path, text: str) -> None:
     """Replace a file in one rename: a kill leaves the old or the new content, never a truncated file."""
-    from pipeline.store import atomic_write_bytes
+    from tmkd.data.store import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 
@@ -320,7 +317,7 @@ def save_checkpoint(accelerator, out: Path, step: int, pos: Position, model, opt
 
 def export_best(model, tokenizer, out: Path, step: int) -> None:
     """Export the best epoch so far to checkpoints/best-<step>; the next checkpoint makes it current."""
-    from student.model import export
+    from tmkd.student.model import export
 
     tmp = out / "checkpoints" / f".tmp-best-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -357,8 +354,8 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer, positive: i
     import numpy as np
     import torch
 
-    from student.data import eval_batches
-    from student.metrics import evaluate_predictions
+    from tmkd.student.data import eval_batches
+    from tmkd.teachers.metrics import evaluate_predictions
 
     parts = store.corpus(cfg.eval.corpus).parts[accelerator.process_index :: accelerator.num_processes]
     net = accelerator.unwrap_model(model)
@@ -388,7 +385,7 @@ def evaluate(accelerator, model, store, cfg: TrainConfig, tokenizer, positive: i
 # ---- the run ----------------------------------------------------------------------------------
 def run(cfg: TrainConfig, resume: bool = False) -> RunResult:
     """Train as the config says; ``resume``: continue from the last checkpoint in the output folder."""
-    from pipeline.cpu import bound_cpu_caches
+    from tmkd.teachers.cpu import bound_cpu_caches
 
     bound_cpu_caches()  # before the first kernel: keeps memory flat as the corpus grows
     import torch
@@ -410,10 +407,10 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
 
-    from pipeline.store import Store
-    from student.data import DistillStream, data_workers, dummy_batch, plan_batches
-    from student.losses import distill_loss
-    from student.model import export, load_student
+    from tmkd.data.store import Store
+    from tmkd.student.data import DistillStream, data_workers, dummy_batch, plan_batches
+    from tmkd.student.losses import distill_loss
+    from tmkd.student.model import export, load_student
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision or None)
@@ -687,7 +684,7 @@ def clean_message(e: Exception) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline.store import StoreError
+    from tmkd.data.store import StoreError
 
     args = parse_args(argv)
     try:
@@ -718,8 +715,13 @@ def _teardown_and_exit(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`tmkd-train`, `python student/train.py` and `accelerate launch -m tmkd.student.train`: one entry."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _teardown_and_exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -62,16 +62,13 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (`accelerate launch teachers/finetune.py`)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.store import Store, StoreError, check_name
-from teachers.scoring import encode_pairs, length_batches, pad_batch
-from teachers.spec import check_types, check_unique_names, fits_type, read_toml
+from tmkd.data.store import Store, StoreError, check_name
+from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
+from tmkd.teachers.spec import check_types, check_unique_names, fits_type, read_toml
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
@@ -464,7 +461,7 @@ def batch_loss(spec: TeacherConfig, logits, labels, groups, positive: int, weigh
 # --------------------------------------------------------------------------------------
 def metrics(logits: np.ndarray, split: Split, positive: int) -> dict:
     """Accuracy, F1 and (when the split has groups) MAP/MRR over groups with a correct and a wrong candidate."""
-    from student.metrics import evaluate_predictions
+    from tmkd.teachers.metrics import evaluate_predictions
 
     out = evaluate_predictions(logits, split.labels, split.groups, positive)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
@@ -837,10 +834,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`tmkd-finetune`, `python teachers/finetune.py` and `accelerate launch -m tmkd.teachers.finetune`."""
     code = main()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # avoids the rare SIGABRT at teardown of multi-process CPU runs (shared/ENVIRONMENT.md)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store import TeacherRecord
-from teachers.spec import TeacherError, TeacherSpec
+from tmkd.data.store import TeacherRecord
+from tmkd.teachers.spec import TeacherError, TeacherSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -32,7 +32,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.store import CorpusManifest, StoreError, TeacherRecord, check_name, label_space_mismatch
+from tmkd.data.store import CorpusManifest, StoreError, TeacherRecord, check_name, label_space_mismatch
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")

@@ -18,11 +18,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.store import Store  # noqa: E402
-from teachers import finetune as ft  # noqa: E402
-from teachers.spec import load_teachers_toml  # noqa: E402
+from tmkd.data.store import Store  # noqa: E402
+from tmkd.teachers import finetune as ft  # noqa: E402
+from tmkd.teachers.spec import load_teachers_toml  # noqa: E402
 
 WORDS = ["river", "city", "music", "water", "king", "war", "film", "book", "game", "church", "school", "army"]
 LABELS = ["no", "yes"]
@@ -126,7 +125,7 @@ def test_teachers_learn_the_toy_task(trained):
 def test_written_teachers_load_and_reproduce_their_dev_scores(trained, toy_store):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from student.metrics import map_mrr
+    from tmkd.teachers.metrics import map_mrr
 
     specs = load_teachers_toml(trained / "teachers.toml")
     assert [s.name for s in specs] == ["tiny-list", "tiny-point"]

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from data.ingest import IngestError, IngestOptions, ingest, normalise, text_pair_id
-from pipeline.cli import app
-from pipeline.store import Store, file_digest
+from tmkd.data.ingest import IngestError, IngestOptions, ingest, normalise, text_pair_id
+from tmkd.pipeline.cli import app
+from tmkd.data.store import Store, file_digest
 
 runner = CliRunner()
 

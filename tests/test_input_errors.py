@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.store import Store
-from teachers.spec import TeacherError, TeacherSpec, check_weights, load_teachers_toml
+from tmkd.pipeline.cli import app
+from tmkd.data.store import Store
+from tmkd.teachers.spec import TeacherError, TeacherSpec, check_weights, load_teachers_toml
 
 runner = CliRunner()
 
@@ -179,7 +179,7 @@ out = "o"
     ('[[teacher]]\nname = "t"\nlr = -1.0\n', [], "{path}: teacher 't': lr must be > 0"),
 ])
 def test_finetune_config_type_errors_name_file_field_and_type(tmp_path, text, sets, message):
-    from teachers import finetune as ft
+    from tmkd.teachers import finetune as ft
 
     path = tmp_path / "train.toml"
     path.write_text(BASE + text)
@@ -189,7 +189,7 @@ def test_finetune_config_type_errors_name_file_field_and_type(tmp_path, text, se
 
 
 def test_finetune_set_takes_text_for_a_text_field_and_main_reports_one_line(tmp_path, capsys):
-    from teachers import finetune as ft
+    from tmkd.teachers import finetune as ft
 
     path = tmp_path / "train.toml"
     path.write_text(BASE + '[[teacher]]\nname = "t"\n')

@@ -15,8 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.store import Store, logits_to_numpy
+from tmkd.pipeline.cli import app
+from tmkd.data.store import Store, logits_to_numpy
 
 runner = CliRunner()
 BIN = Path(sys.executable).parent
@@ -137,8 +137,8 @@ def test_compiled_teacher_gives_the_same_labels_and_keeps_them_current(tmp_path,
                                                                       monkeypatch):
     from torch._inductor import cpp_builder
 
-    from teachers.scoring import check_compiler
-    from teachers.spec import TeacherError, TeacherSpec
+    from tmkd.teachers.scoring import check_compiler
+    from tmkd.teachers.spec import TeacherError, TeacherSpec
 
     store = tmp_path / "store"
     cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)

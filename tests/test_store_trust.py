@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import Store, logits_to_numpy
+from tmkd.data.store import Store, logits_to_numpy
 from test_label import cli, write_teachers
 
 
@@ -179,8 +179,8 @@ def test_stray_files_are_named_by_verify_and_ignored_by_everything_else(scored, 
 
 def test_trainer_refuses_damaged_parts(tmp_path, tiny_teachers):
     """The trainer reads through the same checks: a damaged label or corpus part stops it, named."""
-    from pipeline.store import CorruptPartError, StaleLabelsError
-    from student import toy
+    from tmkd.data.store import CorruptPartError, StaleLabelsError
+    import toy
 
     store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16, 16), unlabeled=(), dev=())
     part = store.corpus("train").parts[1]
@@ -278,7 +278,7 @@ def test_hostile_queries_change_nothing_and_create_nothing(scored, tmp_path, mon
 
 def test_a_part_rewritten_while_a_query_runs_discards_the_result(scored, tmp_path, monkeypatch):
     """The views are checked before the query; a part replaced after that is never read as if checked."""
-    import pipeline.query as query
+    import tmkd.pipeline.query as query
 
     source, _ = scored
     store = tmp_path / "store"
@@ -422,7 +422,7 @@ def test_a_claim_from_another_node_is_taken_over_only_when_its_lease_expires(tmp
     """Across nodes a dead worker cannot be seen, only its lease running out."""
     import time
 
-    from pipeline.claims import Claims
+    from tmkd.data.claims import Claims
 
     store = Store.create(tmp_path / "store")
     theirs, ours = Claims(store, lease_s=2.0), Claims(store, lease_s=2.0)
@@ -445,7 +445,7 @@ def test_a_claim_from_another_node_is_taken_over_only_when_its_lease_expires(tmp
 
 def test_one_label_space_rule_and_message_for_verify_query_and_run(scored, tmp_path):
     """A teacher record whose label names no longer match the corpus's: every tool says the same thing."""
-    from pipeline.store import label_space_mismatch
+    from tmkd.data.store import label_space_mismatch
 
     source, teachers = scored
     store = tmp_path / "store"
@@ -469,7 +469,7 @@ def test_the_owners_lease_decides_when_a_claim_expires(tmp_path):
     """A worker started with a short --lease must not take over a long-lease worker's units early."""
     import time
 
-    from pipeline.claims import Claims
+    from tmkd.data.claims import Claims
 
     store = Store.create(tmp_path / "store")
     patient, hasty = Claims(store, lease_s=30.0), Claims(store, lease_s=0.2)
@@ -480,7 +480,7 @@ def test_the_owners_lease_decides_when_a_claim_expires(tmp_path):
 
 
 def test_two_runs_with_different_checkpoints_under_one_name_cannot_both_record_it(tmp_path):
-    from pipeline.store import StoreError, TeacherRecord
+    from tmkd.data.store import StoreError, TeacherRecord
 
     store = Store.create(tmp_path / "store")
     a = TeacherRecord("t1", "sha256:aaa", "/a", ["0", "1"], "float32", 64)

@@ -1,6 +1,6 @@
 """The student trainer, in process: config, metrics, losses, streaming, export, variants.
 
-Stores are built directly with the Store API (student/toy.py): rows whose passage holds
+Stores are built directly with the Store API (tests/toy.py): rows whose passage holds
 "good" (positive) or "bad" (negative), teachers whose logits are a known function of that
 label. The student encoder is a tiny local BERT (2 layers, hidden 32).
 """
@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.store import StaleLabelsError, Store
-from student import toy
-from student.config import ConfigError, config_from_dict, load_config
-from student.data import DistillStream, data_workers, plan_batches
-from student.losses import distill_loss
-from student.metrics import evaluate_predictions, map_mrr
+from tmkd.data.store import StaleLabelsError, Store
+import toy
+from tmkd.student.config import ConfigError, config_from_dict, load_config
+from tmkd.student.data import DistillStream, data_workers, plan_batches
+from tmkd.student.losses import distill_loss
+from tmkd.teachers.metrics import evaluate_predictions, map_mrr
 
 
 def toy_config(*args, **kwargs) -> dict:
-    """student.toy's config, naming the positive class: the toy labels (neg, pos) declare none."""
+    """toy.config, naming the positive class: the toy labels (neg, pos) declare none."""
     raw = toy.config(*args, **kwargs)
     raw["eval"]["positive_label"] = "pos"
     return raw
@@ -178,12 +178,12 @@ def test_misaligned_and_stale_label_parts_are_refused(tmp_path, encoder):
     ids = store.read_corpus_part(part, ["id"]).column("id").to_numpy()
     store.write_label_part(t1, part, ids[::-1].copy(), np.zeros((16, 2), np.float32))
     ds = DistillStream(str(store.root), [part], [t1], str(encoder), num_labels=2, batch_size=8, max_length=16, seed=0)
-    # the message names the part and says the ids are the problem (its wording belongs to pipeline/store.py)
+    # the message names the part and says the ids are the problem (its wording belongs to data/store.py)
     with pytest.raises(StaleLabelsError, match=r"ids.*part-00001\.parquet|part-00001\.parquet.*ids"):
         list(ds)
 
     # stale: the teacher was replaced (new fingerprint) after scoring; the trainer names every bad file
-    from student.train import main
+    from tmkd.student.train import main
 
     store.write_teacher(toy.teacher_record("t2", fingerprint="toy:t2-retrained"))
     cfg = toy_config(store.root, encoder, tmp_path / "out", teachers=("t1", "t2"))
@@ -195,7 +195,7 @@ def test_misaligned_and_stale_label_parts_are_refused(tmp_path, encoder):
 
 
 def test_stale_labels_message_names_the_files(tmp_path, encoder, capsys):
-    from student.train import main
+    from tmkd.student.train import main
 
     store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16, 16), unlabeled=(16,), dev=())
     (store.label_path("t1", "train", 1)).unlink()
@@ -231,7 +231,7 @@ def _tiny_mpnet(path, tokenizer_dir):
 def test_exported_model_equals_multi_head_mean(arch, tmp_path, encoder, tiny_tokenizer):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from student.model import export, load_student
+    from tmkd.student.model import export, load_student
 
     if arch == "mpnet":
         encoder = _tiny_mpnet(tmp_path / "mpnet", tiny_tokenizer)
@@ -279,7 +279,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encoder):
-    from student.train import run
+    from tmkd.student.train import run
 
     spec = dict(VARIANTS[variant])
     raw = toy_config(store_dir, encoder, tmp_path / "out", teachers=spec.pop("teachers"), stages=spec.pop("stages"),
@@ -310,7 +310,7 @@ def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encode
 
 def test_stream_holds_at_most_one_part_plus_the_buffer(tmp_path, encoder, monkeypatch):
     """Memory stays flat: rows read but not yet emitted never exceed the buffer plus one part."""
-    import student.data as data
+    import tmkd.student.data as data
 
     store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(30,) * 8, unlabeled=(8,), dev=())
     parts = store.corpus("train").parts

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.store import Store
-from student import toy
+from tmkd.data.store import Store
+import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def toy_config(*args, **kwargs) -> dict:
-    """student.toy's config, naming the positive class: the toy labels (neg, pos) declare none."""
+    """toy.config, naming the positive class: the toy labels (neg, pos) declare none."""
     raw = toy.config(*args, **kwargs)
     raw["eval"]["positive_label"] = "pos"
     return raw

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.store import LabelSpaceError, Store, StoreError, TeacherRecord
-from student import toy
-from student.config import ConfigError, config_from_dict, load_config
+from tmkd.data.store import LabelSpaceError, Store, StoreError, TeacherRecord
+import toy
+from tmkd.student.config import ConfigError, config_from_dict, load_config
 
 
 class Killed(Exception):
@@ -59,7 +59,7 @@ def _raw(store_dir, encoder, out) -> dict:
 def _train(raw: dict, resume: bool = False):
     from accelerate.state import AcceleratorState
 
-    from student.train import run
+    from tmkd.student.train import run
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process each time
     try:
@@ -105,7 +105,7 @@ def _assert_same_as_reference(out: Path, reference: dict) -> None:
 def _kill_at_first_stage2_epoch_end(raw: dict, monkeypatch) -> Path:
     """Run until stage 2's first epoch has written its metrics line, and kill it before that epoch's
     checkpoint: the last checkpoint is mid-epoch, so the resume trains the end of that epoch again."""
-    import student.train as train
+    import tmkd.student.train as train
 
     real = train.save_checkpoint
 
@@ -152,7 +152,7 @@ def test_resume_from_a_checkpoint_without_epoch_sums_marks_the_line_partial(
 
 def test_kill_while_saving_a_checkpoint_leaves_the_previous_one_usable(
         tmp_path, store_dir, encoder, reference, monkeypatch):
-    import student.train as train
+    import tmkd.student.train as train
 
     raw = _raw(store_dir, encoder, tmp_path / "out")
     out = tmp_path / "out"
@@ -192,7 +192,7 @@ def test_kill_while_switching_the_best_export_keeps_the_current_best(
         tmp_path, store_dir, encoder, reference, monkeypatch):
     import os
 
-    import student.train as train
+    import tmkd.student.train as train
 
     raw = _raw(store_dir, encoder, tmp_path / "out")
     out = tmp_path / "out"
@@ -224,7 +224,7 @@ def test_publish_never_leaves_a_step_without_a_usable_folder(tmp_path, monkeypat
     """Saving a step that exists already: the old folder is moved aside, and counts until the new one is in."""
     import os
 
-    import student.train as train
+    import tmkd.student.train as train
 
     base = tmp_path / "checkpoints"
     old = base / "step-00000004"
@@ -260,8 +260,8 @@ def _qnli_store(root: Path, declared: str | None = None) -> Store:
 
 
 def test_positive_class_is_found_by_name(tmp_path, encoder, monkeypatch):
-    import student.metrics as metrics
-    from student.train import positive_class
+    import tmkd.teachers.metrics as metrics
+    from tmkd.student.train import positive_class
 
     store = _qnli_store(tmp_path / "qnli")
     raw = toy.config(store.root, encoder, tmp_path / "out", teachers=(),
@@ -297,7 +297,7 @@ def test_positive_class_is_found_by_name(tmp_path, encoder, monkeypatch):
 
 
 def test_positive_label_index_and_unknown_name_are_user_errors(tmp_path, encoder, capsys):
-    from student.train import main
+    from tmkd.student.train import main
 
     store = _qnli_store(tmp_path / "qnli")
     raw = toy.config(store.root, encoder, tmp_path / "out", teachers=(),
@@ -324,7 +324,7 @@ def test_shipped_configs_name_the_positive_class():
 
 # ---- config type errors -----------------------------------------------------------------------
 def test_config_type_errors_name_file_field_and_expected_type(tmp_path, encoder, store_dir, capsys):
-    from student.train import main
+    from tmkd.student.train import main
 
     raw = _raw(store_dir, encoder, tmp_path / "out")
     path = tmp_path / "s.toml"
@@ -354,7 +354,7 @@ def test_config_type_errors_name_file_field_and_expected_type(tmp_path, encoder,
 
 # ---- one label-space rule ---------------------------------------------------------------------
 def test_label_spaces_follow_the_store_rule(tmp_path, encoder, capsys):
-    from student.train import label_space, main
+    from tmkd.student.train import label_space, main
 
     store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16,), unlabeled=(16,), dev=(16,))
     store.write_teacher(TeacherRecord(name="three", fingerprint="toy:three", path="toy/three",

@@ -6,7 +6,7 @@ of that hidden label (``±scale_k`` plus seeded noise), so a student can learn f
 labels alone. Corpora: ``train`` (gold labels), ``unlabeled`` (label null: TMKD stage 1),
 ``dev`` (gold labels, and groups of candidates for MAP/MRR).
 
-    python -m student.toy DIR --encoder HF_FOLDER    # writes DIR/store and DIR/student.toml
+    python tests/toy.py DIR --encoder HF_FOLDER    # writes DIR/store and DIR/student.toml
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import CORPUS_SCHEMA, Store, TeacherRecord
+from tmkd.data.store import CORPUS_SCHEMA, Store, TeacherRecord
 
 WORDS = ("the city river water year state first school war music film team world people north church "
          "album king company american family south island game house").split()
@@ -73,7 +73,7 @@ def add_corpus(store: Store, corpus: str, sizes: list[int], teachers: list[str],
         hidden_by_part.append(hidden)
         ids_by_part.append(table.column("id").to_numpy())
         offset += n
-    store.commit_corpus_parts(corpus, label_names, parts, {"source": "student.toy"},
+    store.commit_corpus_parts(corpus, label_names, parts, {"source": "tests/toy.py"},
                               positive_label="pos" if label_names and "pos" in label_names else None)
     for name in teachers:
         rec = store.teacher(name)

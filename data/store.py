@@ -10,7 +10,7 @@ through here, so the layout is defined once::
     STORE/teachers/<teacher>.json                      name, fingerprint, path, label names, ...
     STORE/labels/<teacher>/<corpus>/part-NNNNN.parquet id, row, logits (fixed-size list) + metadata
     STORE/labels/<teacher>/<corpus>/part-NNNNN.commit.json  commit record: the part's digest, rows, fingerprints
-    STORE/claims/<teacher>/<corpus>/part-NNNNN.claim   lease of the worker scoring that unit (pipeline/claims.py)
+    STORE/claims/<teacher>/<corpus>/part-NNNNN.claim   lease of the worker scoring that unit (data/claims.py)
     STORE/quarantine/<corpus>/<stamp>.jsonl            bad rows from ingest, with file/line/reason
     STORE/runs/<stamp>-rank<r>.json                    run logs of ``tmkd-label run``
 
@@ -157,7 +157,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _tmp_path(path: Path, token: str | None = None) -> Path:
-    """A hidden temporary beside ``path``; ``token`` ties it to a claim (see pipeline/claims.py)."""
+    """A hidden temporary beside ``path``; ``token`` ties it to a claim (see data/claims.py)."""
     return path.parent / f".{path.name}.{token or uuid.uuid4().hex}.tmp"
 
 

@@ -62,7 +62,7 @@ def evaluate_predictions(logits: np.ndarray, gold: np.ndarray, groups, positive:
     """All metrics for one evaluation pass. Rows without a gold label (< 0) are left out.
 
     ``positive``: the INDEX of the positive class (callers resolve it from a label name with
-    pipeline.store.positive_index); None (more than two labels, none named): macro F1, no ranking.
+    tmkd.data.store.positive_index); None (more than two labels, none named): macro F1, no ranking.
     """
     keep = gold >= 0
     logits, gold = logits[keep], gold[keep]

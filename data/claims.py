@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline.store import Store, StoreError, part_name
+from tmkd.data.store import Store, StoreError, part_name
 
 DEFAULT_LEASE_S = 120.0
 
