@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tmkd.data.store import Store
+from tmkd.teachers.metrics import map_mrr
 from tmkd.teachers.scoring import score_folder
 
 
@@ -46,19 +47,17 @@ def ref_positions(source_ids: list[str]) -> list[tuple[int, int]]:
 
 
 def ranking_metrics(score: np.ndarray, positions, ref) -> dict:
-    by_q: dict[int, list[tuple[float, int]]] = {}
-    for sc, pos in zip(score, positions):
-        if pos in ref:
-            by_q.setdefault(pos[0], []).append((sc, ref[pos]))
-    aps, rrs = [], []
-    for cands in by_q.values():
-        rel = np.array([r for _, r in cands])[np.argsort([-s for s, _ in cands], kind="stable")]
-        if rel.all() or not rel.any():
-            continue
-        ranks = np.flatnonzero(rel) + 1
-        aps.append(float((np.arange(1, len(ranks) + 1) / ranks).mean()))
-        rrs.append(1.0 / ranks[0])
-    return {"map": float(np.mean(aps)), "mrr": float(np.mean(rrs)), "questions": len(aps)}
+    """MAP / MRR over the questions of the .ref file, by tmkd.teachers.metrics.map_mrr.
+
+    Only rows whose (question, candidate) is in ``ref`` take part (others get no group), with
+    the .ref relevance (non-zero = correct); questions are grouped by their .ref number, and a
+    question counts only with at least one correct and one wrong candidate (all of them, in the
+    filtered .ref). Ties in score keep the test TSV's order (map_mrr's stable sort).
+    """
+    groups = [pos[0] if pos in ref else None for pos in positions]
+    relevant = np.array([ref.get(pos, 0) != 0 for pos in positions], dtype=bool)
+    m = map_mrr(score, relevant, groups)
+    return {"map": m["map"], "mrr": m["mrr"], "questions": m["groups_counted"]}
 
 
 def metrics(logits: np.ndarray, gold: np.ndarray, positions, ref) -> dict:

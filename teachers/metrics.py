@@ -29,8 +29,15 @@ def f1(pred: np.ndarray, gold: np.ndarray, num_labels: int, positive: int | None
 def map_mrr(scores: np.ndarray, relevant: np.ndarray, groups) -> dict:
     """Mean average precision and mean reciprocal rank over groups.
 
-    ``scores``: higher = more relevant; ``relevant``: bool per candidate; ``groups``: group id
-    per candidate (None = no group, ignored).
+    ``scores``: higher = more relevant; ``relevant``: bool per candidate (non-zero = relevant);
+    ``groups``: group id per candidate (None = no group, ignored). The one implementation of
+    both: the trainer, fine-tuning and bench/wikiqa_eval.py (the official WikiQA figures) use it.
+
+    Ties: a candidate's rank in its group is 1 + the candidates with a higher score + the
+    candidates with the same score that come before it in the input (a stable sort; NaN scores
+    rank last, in input order). AP = the mean over the group's relevant candidates of
+    precision at their rank; RR = 1 / the rank of the first relevant one. Groups with no
+    relevant or no irrelevant candidate are not counted; map and mrr are 0.0 when none counts.
     """
     scores = np.asarray(scores, dtype=np.float64)
     relevant = np.asarray(relevant, dtype=bool)
