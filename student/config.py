@@ -58,17 +58,17 @@ Types are checked: a wrong one is an error naming the file (or the ``--set``), t
 (``stages.1.lr``, stages counted from 0 as in ``--set``) and the expected type. A list of
 strings also takes a single string (``corpora = "x"`` is ``corpora = ["x"]``).
 
-Overrides: ``--set stages.0.lr=5e-5`` (values are parsed as TOML literals, else strings),
-plus the typed flags ``--output``, ``--resume``, ``--mixed_precision``,
-``--gradient_accumulation_steps``.
+Overrides: ``--set stages.0.lr=5e-5`` (values are parsed as TOML literals, else strings; a string
+field takes the text as given), the same syntax in every job (``tmkd.teachers.config``), plus the
+typed flags ``--output``, ``--resume``, ``--mixed_precision``, ``--gradient_accumulation_steps``.
 """
 from __future__ import annotations
 
-import tomllib
-import types
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
+from typing import Sequence
+
+from tmkd.teachers.config import Given, apply_sets, from_dict, read_toml, set_path
 
 
 class ConfigError(Exception):
@@ -227,147 +227,32 @@ class TrainConfig:
         return self
 
 
-# ---- building from dicts (TOML) ---------------------------------------------------------------
+# ---- building from dicts (TOML): the shared loader (tmkd.teachers.config) ---------------------------
 # A field whose wrong type has a likely cause: said with the error.
 HINTS = {
     "eval.positive_label": "give the label's name, e.g. positive_label = \"entailment\" (an index would depend on "
                            "the corpus's label order)",
 }
-_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (list, "an array"),
-          (dict, "a table"))
 
 
-def _got(value) -> str:
-    """``'abc' (a string)``: the value and its TOML type, for error messages."""
-    kind = next((name for t, name in _KINDS if isinstance(value, t)), type(value).__name__)
-    return f"{value!r} ({kind})"
-
-
-def _expected(tp) -> str:
-    if is_dataclass(tp) or get_origin(tp) is dict:
-        return "a table"
-    if get_origin(tp) is list:
-        (inner,) = get_args(tp)
-        return f"an array of {_expected(inner).split(' ', 1)[1]}s"
-    return {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _type_error(where: str, tp, value, src: Callable[[str], str]) -> "ConfigError":
-    hint = f"; {HINTS[where]}" if where in HINTS else ""
-    return ConfigError(f"{src(where)}: {where}: expected {_expected(tp)}, got {_got(value)}{hint}")
-
-
-def _convert(tp, value, where: str, src: Callable[[str], str]):
-    """``value`` as type ``tp``, or a ConfigError naming its source (file or --set), field and expected type."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):  # `str | None`: None is the default only (TOML has no null)
-        (tp,) = [a for a in get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(tp, value, where, src)
-    if is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _type_error(where, tp, value, src)
-        return _build(tp, value, where, src)
-    if origin is list:
-        (inner,) = get_args(tp)
-        if not isinstance(value, list):
-            if inner is str and isinstance(value, str):  # `corpora = "x"` is a list of one
-                return [value]
-            raise _type_error(where, tp, value, src)
-        return [_convert(inner, v, f"{where}.{i}", src) for i, v in enumerate(value)]
-    if origin is dict:
-        _, inner = get_args(tp)
-        if not isinstance(value, dict):
-            raise _type_error(where, tp, value, src)
-        return {str(k): _convert(inner, v, f"{where}.{k}", src) for k, v in value.items()}
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[tp]
-    if not ok(value):
-        raise _type_error(where, tp, value, src)
-    return float(value) if tp is float else value
-
-
-def _build(cls, raw: dict, where: str = "", src: Callable[[str], str] = lambda where: "the config"):
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        first = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{src(first)}: unknown key(s) {unknown} in {where or 'the top level'}; "
-                          f"known: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k, src) for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-def parse_value(text: str) -> Any:
-    """A CLI value: a TOML literal (5e-5, true, [\"a\"], {a = 1}) or else a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(raw: dict, dotted: str, value: Any) -> None:
-    """Set ``stages.0.lr`` style paths inside the raw (TOML) dict, creating tables as needed."""
-    keys = dotted.split(".")
-    node: Any = raw
-    for i, k in enumerate(keys[:-1]):
-        nxt = keys[i + 1]
-        if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                raise ConfigError(f"--set {dotted}: no list item {k!r}")
-            node = node[int(k)]
-        else:
-            if k not in node:
-                node[k] = [] if nxt.isdigit() else {}
-            node = node[k]
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is {_got(node)}, not a table")
-    last = keys[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {dotted}: no list item {last!r}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> TrainConfig:
-    """Read the TOML file (if any), apply ``key=value`` overrides and typed flags, validate.
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), **flags) -> TrainConfig:
+    """Read the TOML file (if any), apply ``--set key=value`` overrides and typed flags, validate.
 
     Errors name where the bad value came from: the file, or the ``--set`` / flag that set it."""
     raw: dict = {}
     file_name = "the config"
     if path:
-        p = Path(path)
-        file_name = str(p)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    given: dict[str, str] = {}  # dotted key -> the command-line text that set it (the last one wins)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. stages.0.lr=5e-5")
-        key, value = item.split("=", 1)
-        apply_override(raw, key.strip(), parse_value(value.strip()))
-        given[key.strip()] = f"--set {item}"
-    for key, value in flags.items():
+        file_name = str(path)
+        raw = read_toml(path, ConfigError)
+    given = apply_sets(raw, list(overrides), ConfigError)
+    for key, value in flags.items():  # typed flags (--output, --mixed_precision, ...): dotted keys as in --set
         if value is not None:
-            apply_override(raw, key, value)
-            given[key] = f"--{key.rsplit('.', 1)[-1]} {value}"
-
-    def source(where: str) -> str:
-        """The --set that set this field (or a table holding it, or a key inside it), else the file."""
-        hits = [k for k in given if where == k or where.startswith(k + ".") or k.startswith(where + ".")]
-        return given[max(hits, key=len)] if hits else file_name
-
-    cfg = _build(TrainConfig, raw, src=source)
-    return cfg.validate(" ".join([file_name, *given.values()]) if given else file_name)
+            source = f"--{key.rsplit('.', 1)[-1]} {value}"
+            set_path(raw, key, Given(value, source), ConfigError)
+            given.append(source)
+    cfg = from_dict(TrainConfig, raw, source=file_name, error=ConfigError, hints=HINTS)
+    return cfg.validate(" ".join([file_name, *given]) if given else file_name)
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
-    return _build(TrainConfig, raw).validate()
+    return from_dict(TrainConfig, raw, source="the config", error=ConfigError, hints=HINTS).validate()

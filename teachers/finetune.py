@@ -35,8 +35,10 @@ The config (TOML; every key is documented on ``FinetuneConfig`` and ``TeacherCon
 
 Relative paths are relative to the working directory. Any key can be overridden on the
 command line: ``--store``, ``--out``, ``--encoder``, ``--train-corpus``, ``--dev-corpus``,
-``--test-corpus``, and ``--set KEY=VALUE`` for the rest (``--set max_length=64``,
-``--set lr=5e-5`` for every teacher, ``--set minilm-a.epochs=3`` for one).
+``--test-corpus``, and ``--set KEY=VALUE`` for the rest, with the same syntax as every job
+(a dotted path, a TOML value else a string: ``--set max_length=64``, ``--set teacher.0.seed=2``,
+``--set defaults.epochs=2``), plus two shorthands: ``--set lr=5e-5`` for every teacher,
+``--set minilm-a.epochs=3`` for the one named minilm-a.
 
 Losses (``loss``):
   pointwise  cross-entropy on each pair's gold label.
@@ -57,8 +59,6 @@ import math
 import os
 import sys
 import time
-import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,9 @@ import torch.nn.functional as F
 
 from tmkd.data.store import Store, StoreError, check_name
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
-from tmkd.teachers.spec import check_types, check_unique_names, fits_type, read_toml
+from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
+                                  write_toml)
+from tmkd.teachers.spec import check_unique_names
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
@@ -146,106 +148,82 @@ class FinetuneConfig:
     log_every: int = 50  # steps between progress lines when the output is not a terminal
 
 
-def _parse_value(text: str):
-    """A --set value as TOML would read it (numbers, booleans, lists), else a plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+TOP_FIELDS = tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "teacher")
+TEACHER_FIELDS = tuple(f.name for f in dataclasses.fields(TeacherConfig))
+REQUIRED = ("encoder", "store", "train_corpus", "dev_corpus", "out")
 
 
-def _set_value(cls: type, key: str, text: str, item: str):
-    """A --set value typed as the field wants: TOML syntax (numbers, booleans, lists), or the plain text for a string field."""
-    value = _parse_value(text)
-    hint = typing.get_type_hints(cls).get(key)
-    if hint is not None and not fits_type(value, hint) and fits_type(text, hint):
-        value = text  # `--set positive_label=1`: the string "1"
-    check_types(cls, {key: value}, f"--set {item!r}", FinetuneError)
-    return value
+def _teacher_tables(raw: dict, path: Path) -> list:
+    teachers = items_of(raw, "teacher")
+    if not isinstance(teachers, list) or not teachers or not all(isinstance(plain(t), dict) for t in teachers):
+        raise FinetuneError(f"{path}: expected one or more [[teacher]] tables")
+    return teachers
+
+
+def _apply_set(raw: dict, path: Path, item: str) -> None:
+    """One ``--set``: a dotted path as in every job (``max_length=64``, ``teacher.0.lr=5e-5``,
+    ``defaults.epochs=2``), or two shorthands: a teacher field for every teacher (``lr=5e-5``),
+    and ``NAME.field`` for the teacher called NAME (``minilm-a.epochs=3``)."""
+    key, value = parse_set(item, FinetuneError)
+    head = key.split(".", 1)[0]
+    teachers = _teacher_tables(raw, path)
+    if head in TOP_FIELDS or head in ("defaults", "teacher"):
+        set_path(raw, key, value, FinetuneError)
+    elif "." not in key and key in TEACHER_FIELDS:  # a teacher field: every teacher
+        for i in range(len(teachers)):
+            set_path(raw, f"teacher.{i}.{key}", value, FinetuneError)
+    elif "." in key:  # NAME.field: one teacher
+        name, _, sub = key.rpartition(".")
+        match = [i for i, t in enumerate(teachers) if plain(t).get("name") == name]
+        if not match:
+            raise FinetuneError(f"{value.source}: no teacher named {name!r}")
+        if sub not in TEACHER_FIELDS:
+            raise FinetuneError(f"{value.source}: {sub!r} is not a teacher field; "
+                                f"a teacher takes: {', '.join(TEACHER_FIELDS)}")
+        set_path(raw, f"teacher.{match[0]}.{sub}", value, FinetuneError)
+    else:
+        raise FinetuneError(f"{value.source}: unknown key {key!r}; the top level takes: {', '.join(TOP_FIELDS)}, "
+                            f"and a teacher field ({', '.join(TEACHER_FIELDS)}) sets it for every teacher")
 
 
 def load_config(path: str | Path, overrides: dict | None = None, sets: list[str] | None = None) -> FinetuneConfig:
     """Read the TOML config, apply command-line overrides, check it, return it typed.
 
-    A value of the wrong type is an error naming the file, the place (``[defaults]``,
-    ``teacher #2 'minilm-a'``), the field and the type expected; a bad ``--set`` names itself.
+    Read by the shared config loader (``tmkd.teachers.config``): a value of the wrong type is an
+    error naming the file (or the ``--set`` / option that gave it), the field as a dotted path
+    (``max_length``, ``defaults.epochs``, ``teacher.1.lr``: teachers counted from 0) and the type expected.
     """
     path = Path(path)
+    source = str(path)
     raw = read_toml(path, FinetuneError)
-
-    top_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"teacher"}
-    teacher_fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    defaults = raw.pop("defaults", {})
-    if not isinstance(defaults, dict):
-        raise FinetuneError(f"{path}: defaults: expected a [defaults] table, got {defaults!r}")
-    teachers = raw.pop("teacher", None)
-    if not isinstance(teachers, list) or not teachers or not all(isinstance(t, dict) for t in teachers):
-        raise FinetuneError(f"{path}: expected one or more [[teacher]] tables")
-    teachers = [dict(t) for t in teachers]
-    check_types(FinetuneConfig, raw, str(path), FinetuneError)
-    check_types(TeacherConfig, defaults, f"{path}: [defaults]", FinetuneError)
-    for i, t in enumerate(teachers, 1):
-        check_types(TeacherConfig, t, _teacher_where(path, i, t), FinetuneError)
-    for key, value in (overrides or {}).items():
+    _teacher_tables(raw, path)
+    for key, value in (overrides or {}).items():  # --store, --out, ...
         if value is not None:
-            raw[key] = value
+            raw[key] = Given(value, f"--{key.replace('_', '-')} {value}")
     for item in sets or []:
-        key, eq, text = item.partition("=")
-        if not eq:
-            raise FinetuneError(f"--set {item!r}: expected KEY=VALUE")
-        key, text = key.strip(), text.strip()
-        name, dot, sub = key.rpartition(".")
-        if dot:  # NAME.field: one teacher
-            match = [t for t in teachers if t.get("name") == name]
-            if not match:
-                raise FinetuneError(f"--set {item!r}: no teacher named {name!r}")
-            if sub not in teacher_fields:
-                raise FinetuneError(f"--set {item!r}: {sub!r} is not a teacher field")
-            match[0][sub] = _set_value(TeacherConfig, sub, text, item)
-        elif key in top_fields:
-            raw[key] = _set_value(FinetuneConfig, key, text, item)
-        elif key in teacher_fields:  # a teacher field: every teacher
-            value = _set_value(TeacherConfig, key, text, item)
-            for t in teachers:
-                t[key] = value
-        else:
-            raise FinetuneError(f"--set {item!r}: unknown key {key!r}")
+        _apply_set(raw, path, item)
 
-    unknown = set(raw) - top_fields
-    if unknown:
-        raise FinetuneError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    bad = set(defaults) - teacher_fields
-    if bad:
-        raise FinetuneError(f"{path}: [defaults]: unknown teacher field(s) {', '.join(sorted(bad))}")
+    teachers = _teacher_tables(raw, path)
+    defaults = table_values(TeacherConfig, raw.get("defaults", {}), "defaults", source, FinetuneError)
+    top = table_values(FinetuneConfig, {k: v for k, v in raw.items() if k not in ("defaults", "teacher")}, "",
+                       source, FinetuneError)
     specs = []
-    for i, t in enumerate(teachers, 1):
-        where = _teacher_where(path, i, t)
-        bad = set(t) - teacher_fields
-        if bad:
-            raise FinetuneError(f"{where}: unknown field(s) {', '.join(sorted(bad))}")
-        if "name" not in t:
-            raise FinetuneError(f"{where}: missing field 'name'")
+    for i, t in enumerate(teachers):
+        values = {**defaults, **table_values(TeacherConfig, t, f"teacher.{i}", source, FinetuneError)}
+        if "name" not in values:
+            raise FinetuneError(f"{source}: missing key(s) teacher.{i}.name")
         try:
-            specs.append(TeacherConfig(**{**defaults, **t}))
+            specs.append(TeacherConfig(**values))
         except FinetuneError as e:
             raise FinetuneError(f"{path}: {e}") from None
-        except TypeError as e:
-            raise FinetuneError(f"{where}: {e}") from None
     check_unique_names(path, [s.name for s in specs], FinetuneError)
-    missing = [k for k in ("encoder", "store", "train_corpus", "dev_corpus", "out") if not raw.get(k)]
+    missing = [k for k in REQUIRED if not top.get(k)]
     if missing:
         raise FinetuneError(f"{path}: missing {', '.join(missing)} (in the file or on the command line)")
-    try:
-        cfg = FinetuneConfig(**raw, teacher=specs)
-    except TypeError as e:
-        raise FinetuneError(f"{path}: {e}") from None
+    cfg = FinetuneConfig(**top, teacher=specs)
     if not (8 <= int(cfg.max_length) <= 8192):
         raise FinetuneError(f"{path}: max_length {cfg.max_length} out of range 8..8192")
     return cfg
-
-
-def _teacher_where(path: Path, i: int, t: dict) -> str:
-    return f"{path}: teacher #{i}" + (f" {t['name']!r}" if isinstance(t.get("name"), str) else "")
 
 
 def resolve_encoder(encoder: str) -> Path:
@@ -725,26 +703,12 @@ class _progress:
 # --------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------
-def _toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=True)  # a JSON string is a valid TOML basic string
-
-
 def write_teachers_toml(cfg: FinetuneConfig, done: list[TeacherConfig], label_names: list[str]) -> Path:
     """OUT/teachers.toml for `tmkd-label run`: each finished teacher's folder, relative to the file."""
-    lines = ["# Written by teachers/finetune.py; read by `tmkd-label run --teachers`.", ""]
-    for spec in done:
-        lines += [
-            "[[teacher]]",
-            f"name = {_toml_str(spec.name)}",
-            f"path = {_toml_str(spec.name)}",
-            f"max_length = {int(cfg.max_length)}",
-            f"dtype = {_toml_str('bfloat16' if cfg.bf16 else 'float32')}",
-            f"labels = [{', '.join(_toml_str(n) for n in label_names)}]",
-            "",
-        ]
-    path = Path(cfg.out) / "teachers.toml"
-    path.write_text("\n".join(lines))
-    return path
+    teachers = [{"name": spec.name, "path": spec.name, "max_length": int(cfg.max_length),
+                 "dtype": "bfloat16" if cfg.bf16 else "float32", "labels": list(label_names)} for spec in done]
+    return write_toml(Path(cfg.out) / "teachers.toml", {"teacher": teachers},
+                      "Written by teachers/finetune.py; read by `tmkd-label run --teachers`.")
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer_folder: Path) -> Prepared:
@@ -822,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("encoder", "store", "train_corpus", "dev_corpus", "test_corpus", "out"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, help=f"override `{key}` of the config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any key: top-level, a teacher field for all teachers, or NAME.field")
+                        help="override any key: a dotted path (max_length=64, teacher.0.lr=5e-5), "
+                             "a teacher field for all teachers (lr=5e-5), or NAME.field")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("encoder", "store", "train_corpus", "dev_corpus", "test_corpus", "out")}
     try:

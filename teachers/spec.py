@@ -17,22 +17,23 @@
 A fingerprint hashes what decides a teacher's logits: weights, config, tokenizer files,
 max length, truncation and dtype. It is what tells a current label part from a stale one.
 Only the standard library and the JSON config are read here: no model is loaded.
-Mistakes are TeacherErrors that name the file, the teacher and the field (a wrong type says
-which type is expected); a truncated weight file is refused before the teacher is recorded.
+The file is read by the shared config loader (``tmkd.teachers.config``): mistakes are TeacherErrors
+that name the file (or the ``--set``), the field as a dotted path (``teacher.1.max_length``, teachers
+counted from 0) and, for a wrong type, the type expected; a truncated weight file is refused before
+the teacher is recorded.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
-import tomllib
-import types
-import typing
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from tmkd.data.store import CorpusManifest, StoreError, TeacherRecord, check_name, label_space_mismatch
+from tmkd.teachers.config import apply_sets, items_of, missing_keys, plain, read_toml, table_values
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -73,79 +74,11 @@ class TeacherSpec:
             )
 
 
-def read_toml(path: Path, error: type[Exception], what: str = "config file") -> dict:
-    """A TOML file as a dict; a missing or malformed file is the user's error, raised as ``error``."""
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise error(f"{path}: not valid TOML: {e}") from None
+@dataclass
+class TeachersFile:
+    """The whole file: one or more [[teacher]] tables and nothing else."""
 
-
-def fits_type(value: object, tp: object) -> bool:
-    """Whether a TOML value has the type a dataclass field declares (int is not bool; a float takes an int)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(fits_type(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and (not args or all(fits_type(v, args[0]) for v in value))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return True  # a type this check does not know: the dataclass decides
-
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _expected(tp: object) -> str:
-    """A field's type in words (None is left out: TOML has no null, leaving a key out means the default)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_expected(a) for a in args if a is not type(None))
-    if origin is list:
-        return f"a list of {_expected(args[0]).partition(' ')[2]}s" if args else "a list"
-    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _kind(value: object) -> str:
-    """What a TOML value is, in words."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        odd = [v for v in value if not isinstance(v, str)]
-        return f"a list holding {_kind(odd[0])}" if odd else "a list"
-    return type(value).__name__  # dates and times
-
-
-def check_types(cls: type, values: dict, where: str, error: type[Exception]) -> None:
-    """Refuse a value whose type is not the one ``cls`` (a dataclass) declares for it.
-
-    The message names the place, the field, the expected type and what was given, e.g.
-    ``teachers.toml: teacher #2 'minilm-a': max_length: expected an integer, got "128" (a string)``.
-    Keys ``cls`` does not have are left to the caller's unknown-field check.
-    """
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        if key in hints and not fits_type(value, hints[key]):
-            shown = json.dumps(value, ensure_ascii=False, default=str)
-            raise error(f"{where}: {key}: expected {_expected(hints[key])}, got {shown} ({_kind(value)})")
+    teacher: list[TeacherSpec] = field(default_factory=list)
 
 
 def check_unique_names(path: Path, names: list[str], error: type[Exception]) -> None:
@@ -155,35 +88,34 @@ def check_unique_names(path: Path, names: list[str], error: type[Exception]) -> 
         raise error(f"{path}: teacher name(s) listed twice: {', '.join(dup)}")
 
 
-def load_teachers_toml(path: str | Path) -> list[TeacherSpec]:
-    """Parse teachers.toml; relative paths are relative to the file's folder."""
+def load_teachers_toml(path: str | Path, overrides: Sequence[str] = ()) -> list[TeacherSpec]:
+    """Parse teachers.toml; relative paths are relative to the file's folder.
+
+    ``overrides`` are ``--set KEY=VALUE`` items, as in every job (``teacher.0.max_length=64``).
+    """
     path = Path(path)
     raw = read_toml(path, TeacherError, "teachers file")
-    entries = raw.get("teacher")
-    if not isinstance(entries, list) or not entries:
+    apply_sets(raw, overrides, TeacherError)
+    entries = items_of(raw, "teacher")
+    if not isinstance(entries, list) or not entries or not all(isinstance(plain(e), dict) for e in entries):
         raise TeacherError(f"{path}: expected one or more [[teacher]] tables")
-    known = set(TeacherSpec.__dataclass_fields__)
+    table_values(TeachersFile, {k: v for k, v in raw.items() if k != "teacher"}, "", str(path), TeacherError)
     specs = []
-    for i, entry in enumerate(entries, 1):
-        if not isinstance(entry, dict):
-            raise TeacherError(f"{path}: teacher #{i}: expected a [[teacher]] table, got {entry!r}")
-        where = f"{path}: teacher #{i}" + (f" {entry['name']!r}" if isinstance(entry.get("name"), str) else "")
-        unknown = set(entry) - known
-        if unknown:
-            raise TeacherError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        for required in ("name", "path"):
-            if required not in entry:
-                raise TeacherError(f"{where}: missing field {required!r}")
-        check_types(TeacherSpec, entry, where, TeacherError)
-        local = (path.parent / entry["path"]).resolve()
+    for i, entry in enumerate(entries):
+        where = f"teacher.{i}"
+        values = table_values(TeacherSpec, entry, where, str(path), TeacherError)
+        missing = missing_keys(TeacherSpec, values)
+        if missing:
+            raise TeacherError(f"{path}: missing key(s) {', '.join(f'{where}.{k}' for k in missing)}")
+        local = (path.parent / values["path"]).resolve()
         if local.exists():
-            entry = {**entry, "path": str(local)}
+            values["path"] = str(local)
         try:
-            specs.append(TeacherSpec(**entry))
+            specs.append(TeacherSpec(**values))
         except TeacherError as e:
             raise TeacherError(f"{path}: {e}") from None
-        except (StoreError, TypeError) as e:  # an invalid name
-            raise TeacherError(f"{where}: {e}") from None
+        except StoreError as e:  # an invalid name
+            raise TeacherError(f"{path}: {where}.name: {e}") from None
     check_unique_names(path, [s.name for s in specs], TeacherError)
     return specs
 

@@ -117,8 +117,8 @@ def test_a_header_naming_a_mapped_column_twice_is_refused(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ('max_length = "128"', """max_length: expected an integer, got "128" (a string)"""),
     ("batch_tokens = 1.5", "batch_tokens: expected an integer, got 1.5 (a float)"),
-    ('corpora = "x"', """corpora: expected a list of strings, got "x" (a string)"""),
-    ("labels = [1, 2]", "labels: expected a list of strings, got [1, 2] (a list holding an integer)"),
+    ('corpora = 3', """corpora: expected a list of strings, got 3 (an integer)"""),
+    ("labels = [1, 2]", "labels.0: expected a string, got 1 (an integer)"),
     ("compile = 1", "compile: expected true or false, got 1 (an integer)"),
     ('dtype = 16', "dtype: expected a string, got 16 (an integer)"),
 ])
@@ -127,7 +127,7 @@ def test_teachers_toml_type_errors_name_file_teacher_field_and_type(tmp_path, li
     path.write_text(f'[[teacher]]\nname = "a"\npath = "x"\n\n[[teacher]]\nname = "minilm-a"\npath = "y"\n{line}\n')
     with pytest.raises(TeacherError) as e:
         load_teachers_toml(path)
-    assert str(e.value) == f"{path}: teacher #2 'minilm-a': {message}"
+    assert str(e.value) == f"{path}: teacher.1.{message}"
 
 
 def test_teachers_toml_value_errors_name_the_file(tmp_path):
@@ -136,7 +136,7 @@ def test_teachers_toml_value_errors_name_the_file(tmp_path):
     with pytest.raises(TeacherError, match=rf"^{path}: teacher 'a': dtype 'int8' is not one of"):
         load_teachers_toml(path)
     path.write_text('[[teacher]]\nname = "a b"\npath = "x"\n')
-    with pytest.raises(TeacherError, match=rf"^{path}: teacher #1 'a b': invalid teacher name"):
+    with pytest.raises(TeacherError, match=rf"^{path}: teacher.0.name: invalid teacher name"):
         load_teachers_toml(path)
 
 
@@ -153,7 +153,7 @@ def test_run_reports_a_teachers_toml_type_error_in_one_line(tmp_path):
     teachers = tmp_path / "teachers.toml"
     teachers.write_text('[[teacher]]\nname = "minilm-a"\npath = "x"\nmax_length = "128"\n')
     result = cli("run", "--store", store, "--teachers", teachers, ok=False)
-    assert f"{teachers}: teacher #1 'minilm-a': max_length: expected an integer" in one_line(result)
+    assert f"{teachers}: teacher.0.max_length: expected an integer" in one_line(result)
     assert not (store / "teachers").exists()
 
 
@@ -170,12 +170,14 @@ out = "o"
 @pytest.mark.parametrize("text, sets, message", [
     ('max_length = "128"\n[[teacher]]\nname = "t"\n', [], """{path}: max_length: expected an integer, got "128" (a string)"""),
     ("bf16 = 1\n[[teacher]]\nname = \"t\"\n", [], "{path}: bf16: expected true or false, got 1 (an integer)"),
-    ("[defaults]\nepochs = 1.5\n[[teacher]]\nname = \"t\"\n", [], "{path}: [defaults]: epochs: expected an integer, got 1.5 (a float)"),
+    ("[defaults]\nepochs = 1.5\n[[teacher]]\nname = \"t\"\n", [], "{path}: defaults.epochs: expected an integer, got 1.5 (a float)"),
     ('[[teacher]]\nname = "s"\n[[teacher]]\nname = "minilm-a"\nlr = "fast"\n', [],
-     """{path}: teacher #2 'minilm-a': lr: expected a number, got "fast" (a string)"""),
-    ('[[teacher]]\nname = "t"\nlayers = [2]\n', [], "{path}: teacher #1 't': layers: expected an integer, got [2] (a list holding an integer)"),
-    ('[[teacher]]\nname = "t"\n', ["batch_size=many"], """--set 'batch_size=many': batch_size: expected an integer, got "many" (a string)"""),
-    ('[[teacher]]\nname = "t"\n', ["t.seed=1.5"], "--set 't.seed=1.5': seed: expected an integer, got 1.5 (a float)"),
+     """{path}: teacher.1.lr: expected a number, got "fast" (a string)"""),
+    ('[[teacher]]\nname = "t"\nlayers = [2]\n', [], "{path}: teacher.0.layers: expected an integer, got [2] (a list)"),
+    ('[[teacher]]\nname = "t"\n', ["batch_size=many"], """--set batch_size=many: teacher.0.batch_size: expected an integer, got "many" (a string)"""),
+    ('[[teacher]]\nname = "t"\n', ["t.seed=1.5"], "--set t.seed=1.5: teacher.0.seed: expected an integer, got 1.5 (a float)"),
+    ('[[teacher]]\nname = "t"\n', ["teacher.0.seed=1.5"], "--set teacher.0.seed=1.5: teacher.0.seed: expected an integer, got 1.5 (a float)"),
+    ('[[teacher]]\nname = "t"\n', ["defaults.epochs=two"], """--set defaults.epochs=two: defaults.epochs: expected an integer, got "two" (a string)"""),
     ('[[teacher]]\nname = "t"\nlr = -1.0\n', [], "{path}: teacher 't': lr must be > 0"),
 ])
 def test_finetune_config_type_errors_name_file_field_and_type(tmp_path, text, sets, message):

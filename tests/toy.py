@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from tmkd.data.store import CORPUS_SCHEMA, Store, TeacherRecord
+from tmkd.teachers.config import dumps
 
 WORDS = ("the city river water year state first school war music film team world people north church "
          "album king company american family south island game house").split()
@@ -111,35 +112,8 @@ def config(store, encoder, output, teachers=("t1", "t2"), stages=None, **top) ->
 
 
 def to_toml(raw: dict) -> str:
-    """Write a config dict as TOML (enough for the config's shapes)."""
-    def lit(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(lit(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {lit(x)}" for k, x in v.items()) + "}"
-        raise TypeError(v)
-
-    lines, tables = [], []
-    for k, v in raw.items():
-        if k == "stages":
-            continue
-        if isinstance(v, dict) and k != "teacher_weights":
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {lit(v)}")
-    for k, v in tables:
-        lines += ["", f"[{k}]"] + [f"{kk} = {lit(vv)}" for kk, vv in v.items()]
-    for s in raw.get("stages", []):
-        lines += ["", "[[stages]]"] + [f"{kk} = {lit(vv)}" for kk, vv in s.items() if kk != "loss"]
-        if "loss" in s:
-            lines += ["[stages.loss]"] + [f"{kk} = {lit(vv)}" for kk, vv in s["loss"].items()]
-    return "\n".join(lines) + "\n"
+    """Write a config dict as TOML (tomli-w, through the jobs' shared config module)."""
+    return dumps(raw)
 
 
 def main() -> None:
