@@ -31,6 +31,7 @@ from tmkd.data.store import CorpusPart, Store, TeacherRecord
 from tmkd.teachers.scoring import Encoded, encode_pairs, pad_batch
 
 TEXT_COLUMNS = ["text_a", "text_b", "label"]
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the model's inputs in a batch
 
 
 def data_workers(requested: int, device) -> int:

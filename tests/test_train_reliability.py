@@ -105,16 +105,17 @@ def _assert_same_as_reference(out: Path, reference: dict) -> None:
 def _kill_at_first_stage2_epoch_end(raw: dict, monkeypatch) -> Path:
     """Run until stage 2's first epoch has written its metrics line, and kill it before that epoch's
     checkpoint: the last checkpoint is mid-epoch, so the resume trains the end of that epoch again."""
+    import tmkd.student.checkpoint as checkpoint
     import tmkd.student.train as train
 
-    real = train.save_checkpoint
+    real = checkpoint.save_checkpoint
 
     def save(*args, **kwargs):
         if args[3] == train.Position(1, 1, 0):  # the position after stage 2's first epoch
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)  # the loop saves through the checkpoint module
     with pytest.raises(Killed):
         _train(raw)
     monkeypatch.undo()
@@ -304,10 +305,16 @@ def test_positive_label_index_and_unknown_name_are_user_errors(tmp_path, encoder
                      stages=[{"name": "task", "corpora": ["train"], "epochs": 1, "batch_size": 16, "lr": 1e-3}])
     path = tmp_path / "s.toml"
     path.write_text(toy.to_toml(raw))
+    path.write_text(toy.to_toml(dict(raw, eval=dict(raw["eval"], positive_label=0))))  # an index, in the file
+    assert main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: eval.positive_label: expected a string, got 0 (an integer)" in err
+    assert "give the label's name" in err and "Traceback" not in err
+    path.write_text(toy.to_toml(raw))
+    # on the command line a string field takes the text: the label named "0", which this corpus lacks
     assert main(["--config", str(path), "--set", "eval.positive_label=0"]) == 1
     err = capsys.readouterr().err
-    assert "eval.positive_label: expected a string, got 0 (an integer)" in err
-    assert "give the label's name" in err and "Traceback" not in err
+    assert "positive_label '0' is not one of the labels ['entailment', 'not_entailment']" in err
     assert main(["--config", str(path), "--set", "eval.positive_label=entailed"]) == 1
     err = capsys.readouterr().err
     assert "positive_label 'entailed' is not one of the labels ['entailment', 'not_entailment']" in err
@@ -336,12 +343,12 @@ def test_config_type_errors_name_file_field_and_expected_type(tmp_path, encoder,
             load_config(path, list(overrides))
         return str(e.value)
 
-    assert error({"lr": "abc"}) == f"{path}: stages.1.lr: expected a number, got 'abc' (a string)"
+    assert error({"lr": "abc"}) == f'{path}: stages.1.lr: expected a number, got "abc" (a string)'
     assert error({"epochs": 1.5}) == f"{path}: stages.1.epochs: expected an integer, got 1.5 (a float)"
-    assert error({"gold": "no"}) == f"{path}: stages.1.gold: expected a boolean (true or false), got 'no' (a string)"
+    assert error({"gold": "no"}) == f'{path}: stages.1.gold: expected true or false, got "no" (a string)'
     assert error({"corpora": [1]}) == f"{path}: stages.1.corpora.0: expected a string, got 1 (an integer)"
-    assert error({}, "stages.0.lr=fast") == "--set stages.0.lr=fast: stages.0.lr: expected a number, got 'fast' " \
-                                            "(a string)"
+    assert error({}, "stages.0.lr=fast") == '--set stages.0.lr=fast: stages.0.lr: expected a number, got "fast" ' \
+                                            '(a string)'
     assert error({}, "stages.1.loss=3").startswith("--set stages.1.loss=3: stages.1.loss: expected a table")
     # a single string is a list of one
     path.write_text(toy.to_toml(dict(raw, stages=[dict(raw["stages"][0], corpora="unlabeled")])))

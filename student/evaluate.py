@@ -1,0 +1,35 @@
+"""Evaluation on the dev corpus after every epoch: split over ranks, gathered, scored once."""
+from __future__ import annotations
+
+
+def evaluate(accelerator, model, plan, tokenizer) -> dict:
+    """accuracy, F1, MAP/MRR (with the plan's positive class) of the mean of the heads on the eval corpus."""
+    import numpy as np
+    import torch
+
+    from tmkd.student.data import INPUTS, eval_batches
+    from tmkd.teachers.metrics import evaluate_predictions
+
+    cfg = plan.cfg
+    parts = plan.eval_parts[accelerator.process_index :: accelerator.num_processes]
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    logits, gold, groups = [], [], []
+    with torch.no_grad(), accelerator.autocast():  # one context: weights are cast once, not per batch
+        for batch, labels, grp in eval_batches(plan.store, parts, tokenizer, cfg.student.max_length,
+                                               cfg.eval.batch_size):
+            out = net(**{k: batch[k].to(accelerator.device) for k in INPUTS if k in batch})
+            logits.append(out.float().mean(dim=1).cpu().numpy())
+            gold.append(labels)
+            groups += grp
+    net.train()
+    c = net.num_labels
+    local = (np.concatenate(logits) if logits else np.zeros((0, c), np.float32),
+             np.concatenate(gold) if gold else np.zeros(0, np.int64), groups)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        allp = gather_object([local])
+        local = (np.concatenate([p[0] for p in allp]), np.concatenate([p[1] for p in allp]),
+                 [g for p in allp for g in p[2]])
+    return evaluate_predictions(local[0], local[1], local[2], plan.positive)
