@@ -103,6 +103,15 @@ def label_space_mismatch(teacher_name: str, teacher_labels: list[str], what: str
     return None
 
 
+def scored_corpora(teachers, manifests: dict):
+    """Each (teacher, corpus name, manifest, label-space mismatch or None) the teacher is set to score:
+    the pairs that `run`, `verify` and the query's views all go over, judged by the one rule."""
+    for t in teachers:
+        for name, m in manifests.items():
+            if t.scores(name):
+                yield t, name, m, label_space_mismatch(t.name, t.label_names, f"corpus {name!r}", m.label_names)
+
+
 def positive_index(label_names: list[str], wanted: str | None = None, declared: str | None = None,
                    where: str = "") -> int:
     """Index of the positive class, by name: ``wanted`` (the user's), else the corpus's declared one,

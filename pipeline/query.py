@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, label_space_mismatch
+from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, scored_corpora
 
 
 class QueryError(StoreError):
@@ -106,25 +106,21 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
     corpus = _dataset(paths, CORPUS_VIEW_SCHEMA, parts)
 
     paths, parts = [], []
-    for t in teachers.values():
-        for name, m in manifests.items():
-            if not t.scores(name):
+    for t, name, m, mismatch in scored_corpora(teachers.values(), manifests):
+        if mismatch:
+            left.label_parts.append(f"{t.name}/{name}/* ({mismatch})")
+            continue
+        for p in m.parts:
+            if (name, p.part) not in ids:
+                continue  # its corpus part is damaged (left out above)
+            check = store.check_label(t, p, corpus_ids=ids[(name, p.part)])  # the one rule, in full
+            if check.status != "ok":
+                if check.invalid:
+                    left.label_parts.append(f"{t.name}/{name}/{p.part} ({check.status}: {check.reason})")
                 continue
-            mismatch = label_space_mismatch(t.name, t.label_names, f"corpus {name!r}", m.label_names)
-            if mismatch:
-                left.label_parts.append(f"{t.name}/{name}/* ({mismatch})")
-                continue
-            for p in m.parts:
-                if (name, p.part) not in ids:
-                    continue  # its corpus part is damaged (left out above)
-                check = store.check_label(t, p, corpus_ids=ids[(name, p.part)])  # the one rule, in full
-                if check.status != "ok":
-                    if check.invalid:
-                        left.label_parts.append(f"{t.name}/{name}/{p.part} ({check.status}: {check.reason})")
-                    continue
-                paths.append(str(store.label_path(t.name, name, p.part)))
-                parts.append(_const(teacher=t.name, corpus=name, part=p.part))
-                left.checked[paths[-1]] = _identity(paths[-1])
+            paths.append(str(store.label_path(t.name, name, p.part)))
+            parts.append(_const(teacher=t.name, corpus=name, part=p.part))
+            left.checked[paths[-1]] = _identity(paths[-1])
     for f in store.label_files():  # label parts on disk that no view can show: never silently
         teacher, cname = f.parent.parent.name, f.parent.name
         if str(f) in left.checked:

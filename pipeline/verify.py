@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmkd.data.store import PART_RE, CorruptPartError, Store, label_space_mismatch
+from tmkd.data.store import PART_RE, CorruptPartError, Store, scored_corpora
 
 
 @dataclass
@@ -58,24 +58,20 @@ def verify(store: Store) -> VerifyReport:
             if len(uniq) != len(ids):
                 report.problems.append(f"corpus {name!r}: {int((counts > 1).sum())} ids occur more than once")
 
-    for t in teachers.values():
-        for name, m in manifests.items():
-            if not t.scores(name):
-                continue
-            mismatch = label_space_mismatch(t.name, t.label_names, f"corpus {name!r}", m.label_names)
-            if mismatch:
-                report.problems.append(mismatch)
-            for p in m.parts:
-                if (name, p.part) not in corpus_ids:
-                    continue  # its corpus part is damaged: reported above
-                path = store.label_path(t.name, name, p.part)
-                check = store.check_label(t, p, corpus_ids=corpus_ids[(name, p.part)])
-                if check.status == "ok":
-                    report.label_parts += 1
-                elif check.status == "missing":
-                    report.problems.append(f"{path}: missing (not scored yet; `run` scores it)")
-                else:
-                    report.problems.append(f"{path}: {check.status}: {check.reason} (`run` scores it again)")
+    for t, name, m, mismatch in scored_corpora(teachers.values(), manifests):
+        if mismatch:
+            report.problems.append(mismatch)
+        for p in m.parts:
+            if (name, p.part) not in corpus_ids:
+                continue  # its corpus part is damaged: reported above
+            path = store.label_path(t.name, name, p.part)
+            check = store.check_label(t, p, corpus_ids=corpus_ids[(name, p.part)])
+            if check.status == "ok":
+                report.label_parts += 1
+            elif check.status == "missing":
+                report.problems.append(f"{path}: missing (not scored yet; `run` scores it)")
+            else:
+                report.problems.append(f"{path}: {check.status}: {check.reason} (`run` scores it again)")
 
     _unexpected_files(store, teachers, manifests, report)
     return report

@@ -43,3 +43,19 @@ def tiny_teachers(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     """Three 2-class teachers that share one tokenizer but differ in their seeds."""
     base = tmp_path_factory.mktemp("teachers")
     return {f"t{s}": build_bert(base / f"t{s}", tiny_tokenizer, num_labels=2, seed=s) for s in (1, 2, 3)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its own Accelerator, as a new process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_teachers):
+    """The student's encoder in the trainer tests: a tiny teacher folder."""
+    return tiny_teachers["t1"]

@@ -10,20 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 from tmkd.data.ingest import IngestError, IngestOptions, ingest, normalise, text_pair_id
-from tmkd.pipeline.cli import app
 from tmkd.data.store import Store, file_digest
 
-runner = CliRunner()
-
-
-def cli(*args, ok: bool = True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok and result.exit_code != 0:
-        raise AssertionError(f"tmkd-label {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.output}")
-    return result
+from test_label import cli  # noqa: E402  (the one helper that runs tmkd-label in-process)
 
 
 def rows(store: Path, corpus: str) -> list[dict]:

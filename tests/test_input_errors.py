@@ -13,20 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from tmkd.pipeline.cli import app
 from tmkd.data.store import Store
 from tmkd.teachers.spec import TeacherError, TeacherSpec, check_weights, load_teachers_toml
 
-runner = CliRunner()
-
-
-def cli(*args, ok: bool = True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok and result.exit_code != 0:
-        raise AssertionError(f"tmkd-label {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.output}")
-    return result
+from test_label import cli  # noqa: E402  (the one helper that runs tmkd-label in-process)
 
 
 def one_line(result) -> str:

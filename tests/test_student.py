@@ -28,21 +28,6 @@ def toy_config(*args, **kwargs) -> dict:
     return raw
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its own Accelerator, as a new process would."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_teachers):
-    return tiny_teachers["t1"]
-
-
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("student-store")

@@ -23,20 +23,6 @@ class Killed(Exception):
     """Stands for a kill -9 at the point it is raised."""
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_teachers):
-    return tiny_teachers["t1"]
-
-
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability-store")
