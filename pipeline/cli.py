@@ -64,6 +64,7 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="torch device; default: this rank's GPU if any, else CPU."),
     logits_dtype: str = typer.Option("float32", "--logits-dtype", help="Stored logits: float32 or float16."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds a claim on a unit lives without renewal; a killed worker's units are taken over after this."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override teachers.toml, as in every job: --set teacher.0.max_length=64 (repeatable)."),
 ):
     """Score every corpus part with every teacher; skip what is already scored and intact.
 
@@ -71,7 +72,7 @@ def run(
     """
     from tmkd.pipeline.run import RunOptions, run as run_labels
 
-    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease)
+    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease, sets or [])
     try:
         s = run_labels(opts, err)
     except (StoreError, OSError) as e:

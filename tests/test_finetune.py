@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from tmkd.data.store import Store  # noqa: E402
 from tmkd.teachers import finetune as ft  # noqa: E402
+from tmkd.teachers import ranking, splits  # noqa: E402
 from tmkd.teachers.spec import load_teachers_toml  # noqa: E402
 
 WORDS = ["river", "city", "music", "water", "king", "war", "film", "book", "game", "church", "school", "army"]
@@ -157,7 +158,7 @@ def test_listwise_loss_matches_hand_computation():
     lse0 = math.log(math.exp(2) + math.exp(0) + math.exp(1))
     g0 = -(0.5 * (2 - lse0) + 0.5 * (1 - lse0))
     g1 = -(-0.5 - math.log(math.exp(0.5) + math.exp(-0.5)))
-    loss = ft.listwise_loss(scores, relevant, groups)
+    loss = ranking.listwise_loss(scores, relevant, groups)
     assert loss.item() == pytest.approx((g0 + g1) / 2, rel=1e-6)
     loss.backward()
     assert scores.grad[5] == 0  # the unrankable group gets no gradient
@@ -165,20 +166,20 @@ def test_listwise_loss_matches_hand_computation():
     # pairwise: mean over a group's (correct, wrong) pairs of log(1 + exp(s_wrong - s_correct))
     p0 = (math.log1p(math.exp(0 - 2)) + math.log1p(math.exp(0 - 1))) / 2
     p1 = math.log1p(math.exp(0.5 - -0.5))
-    assert ft.pairwise_loss(scores, relevant, groups).item() == pytest.approx((p0 + p1) / 2, rel=1e-6)
+    assert ranking.pairwise_loss(scores, relevant, groups).item() == pytest.approx((p0 + p1) / 2, rel=1e-6)
 
 
 def test_relevance_score_is_the_positive_log_odds():
     logits = torch.tensor([[0.3, 1.5], [2.0, -1.0]])
-    assert ft.relevance_scores(logits, 1).tolist() == pytest.approx([1.2, -3.0])
-    assert ft.relevance_scores(logits, 0).tolist() == pytest.approx([-1.2, 3.0])
+    assert ranking.relevance_scores(logits, 1).tolist() == pytest.approx([1.2, -3.0])
+    assert ranking.relevance_scores(logits, 0).tolist() == pytest.approx([-1.2, 3.0])
 
 
 def test_group_batches_keep_questions_whole():
     rng = np.random.default_rng(0)
     members = [np.arange(i * 5, i * 5 + 5) for i in range(10)] + [np.arange(50, 90)]  # one question of 40
     lengths = rng.integers(5, 50, size=90)
-    batches = ft.group_batches(members, lengths, 16, rng)
+    batches = splits.group_batches(members, lengths, 16, rng)
     seen = np.sort(np.concatenate(batches))
     assert seen.tolist() == list(range(90))  # every row once
     for b in batches:
