@@ -111,6 +111,14 @@ def batch_loss(s: Session, stage: StagePlan, batch: dict, weights: torch.Tensor)
                         alpha=cfg.loss.alpha, use_gold=cfg.gold)
 
 
+def window_divisors(rows: list[int]) -> list[float]:
+    """What each micro-batch's loss is divided by in its accumulation window: total rows / its rows, so
+    that it counts for its share of the rows. A short last batch counts for its rows, a padding batch
+    (0 rows: inf) for nothing, and N full batches for exactly loss / N, as without weighting."""
+    total = sum(rows)
+    return [total / r if r else float("inf") for r in rows]
+
+
 def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, filler: dict, optimizer, scheduler,
                 sums: EpochSums, skip: int, task) -> None:
     """Train (stage si, epoch) from batch ``skip`` on, one accumulation window at a time."""
@@ -126,13 +134,11 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, fille
         end = min((i // ga + 1) * ga, n)  # windows end every ga batches and at the epoch's end
         window = [b if b is not None else filler for b in (next(it, None) for _ in range(i, end))]
         real = [len(b["labels"]) if float(b["weight"]) > 0 else 0 for b in window]
-        total = sum(real)
-        for j, (batch, rows) in enumerate(zip(window, real)):
+        for j, (batch, rows, divisor) in enumerate(zip(window, real, window_divisors(real))):
             w = float(batch["weight"])
             with contextlib.nullcontext() if j + 1 == len(window) else acc.no_sync(s.model):
                 loss = batch_loss(s, stage, batch, weights)
-                # rows / total, written as a division by total / rows: exactly loss / N for full batches
-                acc.backward(loss * w / (total / rows) if rows else loss * 0.0)
+                acc.backward(loss * w / divisor if rows else loss * 0.0)
             sums.loss += loss.detach().double() * w
             sums.weight += w
             sums.rows += rows

@@ -311,3 +311,26 @@ def test_stream_holds_at_most_one_part_plus_the_buffer(tmp_path, encoder, monkey
         assert len(pool) <= 8
     assert emitted == 240 and max(held) <= 40 + 30
     assert len(read) == 8 and held[0] < 240  # pools flow before the last part is read
+
+
+def test_accumulation_weights_micro_batches_by_rows():
+    """Accumulating a window's micro-batches gives the gradient of the mean over all its rows, whatever their
+    sizes: a short last batch counts for its rows, a padding batch for nothing, full ones for 1/N."""
+    from tmkd.student.loop import window_divisors
+
+    assert window_divisors([16, 16]) == [2.0, 2.0]
+    assert window_divisors([16, 4]) == [1.25, 5.0]
+    assert window_divisors([16, 0]) == [1.0, float("inf")]
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(21, 4), torch.randn(21, 1)
+    whole = torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y), model.weight)[0]
+    sizes = [8, 8, 5]  # a window with a short last batch
+    acc = torch.zeros_like(model.weight)
+    for (xb, yb), d in zip(zip(x.split(sizes), y.split(sizes)), window_divisors(sizes)):
+        acc += torch.autograd.grad(torch.nn.functional.mse_loss(model(xb), yb) / d, model.weight)[0]
+    torch.testing.assert_close(acc, whole)
+    naive = sum(torch.autograd.grad(torch.nn.functional.mse_loss(model(xb), yb) / 3, model.weight)[0]
+                for xb, yb in zip(x.split(sizes), y.split(sizes)))
+    assert not torch.allclose(naive, whole)  # counting the short batch as a full one is wrong
