@@ -77,12 +77,16 @@ def encode(tokenizer, text_a: np.ndarray, text_b: np.ndarray, max_length: int) -
     return encode_pairs(tokenizer, text_a.tolist(), text_b.tolist(), max_length, "longest_first")
 
 
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, labels, logits, ids) -> dict[str, torch.Tensor]:
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, labels, logits, ids) -> dict:
+    """A batch: tensors for the model and the loss; ``weight`` (1.0, or 0.0 for a padding batch) and
+    ``id_sum`` (the rows' ids, summed mod 2^64, for the resume check) as plain Python numbers, so the
+    loop reads them without a host sync once the tensors are on a GPU."""
     batch = pad_batch(enc, idx, pad_id)
     batch["labels"] = torch.from_numpy(labels[idx].astype(np.int64))
     batch["teacher_logits"] = torch.from_numpy(np.ascontiguousarray(logits[idx], dtype=np.float32))
     batch["ids"] = torch.from_numpy(ids[idx].astype(np.int64))
-    batch["weight"] = torch.tensor(1.0)
+    batch["id_sum"] = int(ids[idx].astype(np.int64).sum()) % (1 << 64)
+    batch["weight"] = 1.0
     return batch
 
 
@@ -92,7 +96,7 @@ def dummy_batch(tokenizer, num_teachers: int, num_labels: int) -> dict[str, torc
     idx = np.zeros(1, dtype=np.int64)
     b = collate(enc, idx, tokenizer.pad_token_id or 0, np.full(1, -1), np.zeros((1, num_teachers, num_labels)),
                 np.full(1, -1))
-    b["weight"] = torch.tensor(0.0)
+    b["weight"] = 0.0
     return b
 
 

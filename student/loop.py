@@ -133,9 +133,9 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, fille
     while i < n:
         end = min((i // ga + 1) * ga, n)  # windows end every ga batches and at the epoch's end
         window = [b if b is not None else filler for b in (next(it, None) for _ in range(i, end))]
-        real = [len(b["labels"]) if float(b["weight"]) > 0 else 0 for b in window]
+        real = [len(b["labels"]) if b["weight"] > 0 else 0 for b in window]  # no host sync: plain numbers
         for j, (batch, rows, divisor) in enumerate(zip(window, real, window_divisors(real))):
-            w = float(batch["weight"])
+            w = batch["weight"]
             with contextlib.nullcontext() if j + 1 == len(window) else acc.no_sync(s.model):
                 loss = batch_loss(s, stage, batch, weights)
                 acc.backward(loss * w / divisor if rows else loss * 0.0)
@@ -144,7 +144,7 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, fille
             sums.rows += rows
             sums.examples += rows
             if rows:
-                sums.id_sum = (sums.id_sum + int(batch["ids"].sum())) % (1 << 64)
+                sums.id_sum = (sums.id_sum + batch["id_sum"]) % (1 << 64)
         i = end
         if cfg.train.max_grad_norm > 0:
             acc.clip_grad_norm_(s.model.parameters(), cfg.train.max_grad_norm)
