@@ -200,8 +200,11 @@ def remove_dead_temporaries(store: Store, claims: Claims) -> int:
         for tmp in base.glob("*/*/.part-*.tmp") if base.exists() else []:
             match = TEMP_PART.match(tmp.name)
             if match and not claims.is_live(tmp.parent.parent.name, tmp.parent.name, int(match.group(1))):
-                if folder == "claims" and time.time() - tmp.stat().st_mtime < claims.lease_s:
-                    continue  # a claim being written right now
+                try:
+                    if folder == "claims" and time.time() - tmp.stat().st_mtime < claims.lease_s:
+                        continue  # a claim being written right now
+                except FileNotFoundError:
+                    continue  # its owner finished with it meanwhile
                 tmp.unlink(missing_ok=True)
                 n += 1
     return n

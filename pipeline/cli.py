@@ -127,8 +127,10 @@ def _json_value(v):
     """NaN and infinities are not JSON: they are written as null (valid JSON that every reader takes)."""
     if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
         return None
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return [_json_value(x) for x in v]
+    if isinstance(v, dict):  # DuckDB structs and maps
+        return {k: _json_value(x) for k, x in v.items()}
     return v
 
 

@@ -94,10 +94,19 @@ def global_rank(shard: str) -> tuple[int, int]:
 
 
 def pick_device(device: str | None):
+    """The torch device to score on; a device that does not exist here is a user error."""
     import torch
 
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise StoreError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise StoreError(f"--device {device!r}: this machine has no CUDA device")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StoreError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
@@ -209,14 +218,15 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     teachers = check_teachers(store, load_teachers_toml(opts.teachers, opts.sets), corpora, opts.replace)
     records = [rec for _, rec, _ in teachers]
     plan, skipped, invalid = plan_units(store, records, corpora, rank, world)  # refuses damaged corpus parts
+    claims = Claims(store, opts.lease_s)  # checks --lease
+    device = pick_device(opts.device) if plan or opts.device else None  # checks --device
     store.upgrade()  # nothing was written before this line
     record_teachers(store, records, opts.replace)
 
-    device = pick_device(opts.device) if plan else None
     summary = RunSummary(rank, world, os.getpid(), socket.gethostname(), str(device or "none"))
     summary.units_skipped = skipped
     summary.teachers = {r.name: r.fingerprint for r in records}
-    with Claims(store, opts.lease_s) as claims:
+    with claims:
         summary.temporaries_removed = remove_dead_temporaries(store, claims)
         if plan:
             _score_plan(store, plan, teachers, device, opts, summary, console, claims, invalid)

@@ -104,8 +104,10 @@ def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: Ver
         if f in expected or top in ("quarantine", "runs", "claims"):
             continue
         if f.name.startswith(".") and f.name.endswith(".tmp"):
-            report.notes.append(f"{f}: temporary file of a writer that is running or was killed "
-                                "(`run` removes it once its claim has expired)")
+            top_folder = f.relative_to(store.root).parts[0]
+            cleaner = ("`run` removes it once its claim has expired" if top_folder == "labels"
+                       else "nothing reads it; remove it when no ingest or run is going on")
+            report.notes.append(f"{f}: temporary file of a writer that is running or was killed ({cleaner})")
         elif f.name.endswith(".commit.json") and not Path(str(f).replace(".commit.json", ".parquet")).exists():
             report.problems.append(f"{f}: commit record without its label part (the part file is missing)")
         else:

@@ -198,6 +198,8 @@ class TrainConfig:
             problems.append(f"train.mixed_precision must be no, bf16 or fp16, not {self.train.mixed_precision!r}")
         if self.train.num_threads < 0 or self.train.keep_checkpoints < 1 or self.train.checkpoint_every < 0:
             problems.append("train.num_threads >= 0, train.keep_checkpoints >= 1, train.checkpoint_every >= 0")
+        if self.eval.batch_size < 1:
+            problems.append("eval.batch_size must be >= 1")
         if self.train.gradient_accumulation_steps < 1:
             problems.append("train.gradient_accumulation_steps must be >= 1")
         if self.data.num_workers < -1 or self.data.bucket_batches < 1 or self.data.shuffle_buffer < 1:

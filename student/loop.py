@@ -27,7 +27,7 @@ from tmkd.student.data import INPUTS
 from tmkd.student.plan import Plan, StagePlan, TrainError
 
 KILL_ENV = "TMKD_STUDENT_KILL_AT_STEP"  # test hook: SIGKILL this process after that optimizer step
-LOG_EVERY = 20  # optimizer steps between reads of the running loss (train.log_every if the config has it)
+LOG_EVERY = 20  # optimizer steps between reads of the running loss
 
 
 @dataclass
@@ -124,7 +124,7 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, fille
     """Train (stage si, epoch) from batch ``skip`` on, one accumulation window at a time."""
     acc, cfg = s.accelerator, s.plan.cfg
     ga, n = cfg.train.gradient_accumulation_steps, stage.batches[epoch]
-    log_every = getattr(cfg.train, "log_every", 0) or LOG_EVERY
+    log_every = LOG_EVERY
     weights = torch.tensor(s.plan.weights, dtype=torch.float32, device=acc.device)
     it = iter(loader)
     for _ in range(skip):  # already trained before the checkpoint: same order, skipped

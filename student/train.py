@@ -263,6 +263,9 @@ def main(argv=None) -> int:
     except (ConfigError, StoreError, TrainError) as e:
         print(f"error: {clean_message(e)}", file=sys.stderr)
         return 1  # a user error (README: exit codes); argparse exits 2 on usage errors
+    except OSError as e:  # an unwritable output folder, a full disk: the user's to fix, not a traceback
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

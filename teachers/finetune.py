@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as e:  # FinetuneError and store problems: the user's to fix
         print(f"error: {e}", file=sys.stderr)
         return 1  # a user error (README: exit codes); argparse exits 2 on usage errors
+    except OSError as e:  # an unwritable output folder, a full disk: the user's to fix, not a traceback
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -579,8 +579,21 @@ def test_odd_input_is_refused_or_written_as_valid_output(scored, tmp_path):
     for lease in ("nan", "inf", "0"):
         res = cli("run", "--store", store, "--teachers", teachers, "--lease", lease, ok=False)
         assert res.exit_code == 1 and "--lease" in res.output, lease
-    out = cli("query", "--store", store, "--format", "json", "SELECT 'nan'::DOUBLE AS x, [1.0, 'inf'::DOUBLE] AS y")
-    assert json.loads(out.stdout) == [{"x": None, "y": [1.0, None]}]
+    out = cli("query", "--store", store, "--format", "json",
+              "SELECT 'nan'::DOUBLE AS x, [1.0, 'inf'::DOUBLE] AS y, {'a': 'nan'::DOUBLE} AS z")
+    assert json.loads(out.stdout) == [{"x": None, "y": [1.0, None], "z": {"a": None}}]
     res = cli("query", "--store", store, "--format", "json", "SELECT 1 AS a, 2 AS a", ok=False)
     assert res.exit_code == 1 and "distinct column names" in res.output
     assert cli("query", "--store", store, "--max-rows", "-1", "SELECT 1", ok=False).exit_code == 2
+
+
+def test_bad_run_options_are_refused_before_anything_is_written(tmp_path, wikiqa_sample, tiny_teachers):
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq")
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    before = tree_digests(store)
+    for option, value, message in (("--lease", "0", "--lease"), ("--device", "gpu", "not a torch device"),
+                                   ("--device", "cuda:7", "CUDA")):
+        res = cli("run", "--store", store, "--teachers", teachers, option, value, ok=False)
+        assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, (option, value)
+        assert tree_digests(store) == before  # no teacher record, no run log, no claim

@@ -334,3 +334,17 @@ def test_accumulation_weights_micro_batches_by_rows():
     naive = sum(torch.autograd.grad(torch.nn.functional.mse_loss(model(xb), yb) / 3, model.weight)[0]
                 for xb, yb in zip(x.split(sizes), y.split(sizes)))
     assert not torch.allclose(naive, whole)  # counting the short batch as a full one is wrong
+
+
+def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path, encoder, capsys):
+    from tmkd.student.train import main
+
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16,), unlabeled=(), dev=())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = toy_config(store.root, encoder, blocker / "out", teachers=("t1",))
+    cfg["eval"] = {}
+    (tmp_path / "c.toml").write_text(toy.to_toml(cfg))
+    assert main(["--config", str(tmp_path / "c.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a-file" in err and "Traceback" not in err
