@@ -533,13 +533,6 @@ class Store:
         base = self.root / "labels"
         return sorted(base.glob("*/*/part-*.parquet")) if base.exists() else []
 
-    @staticmethod
-    def label_meta(path: Path) -> dict:
-        kv = pq.read_schema(path).metadata or {}
-        if META_KEY not in kv:
-            raise StoreError(f"{path}: not a tmkd label part (no tmkd metadata)")
-        return json.loads(kv[META_KEY])
-
     def label_commit(self, teacher: str, corpus: str, part: int) -> dict | None:
         """The commit record of a label part, None if it has none; StoreError if it is unreadable."""
         path = self.commit_path(self.label_path(teacher, corpus, part))

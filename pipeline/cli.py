@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -125,7 +126,7 @@ def status(store: Path = STORE_OPT):
 
 def _json_value(v):
     """NaN and infinities are not JSON: they are written as null (valid JSON that every reader takes)."""
-    if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, (list, tuple)):
         return [_json_value(x) for x in v]
