@@ -73,8 +73,14 @@ def save(ref: Path) -> None:
     print(f"saved reference runs under {ref / 'runs'}")
 
 
-def _last_step(out: Path) -> Path:
-    return sorted((out / "checkpoints").glob("step-*"))[-1]
+def _last_step(out: Path) -> dict[str, torch.Tensor]:
+    """The last checkpoint's model weights (saved by accelerate's save_state, or by torch.save before it)."""
+    from safetensors.torch import load_file
+
+    step = sorted((out / "checkpoints").glob("step-*"))[-1]
+    if (step / "model.safetensors").exists():
+        return load_file(str(step / "model.safetensors"))
+    return torch.load(step / "model.pt", weights_only=True)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -92,8 +98,8 @@ def compare(REFERENCE: Path) -> None:
         before = load_file(str(REFERENCE / "runs" / name / "model.safetensors"))
         report[name] = max_abs_diff(w, before)
         assert all(torch.allclose(w[k], before[k], atol=1e-6, rtol=0) for k in w), (name, report[name])
-        final_before = torch.load(_last_step(REFERENCE / "runs" / name) / "model.pt", weights_only=True)
-        final_now = torch.load(_last_step(tmp_path / name) / "model.pt", weights_only=True)
+        final_before = _last_step(REFERENCE / "runs" / name)
+        final_now = _last_step(tmp_path / name)
         report[name + " (last step)"] = max_abs_diff(final_now, final_before)
         assert all(torch.allclose(final_now[k], final_before[k], atol=1e-6, rtol=0) for k in final_now)
         ref_lines = (REFERENCE / "runs" / name / "metrics.jsonl").read_text().splitlines()

@@ -1,30 +1,59 @@
-"""Checkpoints of a student run: atomic folders, the data position, and what a resume restores.
+"""Checkpoints of a student run: atomic folders saved with ``accelerator.save_state``.
 
-A kill at any moment leaves the last complete checkpoint usable (see publish). ``Resume`` is what
-the recipe needs from the last checkpoint: where the data stream stands, the step, the run state
-(best, history, examples, seconds) and this rank's sums for the epoch in progress.
+A checkpoint folder holds what ``accelerator.save_state`` writes (model, optimizer, RNG per rank,
+gradient scaler) and two objects registered with ``accelerator.register_for_checkpointing``: the
+stage's LR schedule and the data ``Position`` (where the stream stands, and every rank's sums
+for the epoch in progress). ``state.json`` beside them holds the run's state (config, best,
+history) and the size of every file. A kill at any moment leaves the last complete checkpoint
+usable (see publish). ``Resume`` is what the recipe needs to know before loading one.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmkd.student.config import TrainConfig
 from tmkd.student.plan import TrainError
 
+LAYOUT = 2  # state.json's "layout": 2 = accelerate's save_state (1, unrecorded: our own torch.save files)
+
 
 @dataclass
 class Position:
-    """Where the data stream stands: the next batch to train is batch ``batch`` of (stage, epoch)."""
+    """Where the data stream stands: the next batch to train is batch ``batch`` of (stage, epoch).
+    ``running``: every rank's sums for that epoch's batches before it (None at an epoch's start).
+    Checkpointed with the model: registered with ``accelerator.register_for_checkpointing``."""
 
     stage: int = 0
     epoch: int = 0
     batch: int = 0
+    running: list[dict] | None = None
+
+    def where(self) -> dict:
+        return {"stage": self.stage, "epoch": self.epoch, "batch": self.batch}
+
+    def state_dict(self) -> dict:
+        return dict(self.where(), running=self.running)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self.epoch, self.batch, self.running = (state[k] for k in ("stage", "epoch", "batch", "running"))
+
+
+class StageSchedule:
+    """The current stage's LR schedule as one checkpointable object: each stage builds its own
+    scheduler, while the accelerator keeps the objects registered once."""
+
+    scheduler = None
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -119,34 +148,26 @@ def prune_checkpoints(base: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, out: Path, step: int, pos: Position, model, optimizer, scheduler, state: dict,
-                    keep: int, num_workers: int, running: dict | None = None) -> None:
-    """Save everything a resume needs; ``running``: this rank's sums for the epoch in progress (mid-epoch),
-    so the resumed epoch's train_loss covers the whole epoch."""
-    import numpy as np
-    import torch
+def save_checkpoint(accelerator, out: Path, step: int, position: Position, state: dict, keep: int,
+                    num_workers: int, running: dict | None = None) -> None:
+    """Save everything a resume needs into checkpoints/step-<step>, atomically; ``running``: this rank's
+    sums for the epoch in progress (mid-epoch), so the resumed epoch's train_loss covers the whole epoch."""
+    from accelerate.utils import gather_object
 
     base = out / "checkpoints"
     tmp = base / f".tmp-step-{step:08d}"
     final = base / f"step-{step:08d}"
-    rank = accelerator.process_index
+    position.running = gather_object([running]) if running is not None else None  # every rank's, on each
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(rng, tmp / f"rng-rank{rank}.pt")
-    if running is not None:
-        (tmp / f"epoch-rank{rank}.json").write_text(json.dumps(running))
-    if accelerator.is_main_process:
-        torch.save(accelerator.unwrap_model(model).state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.save_state(str(tmp))  # model, optimizer, RNG per rank, scaler, the schedule and the position
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        full = dict(state, step=step, position=pos.__dict__, world_size=accelerator.num_processes,
-                    num_workers=num_workers, files=files)
+        full = dict(state, step=step, position=position.where(), world_size=accelerator.num_processes,
+                    num_workers=num_workers, files=files, layout=LAYOUT)
         (tmp / "state.json").write_text(json.dumps(full, indent=2))
         publish(tmp, final)  # the checkpoint counts once its folder has its final name
         prune_checkpoints(base, keep)
@@ -163,20 +184,9 @@ def export_best(model, tokenizer, out: Path, step: int) -> None:
     publish(tmp, out / "checkpoints" / f"best-{step:08d}")
 
 
-def restore_rng(ckpt: Path, rank: int) -> None:
-    import numpy as np
-    import torch
-
-    rng = torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-
-
-def normalise(pos: Position, cfg: TrainConfig) -> Position:
-    if pos.stage < len(cfg.stages) and pos.epoch >= cfg.stages[pos.stage].epochs:
-        return Position(pos.stage + 1, 0, 0)
-    return pos
+def next_epoch(stage: int, epoch: int, cfg: TrainConfig) -> Position:
+    """The position after (stage, epoch) ends: the next epoch, or the next stage's first."""
+    return Position(stage + 1, 0, 0) if epoch + 1 >= cfg.stages[stage].epochs else Position(stage, epoch + 1, 0)
 
 
 def comparable(cfg_dict: dict) -> dict:
@@ -190,28 +200,20 @@ def comparable(cfg_dict: dict) -> dict:
 # ---- resume -----------------------------------------------------------------------------------
 @dataclass
 class Resume:
-    """What the run continues from: nothing (a fresh run) or the last complete checkpoint."""
+    """What the run continues from: nothing (a fresh run) or the last complete checkpoint, with where
+    it stands (``start``, from its state.json) and the run state (best, history, examples, seconds)."""
 
     ckpt: Path | None = None
-    start: Position = None  # type: ignore[assignment]
+    start: Position = field(default_factory=Position)
     step: int = 0
-    state: dict = None  # type: ignore[assignment]  best, history, examples, seconds
-    running: dict | None = None  # this rank's sums for the epoch the checkpoint stopped in
+    state: dict = field(default_factory=lambda: {"best": None, "history": [], "examples": 0, "seconds": 0.0})
 
-    def __post_init__(self):
-        self.start = self.start or Position()
-        self.state = self.state or {"best": None, "history": [], "examples": 0, "seconds": 0.0}
-
-    def skip(self, si: int, epoch: int) -> int:
-        """Batches of (stage si, epoch) already trained before the checkpoint."""
-        return self.start.batch if (si, epoch) == (self.start.stage, self.start.epoch) else 0
-
-    def restores_optimizer(self, si: int) -> bool:
+    def mid_stage(self, si: int) -> bool:
+        """Stage si was cut by the checkpoint: its optimizer state and schedule continue."""
         return self.ckpt is not None and si == self.start.stage and (self.start.epoch, self.start.batch) != (0, 0)
 
 
-def load_resume(out: Path, cfg: TrainConfig, resume: bool, world: int, num_workers: int, rank: int,
-                main: bool) -> Resume:
+def load_resume(out: Path, cfg: TrainConfig, resume: bool, world: int, num_workers: int, main: bool) -> Resume:
     """The checkpoint to continue from, after checking it was made by this config and process count."""
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
@@ -222,35 +224,18 @@ def load_resume(out: Path, cfg: TrainConfig, resume: bool, world: int, num_worke
             print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning", file=sys.stderr)
         return Resume()
     saved = json.loads((ckpt / "state.json").read_text())
+    if saved.get("layout") != LAYOUT:
+        raise TrainError(f"{ckpt}: a checkpoint saved by an earlier tmkd (before accelerate's save_state); finish "
+                         "that run with the tmkd that started it, or start a new output folder")
     if comparable(saved["config"]) != comparable(cfg.to_dict()):
         raise TrainError(f"{ckpt}: the checkpoint was made with another config (store, teachers, student, data "
                          "or stages differ); resume with the same config or start a new output folder")
     if saved["world_size"] != world:
         raise TrainError(f"{ckpt}: made with {saved['world_size']} processes, now {world}; the data order "
                          "depends on it, so resume with the same number of processes")
-    # the data order depends on the worker count (0 and 1 give the same order); checkpoints from before the
-    # count was recorded had it in their config, where it could not be auto
-    old = saved.get("num_workers", saved["config"]["data"].get("num_workers", 1))
+    old = saved["num_workers"]  # the data order depends on it (0 and 1 give the same order)
     if max(1, old) != max(1, num_workers):
         raise TrainError(f"{ckpt}: made with data.num_workers = {old}, now {num_workers}; the data order depends "
                          f"on it, so resume with --set data.num_workers={old}")
-    start = Position(**saved["position"])
-    running = None
-    if start.batch:  # stopped mid-epoch: continue this rank's loss sums (older checkpoints lack them)
-        f = ckpt / f"epoch-rank{rank}.json"
-        running = json.loads(f.read_text()) if f.exists() else None
-    return Resume(ckpt, start, saved["step"], {k: saved[k] for k in ("best", "history", "examples", "seconds")},
-                  running)
-
-
-def load_model_state(model, ckpt: Path) -> None:
-    import torch
-
-    model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True))
-
-
-def load_optimizer_state(optimizer, scheduler, ckpt: Path) -> None:
-    import torch
-
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    return Resume(ckpt, Position(**saved["position"]), saved["step"],
+                  {k: saved[k] for k in ("best", "history", "examples", "seconds")})

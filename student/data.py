@@ -11,6 +11,10 @@ Order of one epoch, fully determined by (seed, epoch, world size, workers)::
 
 Memory per worker is bounded by one part plus the shuffle buffer, whatever the corpus size.
 
+A resumed run seeks: ``set_epoch(epoch, skip)`` starts the stream at the rank's batch ``skip``.
+The buffer's shuffles depend only on row counts, so the stream replays them on index arrays
+(no reading, no tokenizing) up to the position, then reads only the rows still ahead of it.
+
 Every row is yielded exactly once per epoch across ranks and workers. A worker with n rows
 yields exactly ceil(n / batch_size) batches (pools are whole batches; only its last one may be
 short), so ``plan_batches`` knows from the manifests alone how many batches each rank gets.
@@ -72,6 +76,22 @@ def plan_batches(parts, seed: int, epoch: int, world: int, workers: int, batch_s
     return out
 
 
+def turn_start(counts: list[int], skip: int) -> tuple[list[int], int]:
+    """Where a rank's stream at batch ``skip`` stands in its DataLoader workers' turns.
+
+    The DataLoader takes one batch from each worker in turn (passing over those that are done),
+    and a new DataLoader starts its turns at worker 0. So a resumed stream starts each worker at
+    the start of the current turn, ``(batches each worker has yielded by then)``, and the caller
+    drops the ``discard`` batches of that turn already trained (fewer than the workers)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    lo, hi = 0, int(counts.max(initial=0))  # the most whole turns that fit in skip (binary search)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if np.minimum(counts, mid).sum() <= skip else (lo, mid - 1)
+    done = np.minimum(counts, lo)
+    return done.tolist(), skip - int(done.sum())
+
+
 # ---- tokenization and batching (the labeler's vectorised code: flat token arrays, numpy padding) --
 def encode(tokenizer, text_a: np.ndarray, text_b: np.ndarray, max_length: int) -> Encoded:
     return encode_pairs(tokenizer, text_a.tolist(), text_b.tolist(), max_length, "longest_first")
@@ -111,6 +131,12 @@ class _Rows:
     def __len__(self):
         return len(self.ids)
 
+    @staticmethod
+    def empty(num_teachers: int, num_labels: int) -> "_Rows":
+        text = np.empty(0, dtype=object)
+        return _Rows(np.empty(0, np.int64), text, text, np.empty(0, np.int64),
+                     np.empty((0, num_teachers, num_labels), np.float32))
+
     def take(self, idx) -> "_Rows":
         return _Rows(self.ids[idx], self.text_a[idx], self.text_b[idx], self.labels[idx], self.logits[idx])
 
@@ -133,6 +159,20 @@ def read_rows(store: Store, part: CorpusPart, teachers: list[TeacherRecord], num
         table.column("label").fill_null(-1).to_numpy().astype(np.int64),
         logits,
     )
+
+
+def epoch_batches(stream: "DistillStream", epoch: int, skip: int = 0):
+    """The rank's batches of ``epoch`` from batch ``skip`` on, tokenized in ``stream.num_workers``
+    DataLoader workers (none: in this process)."""
+    from torch.utils.data import DataLoader
+
+    stream.set_epoch(epoch, skip)
+    loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(stream.seed))
+    batches = iter(loader)
+    for _ in range(stream.turn_start()[1]):  # the current turn's batches trained before the checkpoint
+        next(batches)
+    return batches
 
 
 class DistillStream(IterableDataset):
@@ -161,11 +201,19 @@ class DistillStream(IterableDataset):
         self.rank, self.world, self.num_workers = rank, world, num_workers
         self.pool_rows = bucket_batches * batch_size
         self.buffer_rows = max(shuffle_buffer, self.pool_rows)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self._tok = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Stream epoch ``epoch`` from this rank's batch ``skip`` on (a resumed run's position)."""
+        self.epoch, self.skip = epoch, skip
+
+    def turn_start(self) -> tuple[list[int], int]:
+        """(batches each worker skips, batches the caller drops): see ``turn_start``."""
+        workers = max(1, self.num_workers)
+        counts = [math.ceil(sum(p.rows for p in assign(self.parts, self.seed, self.epoch, self.rank, self.world, w,
+                                                        workers)) / self.batch_size) for w in range(workers)]
+        return turn_start(counts, self.skip)
 
     def planned_batches(self) -> int:
         return plan_batches(self.parts, self.seed, self.epoch, self.world, self.num_workers, self.batch_size)[self.rank]
@@ -178,34 +226,70 @@ class DistillStream(IterableDataset):
             self._tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
         return self._tok
 
-    def _pools(self, parts, rng):
-        store = Store(self.store_root)
-        buf: list[_Rows] = []
-        count = 0
-        for part in parts:
-            rows = read_rows(store, part, self.teachers, self.num_labels)
-            buf.append(rows)
-            count += len(rows)
-            if count >= self.buffer_rows:
-                allrows = _Rows.concat(buf)
-                allrows = allrows.take(rng.permutation(len(allrows)))
-                start = 0
-                while count - start >= self.buffer_rows:
-                    yield allrows.take(slice(start, start + self.pool_rows))
-                    start += self.pool_rows
-                buf, count = [allrows.take(slice(start, None))], count - start
-        if count:
-            allrows = _Rows.concat(buf)
-            allrows = allrows.take(rng.permutation(len(allrows)))
-            for start in range(0, count, self.pool_rows):
-                yield allrows.take(slice(start, start + self.pool_rows))
+    def _pools(self, parts: list[CorpusPart], rng, skip: int = 0):
+        """(pool rows, batch order) in the epoch's order, from batch ``skip`` of this worker's stream on.
 
-    def _batches(self, pool: _Rows, rng):
+        The shuffle buffer is driven by the parts' row counts alone: ``order`` holds the buffer's rows
+        as positions in the concatenation of ``parts``, and the seeded permutations depend only on
+        lengths. So a resumed stream replays the bookkeeping (index arrays, no I/O) up to its
+        position, then reads only the rows still ahead of it: the parts they lie in, once each.
+        Until then ``rows`` is None; after, it holds the buffer's rows in the order of ``order``.
+        """
+        store = Store(self.store_root)
+        offsets = np.cumsum([0] + [p.rows for p in parts])
+        order = np.empty(0, np.int64)
+        rows: _Rows | None = None if skip else _Rows.empty(len(self.teachers), self.num_labels)
+
+        def emit(start: int, end: int):
+            nonlocal skip, rows
+            batch_order = rng.permutation(math.ceil((end - start) / self.batch_size))
+            if skip >= len(batch_order):  # wholly before the position: bookkeeping only
+                skip -= len(batch_order)
+                return None
+            if rows is None:  # the position is in this pool: read the rows still ahead, once
+                rows = self._gather(store, parts, offsets, order)
+            pool, drop, skip = rows.take(slice(start, end)), skip, 0
+            return pool, batch_order[drop:]
+
+        for j, part in enumerate(parts):
+            order = np.concatenate([order, np.arange(offsets[j], offsets[j + 1])])
+            if rows is not None:
+                rows = _Rows.concat([rows, read_rows(store, part, self.teachers, self.num_labels)])
+            if len(order) >= self.buffer_rows:
+                perm = rng.permutation(len(order))
+                order, rows = order[perm], rows.take(perm) if rows is not None else None
+                start = 0
+                while len(order) - start >= self.buffer_rows:
+                    if (out := emit(start, start + self.pool_rows)) is not None:
+                        yield out
+                    start += self.pool_rows
+                order, rows = order[start:], rows.take(slice(start, None)) if rows is not None else None
+        if len(order):
+            perm = rng.permutation(len(order))
+            order, rows = order[perm], rows.take(perm) if rows is not None else None
+            for start in range(0, len(order), self.pool_rows):
+                if (out := emit(start, min(start + self.pool_rows, len(order)))) is not None:
+                    yield out
+
+    def _gather(self, store: Store, parts: list[CorpusPart], offsets: np.ndarray, order: np.ndarray) -> _Rows:
+        """The rows at positions ``order`` (into the concatenation of ``parts``), in that order; each part
+        that holds one is read once, and only its wanted rows are kept."""
+        which = np.searchsorted(offsets, order, side="right") - 1
+        chunks, placed = [], []
+        for j in np.unique(which):
+            at = np.flatnonzero(which == j)
+            chunks.append(read_rows(store, parts[j], self.teachers, self.num_labels).take(order[at] - offsets[j]))
+            placed.append(at)
+        if not chunks:
+            return _Rows.empty(len(self.teachers), self.num_labels)
+        return _Rows.concat(chunks).take(np.argsort(np.concatenate(placed), kind="stable"))
+
+    def _batches(self, pool: _Rows, batch_order: np.ndarray):
         tok = self.tokenizer
         enc = encode(tok, pool.text_a, pool.text_b, self.max_length)
         order = np.argsort(enc.lengths, kind="stable")
         cuts = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for j in rng.permutation(len(cuts)):
+        for j in batch_order:
             yield collate(enc, cuts[j], tok.pad_token_id or 0, pool.labels, pool.logits, pool.ids)
 
     def __iter__(self):
@@ -215,8 +299,8 @@ class DistillStream(IterableDataset):
             raise RuntimeError(f"DistillStream planned for {self.num_workers} workers, DataLoader has {workers}")
         parts = assign(self.parts, self.seed, self.epoch, self.rank, self.world, worker, workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        for pool in self._pools(parts, rng):
-            yield from self._batches(pool, rng)
+        for pool, batch_order in self._pools(parts, rng, self.turn_start()[0][worker]):
+            yield from self._batches(pool, batch_order)
 
 
 # ---- evaluation -------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ The epoch's loss is summed on the device and read back only every ``log_every`` 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,10 @@ from pathlib import Path
 import torch
 
 from tmkd.student import checkpoint
-from tmkd.student.checkpoint import Position
+from tmkd.student.checkpoint import Position, StageSchedule
 from tmkd.student.data import INPUTS
 from tmkd.student.plan import Plan, StagePlan, TrainError
 
-KILL_ENV = "TMKD_STUDENT_KILL_AT_STEP"  # test hook: SIGKILL this process after that optimizer step
 LOG_EVERY = 20  # optimizer steps between reads of the running loss
 
 
@@ -40,12 +37,12 @@ class Session:
     tokenizer: object
     out: Path
     state: dict  # best, history, examples, seconds (as of the run's start)
+    position: Position  # registered for checkpointing: updated in place before each save
     step: int = 0
     examples_now: int = 0  # every rank's rows trained since this process started
     t_start: float = field(default_factory=time.time)
     seen: list = field(default_factory=list)  # what this rank trained on, per epoch (rows and id checksum)
     progress: object = None
-    kill_at: int = field(default_factory=lambda: int(os.environ.get(KILL_ENV, "0") or 0))
 
     def checkpoint_state(self) -> dict:
         return dict(self.state, examples=self.state["examples"] + self.examples_now,
@@ -62,18 +59,16 @@ class EpochSums:
     id_sum: int = 0
     examples: int = 0
     t0: float = field(default_factory=time.time)
-    partial: bool = False  # train_loss covers only the rows after a resume (an older checkpoint)
 
     @classmethod
-    def start(cls, device, running: dict | None, resumed_mid_epoch: bool) -> "EpochSums":
+    def start(cls, device, running: dict | None) -> "EpochSums":
+        """Fresh sums, or (a run resumed mid-epoch) the sums of the batches before the checkpoint."""
         sums = cls(torch.zeros((), dtype=torch.float64, device=device))
-        if resumed_mid_epoch:
-            if running is not None:  # the sums of the batches before the checkpoint: a whole-epoch loss
-                sums.loss += running["loss_sum"][0]
-                sums.weight = running["loss_sum"][1]
-                sums.rows, sums.id_sum, sums.examples = running["rows"], running["id_sum"], running["examples"]
-                sums.t0 -= running["seconds"]
-            sums.partial = running is None
+        if running is not None:
+            sums.loss += running["loss_sum"][0]
+            sums.weight = running["loss_sum"][1]
+            sums.rows, sums.id_sum, sums.examples = running["rows"], running["id_sum"], running["examples"]
+            sums.t0 -= running["seconds"]
         return sums
 
     def running(self) -> dict:
@@ -82,22 +77,30 @@ class EpochSums:
                 "examples": self.examples, "seconds": time.time() - self.t0}
 
 
-def build_optimizer(model, stage: StagePlan):
-    """AdamW (no decay on biases and norms) and the stage's schedule over its optimizer steps."""
+def new_optimizer(model):
+    """AdamW over two groups (no decay on biases and norms), one for the whole run: each stage sets its
+    own learning rate and decay and starts from empty moments (start_stage)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "norm" not in n.lower()]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "norm" not in n.lower())]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # fused AdamW: ~6x faster steps on this CPU than the default foreach kernels
+        return torch.optim.AdamW(groups, lr=0.0, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=0.0)
+
+
+def start_stage(optimizer, schedule: StageSchedule, stage: StagePlan) -> None:
+    """Start a stage as a fresh AdamW would: its lr and decay, no moments, and its schedule over its steps."""
     from transformers import get_scheduler
 
     cfg = stage.config
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "norm" not in n.lower()]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "norm" not in n.lower())]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # fused AdamW: ~6x faster steps on this CPU than the default foreach kernels
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, ValueError):
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer.state.clear()
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(lr=cfg.lr, weight_decay=decay)
+        group.pop("initial_lr", None)  # set again by the new schedule
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * stage.steps),
-                              num_training_steps=max(1, stage.steps))
-    return optimizer, scheduler
+    schedule.scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * stage.steps),
+                                       num_training_steps=max(1, stage.steps))
 
 
 def batch_loss(s: Session, stage: StagePlan, batch: dict, weights: torch.Tensor) -> torch.Tensor:
@@ -119,16 +122,15 @@ def window_divisors(rows: list[int]) -> list[float]:
     return [total / r if r else float("inf") for r in rows]
 
 
-def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, filler: dict, optimizer, scheduler,
+def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, batches, filler: dict, optimizer, scheduler,
                 sums: EpochSums, skip: int, task) -> None:
-    """Train (stage si, epoch) from batch ``skip`` on, one accumulation window at a time."""
+    """Train (stage si, epoch) from batch ``skip`` on (``batches`` starts there), one accumulation window
+    at a time."""
     acc, cfg = s.accelerator, s.plan.cfg
     ga, n = cfg.train.gradient_accumulation_steps, stage.batches[epoch]
     log_every = LOG_EVERY
     weights = torch.tensor(s.plan.weights, dtype=torch.float32, device=acc.device)
-    it = iter(loader)
-    for _ in range(skip):  # already trained before the checkpoint: same order, skipped
-        next(it, None)
+    it = iter(batches)
     i = skip
     while i < n:
         end = min((i // ga + 1) * ga, n)  # windows end every ga batches and at the epoch's end
@@ -153,11 +155,9 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, fille
         optimizer.zero_grad(set_to_none=True)
         s.step += 1
         if cfg.train.checkpoint_every and s.step % cfg.train.checkpoint_every == 0 and i < n:
-            checkpoint.save_checkpoint(acc, s.out, s.step, Position(si, epoch, i), s.model, optimizer, scheduler,
-                                       s.checkpoint_state(), cfg.train.keep_checkpoints, s.plan.num_workers,
-                                       running=sums.running())
-        if s.kill_at and s.step == s.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            s.position.stage, s.position.epoch, s.position.batch = si, epoch, i
+            checkpoint.save_checkpoint(acc, s.out, s.step, s.position, s.checkpoint_state(),
+                                       cfg.train.keep_checkpoints, s.plan.num_workers, running=sums.running())
         info = None
         if s.step % log_every == 0 or i == n:  # the only reads of the loss during the epoch
             rate = sums.examples / max(1e-9, time.time() - sums.t0)
@@ -165,7 +165,7 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, loader, fille
         s.progress.update(task, advance=len(window), **({"info": info} if info else {}))
 
 
-def end_epoch(s: Session, si: int, stage: StagePlan, epoch: int, sums: EpochSums, optimizer, scheduler) -> None:
+def end_epoch(s: Session, si: int, stage: StagePlan, epoch: int, sums: EpochSums) -> None:
     """Losses from every rank, evaluation, the metrics line, the best export, the epoch's checkpoint."""
     from tmkd.student.evaluate import evaluate
 
@@ -180,8 +180,6 @@ def end_epoch(s: Session, si: int, stage: StagePlan, epoch: int, sums: EpochSums
     line = {"stage": name, "epoch": epoch + 1, "step": s.step,
             "train_loss": float(totals[0] / max(float(totals[1]), 1e-9)),
             "examples": ex_all, "examples_per_s": ex_all / max(secs, 1e-9), "seconds": secs}
-    if sums.partial:  # resumed from a checkpoint without the epoch's sums: say what the numbers cover
-        line.update(partial=True, note="train_loss, examples and seconds cover only the rows trained after the resume")
     if cfg.eval.corpus:
         line.update({f"eval_{k}": v for k, v in evaluate(acc, s.model, plan, s.tokenizer).items()})
         value = line.get(f"eval_{cfg.eval.metric}")
@@ -200,6 +198,7 @@ def end_epoch(s: Session, si: int, stage: StagePlan, epoch: int, sums: EpochSums
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()
                  if k in ("train_loss", "eval_accuracy", "eval_f1", "eval_map", "eval_mrr")}
         s.progress.console.print(f"{name} epoch {epoch + 1}: {shown}")
-    checkpoint.save_checkpoint(acc, s.out, s.step, checkpoint.normalise(Position(si, epoch + 1, 0), cfg), s.model,
-                               optimizer, scheduler, s.checkpoint_state(), cfg.train.keep_checkpoints,
+    nxt = checkpoint.next_epoch(si, epoch, cfg)
+    s.position.stage, s.position.epoch, s.position.batch = nxt.stage, nxt.epoch, nxt.batch
+    checkpoint.save_checkpoint(acc, s.out, s.step, s.position, s.checkpoint_state(), cfg.train.keep_checkpoints,
                                plan.num_workers)

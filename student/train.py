@@ -10,7 +10,8 @@ student/data.py for the data order. Output folder::
     OUT/config.json, model.safetensors, tokenizer files   the exported (folded) student, best epoch
     OUT/run.json                                          teachers + fingerprints, corpora + part digests, config
     OUT/metrics.jsonl                                     one line per (stage, epoch)
-    OUT/checkpoints/step-NNNNNNNN/                        model, optimizer, scheduler, RNG per rank, position
+    OUT/checkpoints/step-NNNNNNNN/                        accelerate's save_state (model, optimizer, RNG per rank,
+                                                          schedule, data position) + state.json
     OUT/checkpoints/best-NNNNNNNN/                        export of the best epoch so far (the step it ended)
     OUT/ranks/rank-R.json                                 what each process saw (rows, id checksum) + weight digest
 
@@ -19,8 +20,9 @@ decides where accumulation windows end (every N batches and at the end of every 
 checkpoint never holds half a window), weights each batch by its rows (student/loop.py) and uses
 ``accelerator.no_sync`` inside a window.
 
-The recipe (``_run``) reads top-down: accelerator -> plan (data) -> resume -> model -> per stage:
-optimizer, prepare, stream -> per epoch: train, end of epoch -> export. The pieces live in
+The recipe (``_run``) reads top-down: accelerator -> plan (data) -> model, optimizer -> prepare ->
+load the checkpoint (a resume) -> per stage: schedule, stream -> per epoch: train, end of epoch ->
+export. A resumed stream seeks straight to its batch (student/data.py). The pieces live in
 student/plan.py (the job resolved once), checkpoint.py, data.py, loop.py, evaluate.py, model.py.
 """
 from __future__ import annotations
@@ -36,14 +38,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from tmkd.student.checkpoint import (  # noqa: F401  (re-exported: the checkpoint API as before)
-    Position, best_folder, checkpoint_complete, comparable, export_best, latest_checkpoint, load_model_state,
-    load_optimizer_state, load_resume, normalise, prune_checkpoints, publish, restore_rng, save_checkpoint,
-    write_atomic, write_metrics,
-)
+from tmkd.student.checkpoint import Position, StageSchedule, best_folder, load_resume, write_atomic, write_metrics
 from tmkd.student.config import ConfigError, TrainConfig, load_config
-from tmkd.student.loop import KILL_ENV, EpochSums, Session, build_optimizer, end_epoch, train_epoch  # noqa: F401
-from tmkd.student.plan import Plan, TrainError, check_labels, label_space, positive_class, resolve  # noqa: F401
+from tmkd.student.loop import EpochSums, Session, end_epoch, new_optimizer, start_stage, train_epoch
+from tmkd.student.plan import Plan, TrainError, resolve
 
 
 @dataclass
@@ -89,50 +87,50 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
-    from tmkd.student.data import data_workers, dummy_batch
+    from tmkd.student.data import data_workers, dummy_batch, epoch_batches
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision or None)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.output)
     set_seed(cfg.seed)
     # --- data: the job resolved once (corpora, parts, teachers, labels, positive class, weights, batches) ---
     plan = resolve(cfg, world, data_workers(cfg.data.num_workers, accelerator.device))
-    res = load_resume(out, cfg, resume, world, plan.num_workers, rank, main)
-    # --- model ---
+    res = load_resume(out, cfg, resume, world, plan.num_workers, main)
+    # --- model, optimizer, prepare; a resumed run loads its checkpoint into them ---
     tokenizer, student = load_model(plan)
-    if res.ckpt:
-        load_model_state(student, res.ckpt)
     model = accelerator.prepare_model(student)
+    optimizer = accelerator.prepare_optimizer(new_optimizer(model))
+    schedule, position = StageSchedule(), Position()
+    accelerator.register_for_checkpointing(schedule, position)
+    if res.start.stage < len(plan.stages):
+        start_stage(optimizer.optimizer, schedule, plan.stages[res.start.stage])  # for the checkpoint to load into
+    if res.ckpt:
+        accelerator.load_state(str(res.ckpt))  # model, optimizer, schedule, data position, RNG per rank
     start_outputs(plan, accelerator, out, res.state["history"])
-    s = Session(accelerator, plan, model, tokenizer, out, res.state, step=res.step)
-    rng_pending = res.ckpt is not None
+    s = Session(accelerator, plan, model, tokenizer, out, res.state, position, step=res.step)
     with progress_bar(main) as s.progress:
         for si, stage in enumerate(plan.stages):
             if si < res.start.stage:
                 continue
-            # --- optimizer, prepare, the stage's stream ---
-            optimizer, scheduler = build_optimizer(model, stage)
-            optimizer = accelerator.prepare_optimizer(optimizer)
-            if res.restores_optimizer(si):
-                load_optimizer_state(optimizer, scheduler, res.ckpt)
-            stream = make_stream(plan, stage, rank)
+            if not res.mid_stage(si):
+                start_stage(optimizer.optimizer, schedule, stage)
+            stream = make_stream(plan, stage, accelerator.process_index)
             filler = dummy_batch(tokenizer, len(plan.teachers), plan.num_labels)
             # --- loop ---
             for epoch in range(stage.config.epochs):
                 if (si, epoch) < (res.start.stage, res.start.epoch):
                     continue
-                skip = res.skip(si, epoch)
-                if rng_pending:
-                    restore_rng(res.ckpt, rank)  # dropout continues as if never stopped
-                    rng_pending = False
+                resumed = (si, epoch) == (res.start.stage, res.start.epoch) and res.start.batch > 0
+                skip = res.start.batch if resumed else 0
                 task = s.progress.add_task(f"{stage.config.name} epoch {epoch + 1}/{stage.config.epochs}",
                                            total=stage.batches[epoch], completed=skip, info="")
                 model.train()
-                sums = EpochSums.start(accelerator.device, res.running, resumed_mid_epoch=skip > 0)
-                train_epoch(s, si, stage, epoch, make_loader(stream, epoch, plan), filler, optimizer, scheduler,
-                            sums, skip, task)
-                end_epoch(s, si, stage, epoch, sums, optimizer, scheduler)
+                sums = EpochSums.start(accelerator.device,
+                                       position.running[accelerator.process_index] if resumed else None)
+                train_epoch(s, si, stage, epoch, epoch_batches(stream, epoch, min(skip, stream.planned_batches())),
+                            filler, optimizer, schedule.scheduler, sums, skip, task)
+                end_epoch(s, si, stage, epoch, sums)
     # --- save ---
     return finish(s)
 
@@ -175,15 +173,6 @@ def make_stream(plan: Plan, stage, rank: int):
         seed=cfg.seed, rank=rank, world=plan.world, num_workers=plan.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, bucket_batches=cfg.data.bucket_batches,
     )
-
-
-def make_loader(stream, epoch: int, plan: Plan):
-    import torch
-    from torch.utils.data import DataLoader
-
-    stream.set_epoch(epoch)
-    return DataLoader(stream, batch_size=None, num_workers=plan.num_workers, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(plan.cfg.seed))
 
 
 def progress_bar(main: bool):

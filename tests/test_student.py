@@ -16,7 +16,7 @@ import torch
 from tmkd.data.store import StaleLabelsError, Store
 import toy
 from tmkd.student.config import ConfigError, config_from_dict, load_config
-from tmkd.student.data import DistillStream, data_workers, plan_batches
+from tmkd.student.data import DistillStream, data_workers, epoch_batches, plan_batches
 from tmkd.student.losses import distill_loss
 from tmkd.teachers.metrics import evaluate_predictions, map_mrr
 
@@ -305,12 +305,57 @@ def test_stream_holds_at_most_one_part_plus_the_buffer(tmp_path, encoder, monkey
     ds = DistillStream(str(store.root), parts, [store.teacher("t1")], str(encoder), num_labels=2, batch_size=4,
                        max_length=16, seed=0, shuffle_buffer=40, bucket_batches=2)
     emitted, held = 0, []
-    for pool in ds._pools(parts, np.random.default_rng(0)):
+    for pool, _ in ds._pools(parts, np.random.default_rng(0)):
         held.append(sum(len(r) for r in read) - emitted)
         emitted += len(pool)
         assert len(pool) <= 8
     assert emitted == 240 and max(held) <= 40 + 30
     assert len(read) == 8 and held[0] < 240  # pools flow before the last part is read
+
+
+def test_a_resumed_stream_starts_at_the_current_turn_of_the_dataloader_workers():
+    from tmkd.student.data import turn_start
+
+    # workers with 2, 4 and 3 batches yield in turns: w0 w1 w2 | w0 w1 w2 | w1 w2 | w1
+    assert turn_start([2, 4, 3], 0) == ([0, 0, 0], 0)
+    assert turn_start([2, 4, 3], 2) == ([0, 0, 0], 2)  # w0 and w1 of the first turn are dropped by the caller
+    assert turn_start([2, 4, 3], 3) == ([1, 1, 1], 0)
+    assert turn_start([2, 4, 3], 7) == ([2, 2, 2], 1)  # the third turn (w1 w2) has given w1
+    assert turn_start([2, 4, 3], 9) == ([2, 4, 3], 0)
+    assert turn_start([], 0) == ([], 0) and turn_start([5], 3) == ([3], 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_seeks_to_its_batch(tmp_path, encoder, workers):
+    """From batch k on, a stream yields exactly the batches an uninterrupted one yields from k on, in
+    the same order; it reads only the parts that still hold rows ahead of k, and tokenizes no pool
+    that lies wholly before it."""
+    import tmkd.student.data as data
+
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(30, 7, 30, 19, 30, 12, 30, 25, 4),
+                            unlabeled=(8,), dev=())
+    parts = store.corpus("train").parts
+
+    def stream(skip):
+        ds = DistillStream(str(store.root), parts, [store.teacher("t1")], str(encoder), num_labels=2, batch_size=4,
+                           max_length=16, seed=3, num_workers=workers, shuffle_buffer=20, bucket_batches=2)
+        return [b["ids"].tolist() for b in epoch_batches(ds, 1, skip)]
+
+    full = stream(0)
+    assert len(full) == plan_batches(parts, 3, 1, 1, workers, 4)[0]
+    for skip in (1, 5, len(full) // 2, len(full) - 1, len(full)):
+        assert stream(skip) == full[skip:], skip
+    if workers:
+        return
+    reads, tokenized = [], []
+    real_read, real_encode = data.read_rows, data.encode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "read_rows", lambda store, part, *a: reads.append(part.part) or real_read(store, part, *a))
+        mp.setattr(data, "encode", lambda tok, a, *r: tokenized.append(len(a)) or real_encode(tok, a, *r))
+        late = len(full) - 3
+        assert stream(late) == full[late:]
+    assert len(reads) < len(parts) and len(set(reads)) == len(reads)  # the parts still needed, once each
+    assert sum(tokenized) <= 2 * 8  # at most the pool the position is in and the one after (2 batches of 4)
 
 
 def test_accumulation_weights_micro_batches_by_rows():

@@ -25,7 +25,8 @@ def toy_config(*args, **kwargs) -> dict:
 
 
 def _env(**extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT / "tests" / "hooks"))  # the kill hook (tests/hooks/sitecustomize.py)
     env.update(extra)
     return env
 
@@ -72,8 +73,8 @@ def test_kill_9_then_resume_continues_with_the_same_data_order(tmp_path, encoder
     assert ref.returncode == 0, ref.stderr
     assert "done: 13 optimizer steps" in ref.stdout
 
-    # SIGKILL after step 7: the last checkpoint is step 6, in the middle of stage 2's first epoch
-    killed = _train(["--config", str(cfg), "--output", str(tmp_path / "run")], TMKD_STUDENT_KILL_AT_STEP="7")
+    # SIGKILL as step 9's checkpoint (stage 2's first epoch ends) is saved: the last one is step 6, mid-epoch
+    killed = _train(["--config", str(cfg), "--output", str(tmp_path / "run")], TMKD_TEST_KILL_AT_SAVE="9")
     assert killed.returncode == -9, killed.stderr
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert ckpts[-1] == "step-00000006"

@@ -92,12 +92,11 @@ def _kill_at_first_stage2_epoch_end(raw: dict, monkeypatch) -> Path:
     """Run until stage 2's first epoch has written its metrics line, and kill it before that epoch's
     checkpoint: the last checkpoint is mid-epoch, so the resume trains the end of that epoch again."""
     import tmkd.student.checkpoint as checkpoint
-    import tmkd.student.train as train
 
     real = checkpoint.save_checkpoint
 
     def save(*args, **kwargs):
-        if args[3] == train.Position(1, 1, 0):  # the position after stage 2's first epoch
+        if args[3].where() == {"stage": 1, "epoch": 1, "batch": 0}:  # the position after stage 2's first epoch
             raise Killed
         return real(*args, **kwargs)
 
@@ -107,7 +106,7 @@ def _kill_at_first_stage2_epoch_end(raw: dict, monkeypatch) -> Path:
     monkeypatch.undo()
     out = Path(raw["output"])
     assert [(x["stage"], x["epoch"]) for x in _lines(out)] == [("stage1", 1), ("stage2", 1)]
-    ckpt = train.latest_checkpoint(out)
+    ckpt = checkpoint.latest_checkpoint(out)
     position = json.loads((ckpt / "state.json").read_text())["position"]
     assert position["stage"] == 1 and position["epoch"] == 0 and position["batch"] > 0  # mid-epoch
     return ckpt
@@ -121,52 +120,51 @@ def test_kill_after_an_epoch_line_resumes_with_one_line_per_epoch_and_whole_epoc
     _assert_same_as_reference(tmp_path / "out", reference)
 
 
-def test_resume_from_a_checkpoint_without_epoch_sums_marks_the_line_partial(
-        tmp_path, store_dir, encoder, reference, monkeypatch):
+def test_a_checkpoint_from_before_save_state_is_refused_by_name(tmp_path, store_dir, encoder, monkeypatch, capsys):
+    from tmkd.student.train import main
+
     raw = _raw(store_dir, encoder, tmp_path / "out")
     ckpt = _kill_at_first_stage2_epoch_end(raw, monkeypatch)
-    (ckpt / "epoch-rank0.json").unlink()  # as saved before the sums were recorded
     state = json.loads((ckpt / "state.json").read_text())
-    del state["files"]
+    del state["layout"]  # as the trainer wrote it before checkpoints were accelerate's save_state
     (ckpt / "state.json").write_text(json.dumps(state))
-    _train(raw, resume=True)
-    lines = _lines(tmp_path / "out")
-    assert [(x["stage"], x["epoch"]) for x in lines] == [("stage1", 1), ("stage2", 1), ("stage2", 2)]
-    cut, full = lines[1], reference["lines"][1]
-    assert cut["partial"] is True and 0 < cut["examples"] < full["examples"]
-    assert "partial" not in lines[2] and lines[2]["train_loss"] == reference["lines"][2]["train_loss"]
+    cfg = tmp_path / "student.toml"
+    cfg.write_text(toy.to_toml(raw))
+    assert main(["--config", str(cfg), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"{ckpt}: a checkpoint saved by an earlier tmkd" in err and "Traceback" not in err
 
 
 def test_kill_while_saving_a_checkpoint_leaves_the_previous_one_usable(
         tmp_path, store_dir, encoder, reference, monkeypatch):
-    import tmkd.student.train as train
+    import tmkd.student.checkpoint as checkpoint
 
     raw = _raw(store_dir, encoder, tmp_path / "out")
     out = tmp_path / "out"
     real = torch.save
 
     def killed_while_writing_step_6(obj, path, *a, **k):
-        if Path(path).name == "optimizer.pt" and Path(path).parent.name.endswith("step-00000006"):
-            raise Killed  # model.pt and the RNG are written, the optimizer and state.json not
+        if Path(path).name == "optimizer.bin" and Path(path).parent.name.endswith("step-00000006"):
+            raise Killed  # the model is written, the optimizer, the RNG and state.json not
         return real(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", killed_while_writing_step_6)
     with pytest.raises(Killed):
         _train(raw)
     monkeypatch.undo()
-    assert (out / "checkpoints" / ".tmp-step-00000006" / "model.pt").exists()  # the half-written save
+    assert (out / "checkpoints" / ".tmp-step-00000006" / "model.safetensors").exists()  # the half-written save
     # a folder with a final name but no state.json, or a file shorter than recorded, never counts
     (out / "checkpoints" / "step-99999999").mkdir()
-    (out / "checkpoints" / "step-99999999" / "model.pt").write_bytes(b"half")
-    good = train.latest_checkpoint(out)
+    (out / "checkpoints" / "step-99999999" / "model.safetensors").write_bytes(b"half")
+    good = checkpoint.latest_checkpoint(out)
     assert good.name == "step-00000003"  # stage 1 has 10 steps: saves at 3 and 6 (killed), 9, 10
     torn = out / "checkpoints" / "step-99999998"
     torn.mkdir()
     for f in good.iterdir():
         torn.joinpath(f.name).write_bytes(f.read_bytes())
-    with open(torn / "model.pt", "r+b") as f:
+    with open(torn / "model.safetensors", "r+b") as f:
         f.truncate(10)
-    assert train.latest_checkpoint(out) == good
+    assert checkpoint.latest_checkpoint(out) == good
     shutil.rmtree(torn)
     shutil.rmtree(out / "checkpoints" / "step-99999999")
 
@@ -179,7 +177,7 @@ def test_kill_while_switching_the_best_export_keeps_the_current_best(
         tmp_path, store_dir, encoder, reference, monkeypatch):
     import os
 
-    import tmkd.student.train as train
+    import tmkd.student.checkpoint as checkpoint
 
     raw = _raw(store_dir, encoder, tmp_path / "out")
     out = tmp_path / "out"
@@ -193,14 +191,14 @@ def test_kill_while_switching_the_best_export_keeps_the_current_best(
                 raise Killed
         return real(src, dst, *a, **k)
 
-    monkeypatch.setattr(train.os, "replace", killed_at_the_second_best_switch)
+    monkeypatch.setattr(checkpoint.os, "replace", killed_at_the_second_best_switch)
     with pytest.raises(Killed):
         _train(raw)
     monkeypatch.undo()
     if len(exports) < 2:
         pytest.skip("the reference run improved only once: no second switch to interrupt")
-    state = json.loads((train.latest_checkpoint(out) / "state.json").read_text())
-    assert train.best_folder(out, state["best"]).joinpath("model.safetensors").exists()
+    state = json.loads((checkpoint.latest_checkpoint(out) / "state.json").read_text())
+    assert checkpoint.best_folder(out, state["best"]).joinpath("model.safetensors").exists()
 
     _train(raw, resume=True)
     _assert_same_as_reference(out, reference)
@@ -211,7 +209,7 @@ def test_publish_never_leaves_a_step_without_a_usable_folder(tmp_path, monkeypat
     """Saving a step that exists already: the old folder is moved aside, and counts until the new one is in."""
     import os
 
-    import tmkd.student.train as train
+    import tmkd.student.checkpoint as checkpoint
 
     base = tmp_path / "checkpoints"
     old = base / "step-00000004"
@@ -221,14 +219,14 @@ def test_publish_never_leaves_a_step_without_a_usable_folder(tmp_path, monkeypat
     new.mkdir()
     (new / "state.json").write_text(json.dumps({"step": 4, "files": {}, "new": True}))
     real = os.replace
-    monkeypatch.setattr(train.os, "replace",
+    monkeypatch.setattr(checkpoint.os, "replace",
                         lambda src, dst: (_ for _ in ()).throw(Killed) if Path(src) == new else real(src, dst))
     with pytest.raises(Killed):
-        train.publish(new, old)
+        checkpoint.publish(new, old)
     monkeypatch.undo()
-    assert train.latest_checkpoint(tmp_path).name == ".old-step-00000004"  # the old one, moved aside
-    train.publish(new, old)
-    assert train.latest_checkpoint(tmp_path) == old and json.loads((old / "state.json").read_text())["new"]
+    assert checkpoint.latest_checkpoint(tmp_path).name == ".old-step-00000004"  # the old one, moved aside
+    checkpoint.publish(new, old)
+    assert checkpoint.latest_checkpoint(tmp_path) == old and json.loads((old / "state.json").read_text())["new"]
     assert sorted(p.name for p in base.iterdir()) == ["step-00000004"]
 
 
@@ -248,7 +246,7 @@ def _qnli_store(root: Path, declared: str | None = None) -> Store:
 
 def test_positive_class_is_found_by_name(tmp_path, encoder, monkeypatch):
     import tmkd.teachers.metrics as metrics
-    from tmkd.student.train import positive_class
+    from tmkd.student.plan import positive_class
 
     store = _qnli_store(tmp_path / "qnli")
     raw = toy.config(store.root, encoder, tmp_path / "out", teachers=(),
@@ -347,7 +345,8 @@ def test_config_type_errors_name_file_field_and_expected_type(tmp_path, encoder,
 
 # ---- one label-space rule ---------------------------------------------------------------------
 def test_label_spaces_follow_the_store_rule(tmp_path, encoder, capsys):
-    from tmkd.student.train import label_space, main
+    from tmkd.student.plan import label_space
+    from tmkd.student.train import main
 
     store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16,), unlabeled=(16,), dev=(16,))
     store.write_teacher(TeacherRecord(name="three", fingerprint="toy:three", path="toy/three",
