@@ -383,6 +383,49 @@ def save_teacher(accelerator, model, tokenizer, folder: Path, record: dict) -> N
     accelerator.wait_for_everyone()
 
 
+def rank_batches(accelerator, spec: TeacherConfig, data: Prepared):
+    """A function returning this rank's share of a fresh, shuffled epoch of row batches (the same count
+    on every rank, so DDP stays in step)."""
+    make_batches = batch_maker(spec, data, np.random.default_rng(spec.seed))
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def epoch_batches():
+        batches = make_batches()
+        n = len(batches) // world * world
+        if n == 0:
+            raise FinetuneError(f"teacher {spec.name!r}: {len(batches)} batch(es) for {world} processes; "
+                                "use a smaller batch_size or fewer processes")
+        return batches[rank:n:world]
+
+    return epoch_batches
+
+
+def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, data: Prepared, batches,
+                advance) -> float:
+    """One epoch over ``batches``; returns the mean train loss. The loss is summed on the device and read
+    back only when the progress shows it (every log_every steps): no host sync per batch."""
+    dev = accelerator.device
+    weights = class_weights(data.train.labels, len(data.train.label_names)).to(dev)
+    labels_t, gids_t = torch.from_numpy(data.train.labels), torch.from_numpy(group_index(data.train.groups)[0])
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    model.train()
+    for step, rows in enumerate(batches, 1):
+        batch = {k: v.to(dev) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
+        with accelerator.autocast():
+            logits = model(**batch).logits
+        rows_t = torch.from_numpy(rows)
+        loss = batch_loss(spec, logits.float(), labels_t[rows_t].to(dev), gids_t[rows_t], data.positive, weights)
+        accelerator.backward(loss)
+        if spec.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        total += loss.detach().double()
+        advance(step, lambda: float(total) / step)
+    return float(total) / max(len(batches), 1)
+
+
 def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: Prepared, console) -> dict:
     """Fine-tune one teacher; keep its best dev epoch; save it; return its report entry."""
     from accelerate.utils import set_seed
@@ -390,71 +433,32 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
 
     started = time.time()
     set_seed(spec.seed)  # the new head's init and the data order follow the teacher's seed
-    names = data.train.label_names
-    model = load_model(data.encoder, spec, names)
-    make_batches = batch_maker(spec, data, np.random.default_rng(spec.seed))
-    gids, _ = group_index(data.train.groups)
-
-    def my_batches():
-        """This rank's share of a fresh epoch of batches (same count on every rank, so DDP stays in step)."""
-        batches = make_batches()
-        n = len(batches) // accelerator.num_processes * accelerator.num_processes
-        if n == 0:
-            raise FinetuneError(
-                f"teacher {spec.name!r}: {len(batches)} batch(es) for {accelerator.num_processes} processes; "
-                "use a smaller batch_size or fewer processes"
-            )
-        return batches[accelerator.process_index : n : accelerator.num_processes]
-
-    steps_per_epoch = len(my_batches())
-    total_steps = steps_per_epoch * spec.epochs
+    model = load_model(data.encoder, spec, data.train.label_names)
+    epoch_batches = rank_batches(accelerator, spec, data)
+    total_steps = len(epoch_batches()) * spec.epochs
     optimizer = torch.optim.AdamW(param_groups(model, spec), lr=spec.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
     # The scheduler is stepped by hand, not prepared: total_steps already counts this rank's
     # steps, and a prepared scheduler would advance once per process on every step.
     model, optimizer = accelerator.prepare(model, optimizer)
-    weights = class_weights(data.train.labels, len(names)).to(accelerator.device)
-    labels_t = torch.from_numpy(data.train.labels)
-    gids_t = torch.from_numpy(gids)
 
     epochs, best, best_state = [], None, None
     for epoch in range(1, spec.epochs + 1):
         t0 = time.time()
-        model.train()
-        batches = my_batches()
-        total, seen = 0.0, 0
-        title = f"{spec.name} epoch {epoch}/{spec.epochs}"
-        with _progress(console, accelerator, title, len(batches), cfg.log_every) as advance:
-            for step, rows in enumerate(batches, 1):
-                batch = {k: v.to(accelerator.device) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
-                with accelerator.autocast():
-                    logits = model(**batch).logits
-                rows_t = torch.from_numpy(rows)
-                labels = labels_t[rows_t].to(accelerator.device)
-                loss = batch_loss(spec, logits.float(), labels, gids_t[rows_t], data.positive, weights)
-                accelerator.backward(loss)
-                if spec.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                total += loss.item()
-                seen += 1
-                advance(step, total / seen)
-        dev_logits = predict(accelerator, model, data.enc_dev, cfg.eval_batch_tokens, data.pad_id)
-        dev = metrics(dev_logits, data.dev, data.positive)
+        batches = epoch_batches()
+        with _progress(console, accelerator, f"{spec.name} epoch {epoch}/{spec.epochs}", len(batches),
+                       cfg.log_every) as advance:
+            loss = train_epoch(accelerator, model, optimizer, scheduler, spec, data, batches, advance)
+        dev = metrics(predict(accelerator, model, data.enc_dev, cfg.eval_batch_tokens, data.pad_id), data.dev,
+                      data.positive)
+        epochs.append({"epoch": epoch, "train_loss": round(loss, 6), "dev": dev, "seconds": round(time.time() - t0, 1)})
+        accelerator.print(f"  {spec.name} epoch {epoch}: loss {loss:.4f}  dev {_fmt(dev)}  {time.time() - t0:.0f}s")
         key, score = selection_score(dev)
-        epochs.append({"epoch": epoch, "train_loss": round(total / max(seen, 1), 6), "dev": dev,
-                       "seconds": round(time.time() - t0, 1)})
-        accelerator.print(
-            f"  {spec.name} epoch {epoch}: loss {total / max(seen, 1):.4f}  dev {_fmt(dev)}  {time.time() - t0:.0f}s"
-        )
         if best is None or score > best[1]:
             best = (epoch, score, key)
             best_state = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(best_state)
+    accelerator.unwrap_model(model).load_state_dict(best_state)
     entry = {"name": spec.name, "config": dataclasses.asdict(spec), "epochs": epochs, "best_epoch": best[0],
              "selected_by": f"dev {best[2]}", "dev": epochs[best[0] - 1]["dev"]}
     if data.test is not None:
@@ -465,13 +469,10 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
               "max_length": cfg.max_length, "bf16": cfg.bf16}
     save_teacher(accelerator, model, data.tokenizer, folder, record)
     accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
-    entry["path"] = str(folder)
-    entry["seconds"] = round(time.time() - started, 1)
+    entry.update(path=str(folder), seconds=round(time.time() - started, 1))
     test = f" | test {_fmt(entry['test'])}" if "test" in entry else ""
-    accelerator.print(
-        f"[{spec.name}] best epoch {best[0]}/{spec.epochs} by dev {best[2]}: dev {_fmt(entry['dev'])}{test} "
-        f"| {entry['seconds']:.0f}s -> {folder}"
-    )
+    accelerator.print(f"[{spec.name}] best epoch {best[0]}/{spec.epochs} by dev {best[2]}: dev {_fmt(entry['dev'])}"
+                      f"{test} | {entry['seconds']:.0f}s -> {folder}")
     return entry
 
 
@@ -499,12 +500,14 @@ class _progress:
             self.task = self.bar.add_task(self.title, total=self.total, loss=0.0)
         return self.advance
 
-    def advance(self, step: int, loss: float) -> None:
+    def advance(self, step: int, loss) -> None:
+        """``loss()`` reads the running loss back from the device: called every ``every`` steps and at the end."""
+        shown = self.on and (step % self.every == 0 or step == self.total)
         if self.live:
-            self.bar.update(self.task, completed=step, loss=loss)
-        elif self.on and (step % self.every == 0 or step == self.total):
+            self.bar.update(self.task, completed=step, **({"loss": loss()} if shown else {}))
+        elif shown:
             rate = step / max(time.time() - self.t0, 1e-9)
-            print(f"  {self.title}: step {step}/{self.total} loss {loss:.4f} ({rate:.2f} steps/s)", flush=True)
+            print(f"  {self.title}: step {step}/{self.total} loss {loss():.4f} ({rate:.2f} steps/s)", flush=True)
 
     def __exit__(self, *exc):
         if self.live:
