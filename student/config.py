@@ -37,6 +37,7 @@ Schema (every table and key; defaults in brackets)::
     max_grad_norm = 1.0
     checkpoint_every = 0            # optimizer steps between checkpoints; 0: end of epoch only
     keep_checkpoints = 2
+    log_every = 20                  # optimizer steps between reads of the running loss (progress bar)
     num_threads = 0                 # torch threads per process; 0: torch's default (accelerate launch sets 1)
 
     [[stages]]                      # one or more, run in order; each hands its weights on
@@ -126,6 +127,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    log_every: int = 20
     num_threads: int = 0
 
 
@@ -200,8 +202,8 @@ class TrainConfig:
             problems.append("train.num_threads >= 0, train.keep_checkpoints >= 1, train.checkpoint_every >= 0")
         if self.eval.batch_size < 1:
             problems.append("eval.batch_size must be >= 1")
-        if self.train.gradient_accumulation_steps < 1:
-            problems.append("train.gradient_accumulation_steps must be >= 1")
+        if self.train.gradient_accumulation_steps < 1 or self.train.log_every < 1:
+            problems.append("train.gradient_accumulation_steps and train.log_every must be >= 1")
         if self.data.num_workers < -1 or self.data.bucket_batches < 1 or self.data.shuffle_buffer < 1:
             problems.append("data.num_workers >= -1 (auto), data.bucket_batches >= 1, data.shuffle_buffer >= 1")
         for i, s in enumerate(self.stages):

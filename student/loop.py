@@ -7,7 +7,7 @@ its rows, not as a full batch, and zero-weight padding batches (a rank that ran 
 for nothing. With every batch full that is ``1 / N``, the plain mean. Each rank weights its own
 window; DDP then averages the ranks. ``accelerator.no_sync`` is used inside a window.
 
-The epoch's loss is summed on the device and read back only every ``log_every`` optimizer steps
+The epoch's loss is summed on the device and read back only every ``train.log_every`` optimizer steps
 (progress bar), at a checkpoint and at the epoch's end: no host sync per batch.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from tmkd.student.checkpoint import Position, StageSchedule
 from tmkd.student.data import INPUTS
 from tmkd.student.plan import Plan, StagePlan, TrainError
 
-LOG_EVERY = 20  # optimizer steps between reads of the running loss
 
 
 @dataclass
@@ -128,7 +127,7 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, batches, fill
     at a time."""
     acc, cfg = s.accelerator, s.plan.cfg
     ga, n = cfg.train.gradient_accumulation_steps, stage.batches[epoch]
-    log_every = LOG_EVERY
+    log_every = cfg.train.log_every
     weights = torch.tensor(s.plan.weights, dtype=torch.float32, device=acc.device)
     it = iter(batches)
     i = skip

@@ -358,6 +358,33 @@ def test_a_resumed_stream_seeks_to_its_batch(tmp_path, encoder, workers):
     assert sum(tokenized) <= 2 * 8  # at most the pool the position is in and the one after (2 batches of 4)
 
 
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_the_running_loss_is_read_back_only_every_log_every_steps(log_every, tmp_path, store_dir, encoder,
+                                                                   monkeypatch):
+    """A read of a device tensor stalls a GPU: the epoch's loss stays on the device between reads."""
+    import tmkd.student.loop as loop
+    from tmkd.student.train import run
+
+    class Counted(torch.Tensor):
+        reads = 0
+
+        def __float__(self):
+            Counted.reads += 1
+            return super().__float__()
+
+    real = loop.EpochSums.start.__func__
+    monkeypatch.setattr(loop.EpochSums, "start", classmethod(
+        lambda cls, *a: (lambda sums: setattr(sums, "loss", sums.loss.as_subclass(Counted)) or sums)(real(cls, *a))))
+    stages = [{"name": "task", "corpora": ["train"], "epochs": 1, "batch_size": 16, "lr": 1e-3}]
+    raw = toy_config(store_dir, encoder, tmp_path / "out", teachers=("t1",), stages=stages)
+    raw["train"]["log_every"] = log_every
+    raw["eval"]["corpus"] = ""
+    result = run(config_from_dict(raw))
+    assert result.steps == 8  # 128 rows in batches of 16
+    # with 3: steps 3, 6 and the epoch's last; + 2 at its end for the metrics line (after one all-reduce)
+    assert Counted.reads == {1: 8, 3: 3}[log_every] + 2
+
+
 def test_accumulation_weights_micro_batches_by_rows():
     """Accumulating a window's micro-batches gives the gradient of the mean over all its rows, whatever their
     sizes: a short last batch counts for its rows, a padding batch for nothing, full ones for 1/N."""
