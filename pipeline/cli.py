@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError
 
 err = Console(stderr=True)
@@ -43,10 +44,7 @@ def say(console: Console, message: str, style: str = "", prefix: str = "") -> No
 def fail(message) -> None:
     """A user-facing error: one red line on stderr, exit code 1, no traceback. An OSError (a full
     disk, a read-only store, a missing permission) is the user's to fix too: named, not a traceback."""
-    if isinstance(message, OSError):
-        where = f"{message.filename}: " if message.filename else ""
-        message = f"{where}{message.strerror or message}"
-    say(err, str(message), "bold red", "error: ")
+    say(err, error_line(message) if isinstance(message, BaseException) else str(message), "bold red", "error: ")
     raise typer.Exit(1)
 
 

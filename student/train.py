@@ -234,7 +234,9 @@ def parse_args(argv=None):
 
 
 def clean_message(e: Exception) -> str:
-    msg = str(e)
+    from tmkd.data.errors import error_line
+
+    msg = error_line(e)
     if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message only
         msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
     return msg
@@ -249,12 +251,9 @@ def main(argv=None) -> int:
             "output": args.output, "train.mixed_precision": args.mixed_precision,
             "train.gradient_accumulation_steps": args.gradient_accumulation_steps})
         run(cfg, resume=args.resume)
-    except (ConfigError, StoreError, TrainError) as e:
+    except (ConfigError, StoreError, TrainError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {clean_message(e)}", file=sys.stderr)
         return 1  # a user error (README: exit codes); argparse exits 2 on usage errors
-    except OSError as e:  # an unwritable output folder, a full disk: the user's to fix, not a traceback
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
@@ -609,12 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides, args.set)
         run(cfg)
-    except StoreError as e:  # FinetuneError and store problems: the user's to fix
-        print(f"error: {e}", file=sys.stderr)
+    except (StoreError, OSError) as e:  # FinetuneError, store problems, an unwritable output, a full disk
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 1  # a user error (README: exit codes); argparse exits 2 on usage errors
-    except OSError as e:  # an unwritable output folder, a full disk: the user's to fix, not a traceback
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
     return 0
 
 
