@@ -14,6 +14,12 @@ every other temporary of that unit: they belong to claims that have expired. Bef
 commit a worker checks it still holds the claim; if it lost it (it stalled past its
 lease), it drops its result instead of committing over the new owner's.
 
+On an object store (s3://, gs://) the same protocol uses conditional PUTs instead of links
+and renames: a claim is created with ``If-None-Match: *``; its owner renews it by rewriting it
+with ``If-Match`` on the version it last wrote (the object's modification time is the lease
+clock); a takeover rewrites an expired claim with ``If-Match`` on the version it read, so of
+several workers taking over at once exactly one succeeds. There are no temporaries.
+
 Known limits: a takeover reads the claim's age, then renames it; a claim renewed or re-made
 in between can be moved away, and its owner then drops its (identical) result: work is
 repeated, never lost or committed twice. Nodes sharing a store must have distinct host names
@@ -31,6 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
+from tmkd.data.fs import ObjectPath
 from tmkd.data.store import Store, StoreError, part_name
 
 DEFAULT_LEASE_S = 120.0
@@ -61,6 +68,8 @@ class Claims:
     def try_claim(self, teacher: str, corpus: str, part: int) -> bool:
         """Claim the unit if nobody holds a live claim on it. True if it is now ours."""
         path = self.path(teacher, corpus, part)
+        if isinstance(path, ObjectPath):
+            return self._try_claim_object(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after taking over an expired claim
             tmp = path.parent / f".{path.name}.{self.token}.tmp"
@@ -78,6 +87,32 @@ class Claims:
             return True
         return False
 
+    def _claim_bytes(self) -> bytes:
+        return json.dumps({**self.owner, "claimed_at": time.time(), "lease_s": self.lease_s}).encode()
+
+    def _try_claim_object(self, path: ObjectPath) -> bool:
+        """Create the claim if absent; else take it over if it expired, by a conditional overwrite of
+        the very version whose age we read (one of several workers wins)."""
+        if not path.create(self._claim_bytes()):
+            head = path.head()
+            if head is not None and (self._age(path, head) < self._lease_of(path) and not self._owner_is_dead(path)):
+                return False
+            if head is None or not path.put_if(self._claim_bytes(), head["e_tag"]):
+                return False  # released meanwhile (the next pass claims it), or another worker won
+        with self.lock:
+            self.held.add(path)
+        return True
+
+    @staticmethod
+    def _age(path, head: dict | None = None) -> float:
+        """Seconds since the claim was last written or renewed (FileNotFoundError if it is gone)."""
+        if isinstance(path, ObjectPath):
+            head = head or path.head()
+            if head is None:
+                raise FileNotFoundError(str(path))
+            return time.time() - head["last_modified"].timestamp()
+        return time.time() - path.stat().st_mtime
+
     def _lease_of(self, path: Path) -> float:
         """The lease its owner asked for (recorded in the claim): a short-lease worker must not take
         over the units of a long-lease one early."""
@@ -89,7 +124,7 @@ class Claims:
         """Move an expired claim (or one whose process on this host is gone) out of the way; True if
         we did, and may claim afresh."""
         try:
-            age = time.time() - path.stat().st_mtime
+            age = self._age(path)
         except FileNotFoundError:
             return True  # released meanwhile
         if age < self._lease_of(path) and not self._owner_is_dead(path):
@@ -118,9 +153,10 @@ class Claims:
 
     def owner_of(self, path: Path) -> dict | None:
         try:
-            return json.loads(path.read_text())
+            info = json.loads(path.read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return info if isinstance(info, dict) else None
 
     def holds(self, teacher: str, corpus: str, part: int) -> bool:
         info = self.owner_of(self.path(teacher, corpus, part))
@@ -144,7 +180,7 @@ class Claims:
         """Does any worker hold a live claim on this unit?"""
         path = self.path(teacher, corpus, part)
         try:
-            age = time.time() - path.stat().st_mtime
+            age = self._age(path)
         except FileNotFoundError:
             return False
         return age < self._lease_of(path) and not self._owner_is_dead(path)
@@ -154,6 +190,11 @@ class Claims:
         with self.lock:
             held = list(self.held)
         for path in held:
+            if isinstance(path, ObjectPath):
+                if not self._renew_object(path):
+                    with self.lock:
+                        self.held.discard(path)
+                continue
             info = self.owner_of(path)
             if info is None or info.get("token") != self.token:
                 with self.lock:
@@ -163,6 +204,17 @@ class Claims:
                 os.utime(path)
             except FileNotFoundError:
                 pass
+
+    def _renew_object(self, path: ObjectPath) -> bool:
+        """Rewrite our claim if it is still the version we read as ours (its time is the lease clock)."""
+        try:
+            data, e_tag = path.read_tagged()
+            info = json.loads(data)
+        except (FileNotFoundError, ValueError):
+            return False
+        if not isinstance(info, dict) or info.get("token") != self.token:
+            return False
+        return path.put_if(json.dumps({**info, "renewed_at": time.time()}).encode(), e_tag)
 
     # ---- the renewal thread ---------------------------------------------------------------
     def __enter__(self) -> "Claims":

@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -35,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from tmkd.data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, nli_label_names, open_reader
-from tmkd.data.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name
+from tmkd.data.fs import ObjectPath
+from tmkd.data.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name, create_json_if_absent
 
 CHUNK_ROWS = 8192  # records checked together (duplicate checks are vectorised per chunk)
 ID_MODES = ("source", "text")
@@ -532,13 +535,18 @@ class _Quarantine:
         if self._f is None:
             self.path = _fresh(self.store.quarantine_path(self.corpus))
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "x", encoding="utf-8")
+            # an object is written whole at close: the lines gather in a local temporary file meanwhile
+            self._f = (tempfile.TemporaryFile("w+", encoding="utf-8") if isinstance(self.path, ObjectPath)
+                       else open(self.path, "x", encoding="utf-8"))
         entry = {"file": file, "line": line, "field": fld, "reason": reason, "detail": detail, "raw": _printable(raw)}
         self._f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         self.counts[reason] += 1
 
     def close(self) -> None:
         if self._f:
+            if isinstance(self.path, ObjectPath):
+                self._f.seek(0)
+                self.path.put(self._f.read().encode())
             self._f.close()
             self._f = None
 
@@ -571,7 +579,20 @@ def _printable(raw: object) -> object:
 
 @contextmanager
 def _store_lock(store: Store):
-    """One ingest at a time per store: two would pick the same part numbers."""
+    """One ingest at a time per store: two would pick the same part numbers. A folder is locked with
+    flock (released by the kernel if the ingest dies); an object store with a lock object created only
+    if absent, and removed at the end (a killed ingest leaves it: the message says so)."""
+    if isinstance(store.root, ObjectPath):
+        lock = store.root / "ingest.lock"
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        if not create_json_if_absent(lock, owner):
+            raise IngestError(f"{lock}: another ingest into this store is running (or one was killed: then remove "
+                              "this object and ingest again)")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+        return
     fd = os.open(store.root, os.O_RDONLY)
     try:
         try:

@@ -41,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tmkd.data.fs import LocationError, ObjectPath, store_location
+
 SCHEMA_VERSION = 2  # 2: label parts have a `row` column and a commit record with their digest
 READABLE_VERSIONS = (1, 2)  # a version-1 store opens; its label parts lack commit records and are re-scored
 TOOL_VERSION = "0.1.0"
@@ -70,6 +72,10 @@ class StaleLabelsError(StoreError):
 
 class CorruptPartError(StoreError):
     """A committed part does not match its digest, or cannot be read: it is never consumed."""
+
+
+class CommitRaceError(StoreError):
+    """Another worker committed the same unit first (its claim had expired): our result is dropped."""
 
 
 class LabelSpaceError(StoreError):
@@ -176,7 +182,10 @@ def tmp_token(tmp: Path) -> str | None:
     return parts[-2] if tmp.name.startswith(".") and len(parts) >= 4 and parts[-1] == "tmp" else None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
+    if isinstance(path, ObjectPath):
+        path.put(data)  # one PUT is atomic: readers see the old object or the new one
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -191,9 +200,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def create_json_if_absent(path: Path, obj) -> bool:
+def create_json_if_absent(path: Path | ObjectPath, obj) -> bool:
     """Write ``path`` only if it does not exist, atomically and complete (hard link of a finished
-    temporary: fails if the name is taken, on local disks and NFS). True if we created it."""
+    temporary: fails if the name is taken, on local disks and NFS; a conditional PUT on an object
+    store). True if we created it."""
+    if isinstance(path, ObjectPath):
+        return path.create((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -215,7 +227,16 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
     """Write ``table`` to ``path`` atomically, with page checksums; return the sha256 digest of the file.
 
     ``before_replace`` (if given) runs after the file is complete and before it takes its final
-    name; it may raise to abandon the write (a lost claim), and then nothing is replaced."""
+    name; it may raise to abandon the write (a lost claim), and then nothing is replaced. On an
+    object store the file is built in memory and written in one PUT."""
+    if isinstance(path, ObjectPath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, write_page_checksum=True, **write_options)
+        data = sink.getvalue().to_pybytes()
+        if before_replace is not None:
+            before_replace()
+        path.put(data)
+        return "sha256:" + hashlib.sha256(data).hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path, token)
     try:
@@ -246,7 +267,7 @@ def remove_stale_tmp(path: Path, keep: str | None = None) -> int:
 
 def read_verified(path: Path, digest: str, what: str) -> bytes:
     """The bytes of a committed file, checked against its recorded digest (CorruptPartError if not)."""
-    if path.exists() and not path.is_file():  # a folder, a FIFO (reading it would hang), a device
+    if not isinstance(path, ObjectPath) and path.exists() and not path.is_file():  # a folder, a FIFO, a device
         raise CorruptPartError(f"{path}: {what} is not a regular file")
     try:
         data = path.read_bytes()
@@ -338,8 +359,11 @@ class LabelCheck:
 class Store:
     """A label store rooted at a folder. ``Store(path)`` opens one; ``Store.create`` makes one."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).absolute()
+    def __init__(self, root: str | os.PathLike | ObjectPath):
+        try:
+            self.root = store_location(root)  # a folder, or a prefix in an object store (data/fs.py)
+        except LocationError as e:
+            raise StoreError(str(e)) from None
         meta = self.root / "store.json"
         if not meta.exists():
             raise StoreError(f"{self.root}: not a tmkd label store (no store.json); create one with `tmkd-label ingest`")
@@ -357,8 +381,11 @@ class Store:
             )
 
     @classmethod
-    def create(cls, root: str | os.PathLike) -> "Store":
-        root = Path(root)
+    def create(cls, root: str | os.PathLike | ObjectPath) -> "Store":
+        try:
+            root = store_location(root)
+        except LocationError as e:
+            raise StoreError(str(e)) from None
         if not (root / "store.json").exists():
             root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "store.json", {"schema_version": SCHEMA_VERSION, "tool_version": TOOL_VERSION})
@@ -613,7 +640,7 @@ class Store:
                              "nothing was written for this part")
         path = self.label_path(teacher.name, part.corpus, part.part)
         commit = self.commit_path(path)
-        for p in (path, commit):
+        for p in (path, commit) if not isinstance(path, ObjectPath) else ():
             if p.exists() and not p.is_file():
                 raise StoreError(f"{p}: not a regular file (a folder?) where teacher {teacher.name!r} writes "
                                  f"corpus {part.corpus!r} part {part.part}; remove it and run again")
@@ -652,9 +679,13 @@ class Store:
         )
         if still_mine is not None:
             still_mine()
-        # commit_id tells this commit from an earlier one of the same bytes (a re-scored damaged part)
-        atomic_write_json(commit, {**meta, "digest": digest, "rows": n, "file": path.name,
-                                   "commit_id": uuid.uuid4().hex})
+        # commit_id tells this commit from an earlier one of the same bytes (a re-scored damaged part).
+        # The record is created only if absent (a conditional PUT on an object store): of two commits
+        # of one unit, the second is refused, never written over the first.
+        if not create_json_if_absent(commit, {**meta, "digest": digest, "rows": n, "file": path.name,
+                                              "commit_id": uuid.uuid4().hex}):
+            raise CommitRaceError(f"{commit}: another worker committed {teacher.name} × {part.corpus}/{part.part} "
+                                  "while this one was writing it; this result is dropped")
         return path
 
     def read_aligned(self, part: CorpusPart, teachers: list[TeacherRecord], columns: list[str] | None = None):

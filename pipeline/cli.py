@@ -31,7 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-STORE_OPT = typer.Option(..., "--store", "-s", help="Path of the label store (a folder).")
+STORE_OPT = typer.Option(..., "--store", "-s", help="The label store: a folder, or a URI (s3://bucket/prefix, gs://...,"
+                                                    " file://...); credentials from the environment (AWS_*).")
 
 
 def say(console: Console, message: str, style: str = "", prefix: str = "") -> None:
@@ -55,7 +56,7 @@ def cell(value) -> Text:
 
 @app.command()
 def run(
-    store: Path = STORE_OPT,
+    store: str = STORE_OPT,
     teachers: Path = typer.Option(..., "--teachers", "-t", help="teachers.toml listing the teachers to score with."),
     corpus: Optional[list[str]] = typer.Option(None, "--corpus", "-c", help="Only these corpora (repeatable). Default: all."),
     replace: bool = typer.Option(False, "--replace", help="Accept a teacher whose checkpoint changed under the same name; its old labels become stale and are re-scored."),
@@ -93,7 +94,7 @@ def run(
 
 
 @app.command()
-def status(store: Path = STORE_OPT):
+def status(store: str = STORE_OPT):
     """Coverage: for each teacher × corpus, label parts done / total."""
     from tmkd.pipeline.status import coverage
 
@@ -142,7 +143,7 @@ class Format(str, Enum):
 @app.command()
 def query(
     sql: str = typer.Argument(..., help="SQL over the views corpus, labels, teachers, corpora (read-only)."),
-    store: Path = STORE_OPT,
+    store: str = STORE_OPT,
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     limit: int = typer.Option(100, "--max-rows", min=0, help="Rows shown in table format (csv/json print all)."),
 ):
@@ -183,7 +184,7 @@ def query(
 
 
 @app.command()
-def verify(store: Path = STORE_OPT):
+def verify(store: str = STORE_OPT):
     """Check the store is complete and consistent; exit 0 only if it is."""
     from tmkd.pipeline.verify import verify as verify_store
 
@@ -208,7 +209,8 @@ def verify(store: Path = STORE_OPT):
 def ingest(
     files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Source files (gzip is read as is)."),
     fmt: str = typer.Option(..., "--format", "-f", help="wikiqa | glue | json-samples | jsonl | csv | tsv | parquet"),
-    store: Path = typer.Option(..., "--store", "-s", help="Path of the label store (created if missing)."),
+    store: str = typer.Option(..., "--store", "-s", help="The label store, created if missing: a folder or a URI "
+                                                         "(s3://bucket/prefix, gs://..., file://...)."),
     corpus: str = typer.Option(..., "--corpus", "-c", help="Corpus name; ingesting into an existing corpus appends parts."),
     columns: Optional[str] = typer.Option(None, "--columns", help="Field=column pairs, e.g. text_a=question,text_b=sentence,label=label,group=qid,id=idx."),
     label_names: Optional[str] = typer.Option(None, "--label-names", help="The label space in index order, e.g. entailment,not_entailment."),

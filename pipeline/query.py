@@ -34,6 +34,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from tmkd.data.fs import ObjectPath
 from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, scored_corpora
 
 
@@ -47,11 +48,17 @@ class LeftOut:
 
     corpus_parts: list[str] = field(default_factory=list)  # "corpus/part (reason)"
     label_parts: list[str] = field(default_factory=list)  # "teacher/corpus/part (reason)"
-    checked: dict[str, tuple] = field(default_factory=dict)  # path -> identity of the file as checked
+    checked: dict = field(default_factory=dict)  # path -> identity of the file as checked
 
 
-def _identity(path: str) -> tuple:
-    """What changes when a file is replaced or rewritten: inode, size, modification time."""
+def _identity(path) -> tuple:
+    """What changes when a file is replaced or rewritten: inode, size, modification time (an
+    object's e_tag and size in an object store)."""
+    if isinstance(path, ObjectPath):
+        head = path.head()
+        if head is None:
+            raise FileNotFoundError(str(path))
+        return head["e_tag"], head["size"]
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -72,9 +79,14 @@ LOCKED = {
 }
 
 
-def _dataset(paths: list[str], schema: pa.Schema, partitions: list[ds.Expression]) -> ds.Dataset:
-    """One Arrow dataset over files; the constant columns (corpus, part, ...) come from ``partitions``."""
-    return ds.FileSystemDataset.from_paths(paths, schema=schema, format=PARQUET, filesystem=pa.fs.LocalFileSystem(),
+def _dataset(store: Store, paths: list, schema: pa.Schema, partitions: list[ds.Expression]) -> ds.Dataset:
+    """One Arrow dataset over files (local, or objects read through pyarrow's S3/GCS filesystem); the
+    constant columns (corpus, part, ...) come from ``partitions``."""
+    if isinstance(store.root, ObjectPath):
+        filesystem, paths = store.root.arrow_filesystem(), [p.arrow_path() for p in paths]
+    else:
+        filesystem, paths = pa.fs.LocalFileSystem(), [str(p) for p in paths]
+    return ds.FileSystemDataset.from_paths(paths, schema=schema, format=PARQUET, filesystem=filesystem,
                                            partitions=partitions)
 
 
@@ -100,10 +112,10 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
             except CorruptPartError as e:
                 left.corpus_parts.append(f"{name}/{p.part} ({str(e).split(': ', 1)[1]})")
                 continue
-            paths.append(str(p.path))
+            paths.append(p.path)
             parts.append(_const(corpus=name, part=p.part))
-            left.checked[str(p.path)] = _identity(str(p.path))
-    corpus = _dataset(paths, CORPUS_VIEW_SCHEMA, parts)
+            left.checked[p.path] = _identity(p.path)
+    corpus = _dataset(store, paths, CORPUS_VIEW_SCHEMA, parts)
 
     paths, parts = [], []
     for t, name, m, mismatch in scored_corpora(teachers.values(), manifests):
@@ -118,12 +130,12 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                 if check.invalid:
                     left.label_parts.append(f"{t.name}/{name}/{p.part} ({check.status}: {check.reason})")
                 continue
-            paths.append(str(store.label_path(t.name, name, p.part)))
+            paths.append(store.label_path(t.name, name, p.part))
             parts.append(_const(teacher=t.name, corpus=name, part=p.part))
             left.checked[paths[-1]] = _identity(paths[-1])
     for f in store.label_files():  # label parts on disk that no view can show: never silently
         teacher, cname = f.parent.parent.name, f.parent.name
-        if str(f) in left.checked:
+        if f in left.checked:
             continue
         t, m = teachers.get(teacher), manifests.get(cname)
         part = int(f.stem.split("-")[1]) if f.stem.split("-")[-1].isdigit() else -1
@@ -132,7 +144,7 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                else f"teacher not set to score corpus {cname!r}" if not t.scores(cname) else None)
         if why:
             left.label_parts.append(f"{teacher}/{cname}/{f.name} ({why})")
-    labels = _dataset(paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), parts)
+    labels = _dataset(store, paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), parts)
 
     teacher_rows = pa.table({
         "name": [t.name for t in teachers.values()],
@@ -187,9 +199,9 @@ def changed_since_checked(left: LeftOut) -> list[str]:
     for path, ident in left.checked.items():
         try:
             if _identity(path) != ident:
-                changed.append(path)
+                changed.append(str(path))
         except FileNotFoundError:
-            changed.append(path)
+            changed.append(str(path))
     return changed
 
 

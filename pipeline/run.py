@@ -33,13 +33,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tmkd.data.claims import DEFAULT_LEASE_S, ClaimLost, Claims, remove_dead_temporaries
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
-from tmkd.data.store import CorruptPartError, CorpusPart, Store, StoreError, TeacherRecord, remove_stale_tmp
+from tmkd.data.store import CommitRaceError, CorruptPartError, CorpusPart, Store, StoreError, TeacherRecord, remove_stale_tmp
 from tmkd.teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
 
 
 @dataclass
 class RunOptions:
-    store: Path
+    store: str | Path  # a folder or a URI (data/fs.py)
     teachers: Path
     replace: bool = False
     corpora: list[str] | None = None  # None: every corpus in the store
@@ -299,7 +299,7 @@ def _score_plan(store, plan, teachers, device, opts, summary, console, claims: C
         try:
             store.write_label_part(rec, part, ids, logits, opts.logits_dtype, compute_dtype, token=claims.token,
                                    still_mine=lambda: claims.check_held(rec.name, part.corpus, part.part))
-        except ClaimLost as e:
+        except (ClaimLost, CommitRaceError) as e:
             summary.units_lost += 1
             console.print(f"warning: {e}", markup=False, highlight=False)
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmkd.data.fs import ObjectPath
 from tmkd.data.store import PART_RE, CorruptPartError, Store, scored_corpora
 
 
@@ -99,7 +100,9 @@ def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: Ver
             report.problems.append(f"{f}: teacher {teacher!r} is not set to score corpus {corpus!r}")
         expected.add(f)
         expected.add(store.commit_path(f))
-    for f in sorted(p for p in store.root.rglob("*") if p.is_file()):
+    found = store.root.walk_files() if isinstance(store.root, ObjectPath) else \
+        (p for p in store.root.rglob("*") if p.is_file())
+    for f in sorted(found):
         top = f.relative_to(store.root).parts[0]
         if f in expected or top in ("quarantine", "runs", "claims"):
             continue
@@ -108,7 +111,7 @@ def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: Ver
             cleaner = ("`run` removes it once its claim has expired" if top_folder == "labels"
                        else "nothing reads it; remove it when no ingest or run is going on")
             report.notes.append(f"{f}: temporary file of a writer that is running or was killed ({cleaner})")
-        elif f.name.endswith(".commit.json") and not Path(str(f).replace(".commit.json", ".parquet")).exists():
+        elif f.name.endswith(".commit.json") and not f.with_name(f.name.replace(".commit.json", ".parquet")).exists():
             report.problems.append(f"{f}: commit record without its label part (the part file is missing)")
         else:
             report.problems.append(f"{f}: stray file, not part of the store (remove it)")

@@ -9,7 +9,9 @@ Order of one epoch, fully determined by (seed, epoch, world size, workers)::
       --> a pool of `bucket_batches` batches' rows is tokenized (in the worker, if any), sorted by length,
           cut into batches, and the batch order shuffled  --> padded tensors
 
-Memory per worker is bounded by one part plus the shuffle buffer, whatever the corpus size.
+Memory per worker is bounded by two parts (the one being read, and the next, read ahead in a
+thread so an object store's latency hides behind training) plus the shuffle buffer, whatever the
+corpus size.
 
 A resumed run seeks: ``set_epoch(epoch, skip)`` starts the stream at the rank's batch ``skip``.
 The buffer's shuffles depend only on row counts, so the stream replays them on index arrays
@@ -25,6 +27,7 @@ so DDP's collective calls always match and no real row is dropped or repeated.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,6 +242,16 @@ class DistillStream(IterableDataset):
         offsets = np.cumsum([0] + [p.rows for p in parts])
         order = np.empty(0, np.int64)
         rows: _Rows | None = None if skip else _Rows.empty(len(self.teachers), self.num_labels)
+        reader = ThreadPoolExecutor(1, thread_name_prefix="tmkd-read-ahead")
+        ahead: dict[int, Future] = {}
+
+        def read(j: int) -> _Rows:
+            """Part j's rows; part j + 1 is fetched meanwhile (an object store's latency hides behind the
+            training of part j's pools)."""
+            for k in (j, j + 1):
+                if k < len(parts) and k not in ahead:
+                    ahead[k] = reader.submit(read_rows, store, parts[k], self.teachers, self.num_labels)
+            return ahead.pop(j).result()
 
         def emit(start: int, end: int):
             nonlocal skip, rows
@@ -251,25 +264,28 @@ class DistillStream(IterableDataset):
             pool, drop, skip = rows.take(slice(start, end)), skip, 0
             return pool, batch_order[drop:]
 
-        for j, part in enumerate(parts):
-            order = np.concatenate([order, np.arange(offsets[j], offsets[j + 1])])
-            if rows is not None:
-                rows = _Rows.concat([rows, read_rows(store, part, self.teachers, self.num_labels)])
-            if len(order) >= self.buffer_rows:
+        try:
+            for j in range(len(parts)):
+                order = np.concatenate([order, np.arange(offsets[j], offsets[j + 1])])
+                if rows is not None:
+                    rows = _Rows.concat([rows, read(j)])
+                if len(order) >= self.buffer_rows:
+                    perm = rng.permutation(len(order))
+                    order, rows = order[perm], rows.take(perm) if rows is not None else None
+                    start = 0
+                    while len(order) - start >= self.buffer_rows:
+                        if (out := emit(start, start + self.pool_rows)) is not None:
+                            yield out
+                        start += self.pool_rows
+                    order, rows = order[start:], rows.take(slice(start, None)) if rows is not None else None
+            if len(order):
                 perm = rng.permutation(len(order))
                 order, rows = order[perm], rows.take(perm) if rows is not None else None
-                start = 0
-                while len(order) - start >= self.buffer_rows:
-                    if (out := emit(start, start + self.pool_rows)) is not None:
+                for start in range(0, len(order), self.pool_rows):
+                    if (out := emit(start, min(start + self.pool_rows, len(order)))) is not None:
                         yield out
-                    start += self.pool_rows
-                order, rows = order[start:], rows.take(slice(start, None)) if rows is not None else None
-        if len(order):
-            perm = rng.permutation(len(order))
-            order, rows = order[perm], rows.take(perm) if rows is not None else None
-            for start in range(0, len(order), self.pool_rows):
-                if (out := emit(start, min(start + self.pool_rows, len(order)))) is not None:
-                    yield out
+        finally:  # also when the consumer stops early
+            reader.shutdown(wait=False, cancel_futures=True)
 
     def _gather(self, store: Store, parts: list[CorpusPart], offsets: np.ndarray, order: np.ndarray) -> _Rows:
         """The rows at positions ``order`` (into the concatenation of ``parts``), in that order; each part

@@ -59,3 +59,37 @@ def fresh_accelerator_state():
 def encoder(tiny_teachers):
     """The student's encoder in the trainer tests: a tiny teacher folder."""
     return tiny_teachers["t1"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1, a free port; tmkd finds it the standard way:
+    AWS_ENDPOINT_URL and the AWS_* credentials in the environment (subprocesses inherit them)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_endpoint) -> str:
+    """A fresh bucket for one test; returns the store's URI, s3://<bucket>/store."""
+    import uuid
+
+    import boto3
+
+    bucket = f"tmkd-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/store"

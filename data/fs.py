@@ -1,0 +1,248 @@
+"""Where a store lives: a local folder, or a prefix in an object store (s3://, gs://).
+
+``store_location("s3://bucket/prefix")`` gives an ``ObjectPath``: a path in an object store
+with the few pathlib methods the store uses (``/``, ``name``, ``parent``, ``exists``,
+``read_bytes``, ``glob``, ...) and the writes an object store can make atomic, which a folder
+makes atomic with a temporary and a rename:
+
+- ``put(data)``: one PUT; readers see the old object or the new one, never a partial one;
+- ``create(data)``: a conditional create (``If-None-Match: *``); False if the key exists;
+- ``put_if(data, e_tag)``: a conditional overwrite (``If-Match``); False if the object changed.
+
+A local path or ``file://`` URI gives a ``pathlib.Path``. Any other ``scheme://`` is refused,
+so that ``--store s3:/typo`` never becomes a folder named ``s3:`` in the working directory.
+
+The object store client is obstore (one Rust client for S3, GCS and Azure, with conditional
+puts). Credentials and endpoints come from the standard places only: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``, the AWS config files, and
+``GOOGLE_APPLICATION_CREDENTIALS`` for gs://; never from a tmkd flag.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+OBJECT_SCHEMES = ("s3", "gs")
+
+
+class LocationError(ValueError):
+    """A --store that names no place tmkd can use (an unknown URI scheme, a bucket without a name)."""
+
+
+def is_uri(where: str | os.PathLike) -> bool:
+    return isinstance(where, str) and URI_RE.match(where) is not None
+
+
+def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
+    """A local folder (a path or file:// URI) or an object store prefix (s3://, gs://)."""
+    if isinstance(where, ObjectPath):
+        return where
+    if not isinstance(where, str) or not (match := URI_RE.match(where)):
+        return Path(where).absolute()
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme == "file":
+        return Path(rest or "/").absolute()
+    if scheme not in OBJECT_SCHEMES:
+        raise LocationError(f"{where}: unsupported URI scheme {scheme!r}; a store is a local path, file://, "
+                            f"{', '.join(s + '://' for s in OBJECT_SCHEMES)}")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise LocationError(f"{where}: no bucket name")
+    return ObjectPath(f"{scheme}://{bucket}", prefix.strip("/"))
+
+
+@lru_cache(maxsize=None)
+def _client(bucket_url: str):
+    """One obstore client per bucket and process. obstore reads AWS_* (or GOOGLE_*) from the
+    environment; an http:// endpoint (a local MinIO or test server) must be allowed explicitly."""
+    from obstore.store import from_url
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    plain_http = bucket_url.startswith("s3://") and endpoint.startswith("http://")
+    return from_url(bucket_url, client_options={"allow_http": True} if plain_http else None)
+
+
+def _missing(e: Exception) -> bool:
+    return isinstance(e, FileNotFoundError)  # obstore's NotFoundError is one
+
+
+class ObjectPath:
+    """A key in an object store, named like a path: ``s3://bucket/prefix/corpus/x/manifest.json``."""
+
+    __slots__ = ("bucket", "key")
+
+    def __init__(self, bucket: str, key: str):
+        self.bucket, self.key = bucket, key.strip("/")
+
+    # ---- names ---------------------------------------------------------------------------
+    def __truediv__(self, other: str) -> "ObjectPath":
+        return ObjectPath(self.bucket, f"{self.key}/{other}" if self.key else str(other))
+
+    def __str__(self) -> str:
+        return f"{self.bucket}/{self.key}" if self.key else self.bucket
+
+    __repr__ = __str__
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectPath) and (self.bucket, self.key) == (other.bucket, other.key)
+
+    def __lt__(self, other: "ObjectPath") -> bool:
+        return (self.bucket, self.key) < (other.bucket, other.key)
+
+    def __hash__(self) -> int:
+        return hash((self.bucket, self.key))
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+    @property
+    def parent(self) -> "ObjectPath":
+        return ObjectPath(self.bucket, str(PurePosixPath(self.key).parent).lstrip("."))
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.key).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.key).suffix
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return PurePosixPath(self.key).parts
+
+    def with_name(self, name: str) -> "ObjectPath":
+        return self.parent / name
+
+    def relative_to(self, other: "ObjectPath") -> PurePosixPath:
+        return PurePosixPath(self.key).relative_to(other.key) if other.key else PurePosixPath(self.key)
+
+    def absolute(self) -> "ObjectPath":
+        return self
+
+    # ---- reads ---------------------------------------------------------------------------
+    @property
+    def client(self):
+        return _client(self.bucket)
+
+    def head(self) -> dict | None:
+        """size, last_modified, e_tag; None if there is no such object."""
+        import obstore
+
+        try:
+            return obstore.head(self.client, self.key)
+        except Exception as e:
+            if _missing(e):
+                return None
+            raise
+
+    def exists(self) -> bool:
+        return self.head() is not None or self.is_dir()
+
+    def is_file(self) -> bool:
+        return self.head() is not None
+
+    def is_dir(self) -> bool:
+        import obstore
+
+        listing = obstore.list_with_delimiter(self.client, prefix=self.key + "/" if self.key else None)
+        return bool(listing["objects"] or listing["common_prefixes"])
+
+    def read_bytes(self) -> bytes:
+        import obstore
+
+        return bytes(obstore.get(self.client, self.key).bytes())
+
+    def read_tagged(self) -> tuple[bytes, str]:
+        """The object's bytes and the e_tag of that very version (for a later ``put_if``)."""
+        import obstore
+
+        result = obstore.get(self.client, self.key)
+        return bytes(result.bytes()), result.meta["e_tag"]
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def walk_files(self) -> list["ObjectPath"]:
+        """Every object under this prefix."""
+        import obstore
+
+        found = []
+        for batch in obstore.list(self.client, prefix=self.key + "/" if self.key else None):
+            found += [ObjectPath(self.bucket, meta["path"]) for meta in batch]
+        return found
+
+    def glob(self, pattern: str) -> list["ObjectPath"]:
+        """Objects whose key below this prefix matches ``pattern`` segment by segment (``*`` stays
+        within a segment, as in pathlib)."""
+        want = pattern.split("/")
+        out = []
+        for f in self.walk_files():
+            rel = f.relative_to(self).parts
+            if len(rel) == len(want) and all(fnmatch.fnmatchcase(r, w) for r, w in zip(rel, want)):
+                out.append(f)
+        return sorted(out)
+
+    def rglob(self, pattern: str) -> list["ObjectPath"]:
+        return sorted(f for f in self.walk_files() if fnmatch.fnmatchcase(f.name, pattern))
+
+    # ---- writes --------------------------------------------------------------------------
+    def mkdir(self, *args, **kwargs) -> None:
+        """Object stores have no folders: nothing to make."""
+
+    def rmdir(self) -> None:
+        """Nothing to remove: a prefix without objects does not exist."""
+
+    def put(self, data: bytes) -> dict:
+        import obstore
+
+        return obstore.put(self.client, self.key, data)
+
+    def create(self, data: bytes) -> bool:
+        """Write only if no object has this key (If-None-Match: *). True if we created it."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            obstore.put(self.client, self.key, data, mode="create")
+            return True
+        except (AlreadyExistsError, PreconditionError):
+            return False
+
+    def put_if(self, data: bytes, e_tag: str) -> bool:
+        """Overwrite only if the object is still the one with ``e_tag`` (If-Match). True if we did."""
+        import obstore
+        from obstore.exceptions import PreconditionError
+
+        try:
+            obstore.put(self.client, self.key, data, mode={"e_tag": e_tag})
+            return True
+        except PreconditionError:
+            return False
+        except Exception as e:
+            if _missing(e):
+                return False
+            raise
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        import obstore
+
+        if not missing_ok and self.head() is None:
+            raise FileNotFoundError(str(self))
+        obstore.delete(self.client, self.key)
+
+    # ---- for pyarrow ---------------------------------------------------------------------
+    def arrow_filesystem(self):
+        """A pyarrow filesystem for this bucket (from_uri honours AWS_ENDPOINT_URL) and the path in it."""
+        import pyarrow.fs as pafs
+
+        fs, _ = pafs.FileSystem.from_uri(str(self))
+        return fs
+
+    def arrow_path(self) -> str:
+        return f"{self.bucket.split('://', 1)[1]}/{self.key}"

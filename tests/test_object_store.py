@@ -1,0 +1,181 @@
+"""The store on an object store: the same commands and guarantees against a real S3 API.
+
+moto's S3 server runs on 127.0.0.1 (tests/conftest.py); tmkd finds it through AWS_ENDPOINT_URL,
+as it would find MinIO or S3 itself. What runs here runs locally too (tests/test_label.py,
+test_store_trust.py); these tests check that the object store gives the same bytes and the same
+answers, with commits made by conditional PUTs instead of renames.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tmkd.data.fs import ObjectPath, store_location
+from tmkd.data.store import Store
+from test_label import cli, write_teachers
+
+BIN = Path(sys.executable).parent
+
+
+def _label_bytes(store) -> dict:
+    st = Store(store)
+    return {f"{f.parent.parent.name}/{f.parent.name}/{f.name}": f.read_bytes() for f in st.label_files()}
+
+
+def _corpus_bytes(store) -> dict:
+    st = Store(store)
+    return {f"{c}/{p.part}": p.path.read_bytes() for c in st.corpora() for p in st.corpus(c).parts}
+
+
+@pytest.mark.parametrize("command", [["status"], ["verify"], ["query", "SELECT 1"],
+                                     ["run", "--teachers", "t.toml"], ["ingest", "x.tsv", "--format", "wikiqa",
+                                                                       "--corpus", "c"]])
+def test_an_unsupported_uri_is_refused_and_nothing_is_written(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.tsv").write_text("QuestionID\tQuestion\n")
+    (tmp_path / "t.toml").write_text("")
+    before = sorted(tmp_path.iterdir())
+    args = command[:1] + ["--store", "ftp://bucket/store"] + command[1:]
+    if command[0] == "query":
+        args = ["query", "--store", "ftp://bucket/store", "SELECT 1"]
+    result = cli(*args, ok=False)
+    assert result.exit_code == 1, result.output
+    assert "ftp://bucket/store: unsupported URI scheme 'ftp'" in result.output
+    assert sorted(tmp_path.iterdir()) == before  # no folder named ftp: or anything else
+
+
+def test_ingest_run_verify_query_on_s3_equal_the_local_store_bit_for_bit(tmp_path, s3_store, wikiqa_sample,
+                                                                         tiny_teachers):
+    local = tmp_path / "local"
+    teachers = write_teachers(tmp_path / "t.toml", {k: tiny_teachers[k] for k in ("t1", "t2")})
+    for store in (local, s3_store):
+        cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)
+        cli("run", "--store", store, "--teachers", teachers)
+    assert isinstance(Store(s3_store).root, ObjectPath)
+    assert _corpus_bytes(s3_store) == _corpus_bytes(local) and len(_corpus_bytes(local)) == 3
+    assert _label_bytes(s3_store) == _label_bytes(local) and len(_label_bytes(local)) == 6
+
+    again = cli("run", "--store", s3_store, "--teachers", teachers).output
+    assert "nothing to score: 6 units already scored" in again
+    assert "OK" in cli("verify", "--store", s3_store).output
+    assert "wq" in cli("status", "--store", s3_store).output
+    sql = ("SELECT teacher, count(*) AS n, round(sum(list_sum(logits)), 4) AS s FROM labels "
+           "GROUP BY teacher ORDER BY teacher")
+    on_s3 = cli("query", "--store", s3_store, "--format", "json", sql).output
+    assert json.loads(on_s3) == json.loads(cli("query", "--store", local, "--format", "json", sql).output)
+    assert [r["n"] for r in json.loads(on_s3)] == [120, 120]
+    # a query cannot write to the bucket either
+    bad = cli("query", "--store", s3_store, f"COPY labels TO '{s3_store}/x.parquet'", ok=False)
+    assert bad.exit_code == 1 and not ObjectPath(*s3_store.split("/store")[0:1], "store/x.parquet").is_file()
+
+
+def test_a_corrupted_object_is_caught_and_rescored(tmp_path, s3_store, wikiqa_sample, tiny_teachers):
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", s3_store, "--corpus", "wq", "--part-rows", 40)
+    cli("run", "--store", s3_store, "--teachers", teachers)
+    st = Store(s3_store)
+    good = _label_bytes(s3_store)
+    victim = st.label_path("t1", "wq", 1)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.put(bytes(data))  # one flipped byte, written over the object
+    result = cli("verify", "--store", s3_store, ok=False)
+    assert result.exit_code == 1 and "does not match its recorded digest" in result.output
+    assert str(victim) in result.output.replace("\n", "")
+    left = cli("query", "--store", s3_store, "SELECT count(*) FROM labels")
+    assert "t1/wq/1" in left.output  # left out, and named
+    out = cli("run", "--store", s3_store, "--teachers", teachers).output
+    assert "re-scored 1 invalid label part(s): t1/wq/1" in out.replace("\n", " ")
+    assert _label_bytes(s3_store) == good
+    assert "OK" in cli("verify", "--store", s3_store).output
+
+
+def _start(store: str, teachers: Path, lease: float) -> subprocess.Popen:
+    cmd = [str(BIN / "tmkd-label"), "run", "--store", store, "--teachers", str(teachers), "--lease", str(lease)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_three_workers_on_s3_score_every_unit_once(tmp_path, s3_store, shared_data, tiny_teachers):
+    from tiny import read_lines
+
+    source = tmp_path / "wikiqa.tsv"
+    source.write_text("".join(read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", 401)), newline="")
+    teachers = write_teachers(tmp_path / "t.toml", {k: tiny_teachers[k] for k in ("t1", "t2")})
+    local = tmp_path / "local"
+    for store in (local, s3_store):
+        cli("ingest", source, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)
+    cli("run", "--store", local, "--teachers", teachers)
+
+    procs = [_start(s3_store, teachers, lease=30) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    logs = Store(s3_store).run_logs()
+    assert len({log["pid"] for log in logs}) == 3
+    scored = [tuple(u) for log in logs for u in log["scored"]]
+    assert len(scored) == len(set(scored)) == 20  # 10 parts x 2 teachers, each by exactly one worker
+    assert sum(log["units_lost"] for log in logs) == 0
+    assert _label_bytes(s3_store) == _label_bytes(local)
+    assert not Store(s3_store).root.glob("claims/*/*/*.claim")  # every claim released
+
+
+def test_kill_9_during_a_run_on_s3_then_rerun_completes_it(tmp_path, s3_store, shared_data, tiny_tokenizer):
+    from tiny import build_bert, read_lines
+
+    source = tmp_path / "wikiqa.tsv"
+    source.write_text("".join(read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", 1201)), newline="")
+    big = {f"b{s}": build_bert(tmp_path / f"b{s}", tiny_tokenizer, seed=s, layers=4, hidden=128) for s in (1, 2)}
+    teachers = write_teachers(tmp_path / "t.toml", big, max_length=128)
+    local = tmp_path / "local"
+    for store in (local, s3_store):
+        cli("ingest", source, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 100)
+    total = 2 * len(Store(s3_store).corpus("wq").parts)
+
+    proc = _start(s3_store, teachers, lease=60)
+    deadline = time.time() + 120
+    while not Store(s3_store).label_files() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(Store(s3_store).label_files())
+    assert 0 < done < total, f"the kill should land mid-run ({done}/{total} parts done)"
+    assert cli("verify", "--store", s3_store, ok=False).exit_code == 1  # incomplete, and says so
+
+    # the dead worker's claims are on this host: taken over at once, not after the 60 s lease
+    started = time.time()
+    cli("run", "--store", s3_store, "--teachers", teachers, "--lease", "60")
+    assert time.time() - started < 60
+    assert "OK" in cli("verify", "--store", s3_store).output
+    cli("run", "--store", local, "--teachers", teachers)
+    assert _label_bytes(s3_store) == _label_bytes(local)
+
+
+def test_the_student_trains_from_s3_to_the_same_weights_as_from_disk(tmp_path, s3_store, encoder):
+    """The trainer streams corpus and label parts from the bucket: same rows, same order, same weights."""
+    import toy
+    from safetensors.numpy import load_file
+
+    from tmkd.student.config import config_from_dict
+    from tmkd.student.train import run
+
+    stages = [{"name": "stage1", "corpora": ["unlabeled"], "epochs": 1, "batch_size": 16, "lr": 5e-3, "gold": False},
+              {"name": "stage2", "corpora": ["train"], "epochs": 1, "batch_size": 16, "lr": 5e-3}]
+    weights = {}
+    for name, store in (("local", tmp_path / "store"), ("s3", s3_store)):
+        toy.build_store(store, teachers=("t1", "t2"))
+        raw = toy.config(store, encoder, tmp_path / f"out-{name}", stages=stages)
+        raw["eval"]["positive_label"] = "pos"
+        raw["train"]["checkpoint_every"] = 4
+        run(config_from_dict(raw))
+        weights[name] = load_file(tmp_path / f"out-{name}" / "model.safetensors")
+        record = json.loads((tmp_path / f"out-{name}" / "run.json").read_text())
+        assert record["status"] == "done" and record["config"]["store"] == str(store)
+    assert weights["s3"].keys() == weights["local"].keys()
+    assert all((weights["s3"][k] == weights["local"][k]).all() for k in weights["local"])
