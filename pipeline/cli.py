@@ -65,6 +65,11 @@ def run(
     logits_dtype: str = typer.Option("float32", "--logits-dtype", help="Stored logits: float32 or float16."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds a claim on a unit lives without renewal; a killed worker's units are taken over after this."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override teachers.toml, as in every job: --set teacher.0.max_length=64 (repeatable)."),
+    engine: str = typer.Option("local", "--engine", help="local: this process (and its accelerate/torchrun ranks); ray: actors on a Ray cluster (pip install \"tmkd[ray]\")."),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster (auto, ray://host:port); default RAY_ADDRESS, else a new local one."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="--engine ray: actors to start; default as many as the cluster's GPUs (or CPUs) allow."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--engine ray: GPUs per actor; default 1 where the cluster has GPUs, else 0."),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", help="--engine ray: CPUs per actor (default 1)."),
 ):
     """Score every corpus part with every teacher; skip what is already scored and intact.
 
@@ -72,7 +77,13 @@ def run(
     """
     from tmkd.pipeline.run import RunOptions, run as run_labels
 
-    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease, sets or [])
+    ray_opts = None
+    if any(x is not None for x in (address, workers, gpus_per_worker, cpus_per_worker)):
+        from tmkd.pipeline.ray_engine import RayOptions
+
+        ray_opts = RayOptions(address, workers or 0, gpus_per_worker, cpus_per_worker or 1.0)
+    opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease, sets or [],
+                      engine, ray_opts)
     try:
         s = run_labels(opts, err)
     except (StoreError, OSError) as e:

@@ -27,6 +27,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -35,6 +36,9 @@ from tmkd.data.claims import DEFAULT_LEASE_S, ClaimLost, Claims, remove_dead_tem
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
 from tmkd.data.store import CommitRaceError, CorruptPartError, CorpusPart, Store, StoreError, TeacherRecord, remove_stale_tmp
 from tmkd.teachers.spec import TeacherError, TeacherSpec, check_label_space, load_teachers_toml, make_record
+
+if TYPE_CHECKING:
+    from tmkd.pipeline.ray_engine import RayOptions
 
 
 @dataclass
@@ -48,6 +52,8 @@ class RunOptions:
     logits_dtype: str = "float32"  # float32 | float16 (halves the store; DuckDB reads both)
     lease_s: float = DEFAULT_LEASE_S  # a claim untouched this long belongs to a dead worker
     sets: list[str] = field(default_factory=list)  # --set KEY=VALUE overrides of teachers.toml
+    engine: str = "local"  # local (this process, its accelerate rank, --shard) | ray (actors on a Ray cluster)
+    ray: "RayOptions | None" = None  # --address, --workers, --gpus-per-worker, --cpus-per-worker
 
 
 @dataclass
@@ -214,12 +220,17 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
         store.corpus(c)  # a clear error for an unknown corpus
     if not corpora:
         raise StoreError(f"{store.root}: no corpora yet; add one with `tmkd-label ingest`")
+    if opts.engine not in ("local", "ray"):
+        raise StoreError(f"--engine {opts.engine!r}: use local or ray")
+    if opts.engine == "local" and opts.ray is not None:
+        raise StoreError("--address, --workers, --gpus-per-worker and --cpus-per-worker go with --engine ray")
     rank, world = global_rank(opts.shard)
     teachers = check_teachers(store, load_teachers_toml(opts.teachers, opts.sets), corpora, opts.replace)
     records = [rec for _, rec, _ in teachers]
     plan, skipped, invalid = plan_units(store, records, corpora, rank, world)  # refuses damaged corpus parts
     claims = Claims(store, opts.lease_s)  # checks --lease
-    device = pick_device(opts.device) if plan or opts.device else None  # checks --device
+    local = opts.engine == "local"
+    device = pick_device(opts.device) if local and (plan or opts.device) else None  # checks --device
     store.upgrade()  # nothing was written before this line
     record_teachers(store, records, opts.replace)
 
@@ -228,8 +239,15 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     summary.teachers = {r.name: r.fingerprint for r in records}
     with claims:
         summary.temporaries_removed = remove_dead_temporaries(store, claims)
-        if plan:
+        if plan and local:
             _score_plan(store, plan, teachers, device, opts, summary, console, claims, invalid)
+        elif plan:
+            from tmkd.pipeline.ray_engine import RayOptions, score_on_ray
+
+            units = [(rec.name, unit.part.corpus, unit.part.part) for unit in plan for rec in unit.teachers]
+            score_on_ray(store, units, teachers, opts, opts.ray or RayOptions(), summary, console)
+            scored = {tuple(u) for u in summary.scored}
+            summary.rescored = [list(x) for x in invalid if tuple(x[:3]) in scored]
     summary.seconds = time.perf_counter() - start
     log_path = store.run_log_path(rank)
     summary.log_path = str(log_path)

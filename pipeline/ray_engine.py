@@ -1,0 +1,205 @@
+"""`tmkd-label run --engine ray`: the units (teacher × corpus part) scored by Ray actors across a cluster.
+
+The driver plans the units exactly as the local engine does (pipeline/run.py), then hands them
+to actors, one unit at a time. Each actor holds one GPU (``--gpus-per-worker``) or some CPUs,
+loads its teachers once, and for each unit: claims it (data/claims.py, the same claims the local
+engine and other runs use), reads and tokenizes the corpus part, scores it and commits it
+straight to the store (data/store.py's commit protocol). Nothing but a small status dict comes
+back to the driver.
+
+Failures: a unit whose actor dies (a crash, a lost node, kill -9) goes back to the queue and to
+the next live actor; a replacement actor is started and admitted once its teachers have loaded.
+Ray's own task retries are not used: they send a unit back to the same actor once it restarts,
+and a unit on a lost node waits for capacity that may not come. Retries are at least once: an
+actor that dies right after a commit leaves a unit that the next actor finds committed (the
+store's check) and skips. Every actor is killed when the run ends, however it ends.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from tmkd.data.store import StoreError
+
+ACTOR_RESTARTS = 3  # replacements per original actor before the run gives up
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: the cluster in RAY_ADDRESS, else a new local one; "auto"; ray://host:port
+    workers: int = 0  # 0: as many as the cluster's GPUs (or CPUs) allow
+    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+
+
+class ScoringWorker:
+    """One Ray actor: its teachers loaded once, then units scored and committed one by one."""
+
+    def __init__(self, store_root: str, teachers: list, logits_dtype: str, lease_s: float, threads: int):
+        import torch
+
+        from tmkd.data.claims import Claims
+        from tmkd.data.store import Store
+        from tmkd.pipeline.run import pick_device
+        from tmkd.teachers.cpu import bound_cpu_caches
+        from tmkd.teachers.scoring import LoadedTeacher, load_tokenizer
+
+        bound_cpu_caches()
+        if threads:
+            torch.set_num_threads(threads)
+        self.store = Store(store_root)
+        self.claims = Claims(self.store, lease_s).__enter__()  # renews this actor's leases in a thread
+        self.logits_dtype = logits_dtype
+        device = pick_device(None)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        tokenizers, self.teachers = {}, {}
+        for spec, rec, folder in teachers:
+            if rec.tokenizer_fingerprint not in tokenizers:
+                tokenizers[rec.tokenizer_fingerprint] = load_tokenizer(folder)
+            self.teachers[rec.name] = LoadedTeacher(spec, rec, folder, device, tokenizers[rec.tokenizer_fingerprint])
+
+    def ready(self) -> dict:
+        """Called once: returns when the teachers are loaded (a replacement is admitted only then)."""
+        import socket
+
+        return {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def score(self, teacher: str, corpus: str, part_number: int) -> dict:
+        """Claim, score and commit one unit; the status says what happened."""
+        from tmkd.data.claims import ClaimLost
+        from tmkd.data.store import CommitRaceError, remove_stale_tmp
+        from tmkd.teachers.cpu import release_free_memory
+        from tmkd.teachers.scoring import encode_pairs
+
+        loaded = self.teachers[teacher]
+        part = next(p for p in self.store.corpus(corpus).parts if p.part == part_number)
+        if self.store.check_label(loaded.record, part, decode=False).status == "ok":
+            return {"status": "committed"}  # by another worker, or by an actor that died after its commit
+        if not self.claims.try_claim(teacher, corpus, part_number):
+            return {"status": "held"}  # another worker is on it: ask again later
+        try:
+            remove_stale_tmp(self.store.label_path(teacher, corpus, part_number), keep=self.claims.token)
+            table = self.store.read_corpus_part(part, ["id", "text_a", "text_b"])
+            spec = loaded.spec
+            enc = encode_pairs(loaded.tokenizer, table.column("text_a").to_pylist(),
+                               table.column("text_b").to_pylist(), spec.max_length, spec.truncation)
+            before = loaded.forward_passes
+            logits = loaded.score(enc)
+            self.store.write_label_part(
+                loaded.record, part, table.column("id").to_numpy(), logits, self.logits_dtype, loaded.compute_dtype,
+                token=self.claims.token, still_mine=lambda: self.claims.check_held(teacher, corpus, part_number))
+        except (ClaimLost, CommitRaceError) as e:
+            return {"status": "lost", "message": str(e)}
+        finally:
+            self.claims.release(teacher, corpus, part_number)
+            release_free_memory()
+        return {"status": "scored", "pairs": part.rows, "forward_passes": loaded.forward_passes - before}
+
+
+def _init_ray(opts: RayOptions):
+    try:
+        import ray
+    except ImportError:
+        raise StoreError("--engine ray needs Ray: pip install \"tmkd[ray]\"") from None
+    if not ray.is_initialized():
+        ray.init(address=opts.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    return ray
+
+
+def _worker_resources(ray, opts: RayOptions) -> tuple[int, float, float]:
+    """(actors, GPUs each, CPUs each) from the options and what the cluster has."""
+    total = ray.cluster_resources()
+    gpus = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if total.get("GPU", 0) >= 1 else 0.0)
+    if gpus < 0 or opts.cpus_per_worker <= 0 or opts.workers < 0:
+        raise StoreError("--gpus-per-worker >= 0, --cpus-per-worker > 0 and --workers >= 0")
+    fits = int(total.get("GPU", 0) // gpus) if gpus else int(total.get("CPU", 0) // opts.cpus_per_worker)
+    if fits < 1:
+        raise StoreError(f"the Ray cluster has {total.get('GPU', 0):g} GPU(s) and {total.get('CPU', 0):g} CPU(s): "
+                         f"not enough for one worker of {gpus:g} GPU(s) and {opts.cpus_per_worker:g} CPU(s)")
+    return (min(opts.workers, fits) if opts.workers else fits), gpus, opts.cpus_per_worker
+
+
+def score_on_ray(store, units: list[tuple[str, str, int]], teachers: list, opts, ray_opts: RayOptions, summary,
+                 console) -> None:
+    """Score ``units`` (teacher, corpus, part) with Ray actors; fills ``summary``'s counts."""
+    ray = _init_ray(ray_opts)
+    from ray.exceptions import RayActorError
+
+    n, gpus, cpus = _worker_resources(ray, ray_opts)
+    needed = {t for t, _, _ in units}
+    mine = [(spec, rec, folder) for spec, rec, folder in teachers if rec.name in needed]
+    actor_class = ray.remote(ScoringWorker)
+
+    def start():
+        actor = actor_class.options(num_gpus=gpus, num_cpus=cpus, max_restarts=0).remote(
+            str(store.root), mine, opts.logits_dtype, opts.lease_s, int(cpus) if not gpus else 0)
+        return actor, actor.ready.remote()
+
+    queue, in_flight, starting, idle, every = deque(units), {}, {}, [], []
+    replacements = ACTOR_RESTARTS * n
+    summary.device = f"ray: {n} worker(s), {gpus:g} GPU and {cpus:g} CPU each"
+    started = time.perf_counter()
+    try:
+        for _ in range(n):
+            actor, ready = start()
+            every.append(actor)
+            starting[ready] = actor
+        while queue or in_flight:
+            while idle and queue:
+                actor, unit = idle.pop(), queue.popleft()
+                in_flight[actor.score.remote(*unit)] = (actor, unit)
+            if not in_flight and not starting:
+                raise StoreError("every Ray worker died; the units left are scored by the next run")
+            done, _ = ray.wait([*in_flight, *starting], num_returns=1)
+            ref = done[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayActorError:
+                    replacements = _replace(actor, replacements, start, starting, every, console)
+                continue
+            actor, unit = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError:  # the actor died with the unit: another actor takes the unit
+                queue.append(unit)
+                replacements = _replace(actor, replacements, start, starting, every, console)
+                continue
+            idle.append(actor)
+            _count(result, unit, summary, console, queue)
+    finally:
+        for actor in every:
+            ray.kill(actor, no_restart=True)
+    summary.scoring_seconds = time.perf_counter() - started
+
+
+def _replace(dead, left: int, start, starting: dict, every: list, console) -> int:
+    """Start a replacement for a dead actor (admitted once its teachers have loaded)."""
+    if left <= 0:
+        return left
+    console.print(f"warning: a Ray worker died; starting a replacement ({left - 1} more allowed)",
+                  markup=False, highlight=False)
+    actor, ready = start()
+    every.append(actor)
+    starting[ready] = actor
+    return left - 1
+
+
+def _count(result: dict, unit: tuple, summary, console, queue: deque) -> None:
+    status = result["status"]
+    if status == "scored":
+        summary.units_scored += 1
+        summary.pairs += result["pairs"]
+        summary.forward_passes += result["forward_passes"]
+        summary.scored.append(list(unit))
+    elif status == "committed":
+        summary.units_by_others += 1
+    elif status == "held":  # another run holds it: ask again after a pause, until it is committed or expires
+        time.sleep(0.5)
+        queue.append(unit)
+    elif status == "lost":
+        summary.units_lost += 1
+        console.print(f"warning: {result['message']}", markup=False, highlight=False)
