@@ -223,8 +223,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, before_replace=None,
-                         **write_options) -> str:
-    """Write ``table`` to ``path`` atomically, with page checksums; return the sha256 digest of the file.
+                         **write_options) -> tuple[str, int]:
+    """Write ``table`` to ``path`` atomically, with page checksums; return the file's sha256 digest and size.
 
     ``before_replace`` (if given) runs after the file is complete and before it takes its final
     name; it may raise to abandon the write (a lost claim), and then nothing is replaced. On an
@@ -236,14 +236,14 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
         if before_replace is not None:
             before_replace()
         path.put(data)
-        return "sha256:" + hashlib.sha256(data).hexdigest()
+        return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path, token)
     try:
         pq.write_table(table, tmp, write_page_checksum=True, **write_options)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        digest = file_digest(tmp)
+        digest, size = file_digest(tmp), tmp.stat().st_size
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
@@ -251,7 +251,7 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return digest
+    return digest, size
 
 
 def remove_stale_tmp(path: Path, keep: str | None = None) -> int:
@@ -349,6 +349,7 @@ class LabelCheck:
     status: str  # "ok", "missing", "stale", "bad"
     reason: str = ""
     table: pa.Table | None = field(default=None, repr=False)  # the decoded part, when it was read
+    record: dict | None = field(default=None, repr=False)  # its commit record, when current
 
     @property
     def invalid(self) -> bool:
@@ -448,7 +449,7 @@ class Store:
         table = table.select(CORPUS_SCHEMA.names).cast(CORPUS_SCHEMA)
         path = self.corpus_dir(corpus) / part_name(part)
         remove_stale_tmp(path)
-        digest = atomic_write_parquet(path, table, compression="zstd", write_statistics=["id", "label"])
+        digest, _ = atomic_write_parquet(path, table, compression="zstd", write_statistics=["id", "label"])
         return CorpusPart(corpus, part, table.num_rows, digest, path)
 
     def next_part_number(self, corpus: str) -> int:
@@ -573,15 +574,10 @@ class Store:
             raise CorruptPartError(f"{path}: unreadable commit record (not a tmkd commit record)")
         return record
 
-    def check_label(self, teacher: TeacherRecord, part: CorpusPart, corpus_ids: np.ndarray | None = None,
-                    decode: bool = True) -> LabelCheck:
-        """Is this unit committed, current and intact? The one rule every reader and writer applies.
-
-        Always: a commit record naming the current fingerprint, corpus part digest and schema, and
-        the file's sha256 equal to the record's. With ``decode`` (the default): page checksums,
-        schema, one logit per label, the corpus part's row count, finite logits, and, given
-        ``corpus_ids``, the same ids in the same order. The decoded table is returned in ``table``.
-        """
+    def check_commit(self, teacher: TeacherRecord, part: CorpusPart) -> LabelCheck:
+        """The first half of the one rule, from the commit record alone: a record naming the current
+        fingerprint, corpus part digest and schema, and its data file present at the recorded size.
+        No byte of the part is read (`status`); ``check_label`` goes on to the bytes."""
         path = self.label_path(teacher.name, part.corpus, part.part)
         try:
             record = self.label_commit(teacher.name, part.corpus, part.part)
@@ -598,6 +594,37 @@ class Store:
             return LabelCheck("stale", "teacher fingerprint changed")
         if record.get("corpus_part_digest") != part.digest:
             return LabelCheck("stale", "corpus part digest changed")
+        return LabelCheck("ok", record=record)
+
+    def label_size_problem(self, teacher: TeacherRecord, part: CorpusPart, record: dict) -> str | None:
+        """Is the committed data file there, at the size its record gives (records before sizes: present)?"""
+        path = self.label_path(teacher.name, part.corpus, part.part)
+        if isinstance(path, ObjectPath):
+            head = path.head()
+            size = None if head is None else head["size"]
+        else:
+            size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            return "its data file is missing"
+        if isinstance(record.get("bytes"), int) and size != record["bytes"]:
+            return f"{size:,} bytes, the commit record says {record['bytes']:,}"
+        return None
+
+    def check_label(self, teacher: TeacherRecord, part: CorpusPart, corpus_ids: np.ndarray | None = None,
+                    decode: bool = True) -> LabelCheck:
+        """Is this unit committed, current and intact? The one rule every reader and writer applies.
+
+        Always: a commit record naming the current fingerprint, corpus part digest and schema
+        (``check_commit``), and the file's sha256 equal to the record's. With ``decode`` (the
+        default): page checksums, schema, one logit per label, the corpus part's row count, finite
+        logits, and, given ``corpus_ids``, the same ids in the same order. The decoded table is
+        returned in ``table``.
+        """
+        path = self.label_path(teacher.name, part.corpus, part.part)
+        check = self.check_commit(teacher, part)
+        if check.status != "ok":
+            return check
+        record = check.record
         try:
             data = read_verified(path, record.get("digest", ""), "label part")
         except CorruptPartError as e:
@@ -673,7 +700,7 @@ class Store:
 
         # float32 logits compress well with BYTE_STREAM_SPLIT; DuckDB cannot read it on float16.
         bss = ["logits.list.element"] if store_dtype == "float32" else False
-        digest = atomic_write_parquet(
+        digest, size = atomic_write_parquet(
             path, table, token=token, before_replace=commit_old_out, compression="zstd", use_dictionary=["id"],
             use_byte_stream_split=bss, write_statistics=["id"], column_encoding={"row": "DELTA_BINARY_PACKED"},
         )
@@ -682,7 +709,7 @@ class Store:
         # commit_id tells this commit from an earlier one of the same bytes (a re-scored damaged part).
         # The record is created only if absent (a conditional PUT on an object store): of two commits
         # of one unit, the second is refused, never written over the first.
-        if not create_json_if_absent(commit, {**meta, "digest": digest, "rows": n, "file": path.name,
+        if not create_json_if_absent(commit, {**meta, "digest": digest, "bytes": size, "rows": n, "file": path.name,
                                               "commit_id": uuid.uuid4().hex}):
             raise CommitRaceError(f"{commit}: another worker committed {teacher.name} × {part.corpus}/{part.part} "
                                   "while this one was writing it; this result is dropped")

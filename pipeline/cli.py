@@ -105,13 +105,17 @@ def run(
 
 
 @app.command()
-def status(store: str = STORE_OPT):
+def status(
+    store: str = STORE_OPT,
+    full: bool = typer.Option(False, "--full", help="Read and check every byte of every part, as verify does "
+                                                    "(default: commit records and file sizes only, in seconds)."),
+):
     """Coverage: for each teacher × corpus, label parts done / total."""
     from tmkd.pipeline.status import coverage
 
     try:
         st = Store(store)
-        rows = coverage(st)
+        rows = coverage(st, full)
         corpora = {c: st.corpus(c) for c in st.corpora()}
     except (StoreError, OSError) as e:
         fail(e)
@@ -132,6 +136,8 @@ def status(store: str = STORE_OPT):
     out.print(t)
     if not rows:
         out.print("no teachers yet: score with `tmkd-label run --store STORE --teachers teachers.toml`")
+    elif not full:
+        say(out, "from commit records and file sizes; `tmkd-label verify` (or `status --full`) reads every byte")
 
 
 def _json_value(v):

@@ -129,7 +129,18 @@ def test_damage_is_named_left_out_refused_and_repaired(case, scored, tmp_path):
     kind, damage, reason = CASES[case]
     path = st.label_path("t1", "wq", 1) if kind == "label" else st.corpus("wq").parts[1].path
     before = logits_to_numpy(pq.read_table(st.label_path("t1", "wq", 1)).column("logits"))
+    size = path.stat().st_size
     damage(st, path)
+
+    # status --full applies the whole rule; plain status, from commit records and sizes, sees a label part
+    # that is gone or changed size (verify is the byte-level check, and plain status says so)
+    def t1_done(*flags):
+        out = cli("status", "--store", store, *flags).output
+        return next(line for line in out.splitlines() if "t1" in line and "wq" in line).split("│")[3].strip()
+
+    assert t1_done("--full") == "2/3"
+    resized = kind == "label" and (not path.exists() or path.stat().st_size != size)
+    assert t1_done() == ("2/3" if resized else "3/3")
 
     res = cli("verify", "--store", store, ok=False)
     assert res.exit_code == 1 and "Traceback" not in res.output
