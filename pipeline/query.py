@@ -30,6 +30,8 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from concurrent.futures import ThreadPoolExecutor
+
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -70,6 +72,7 @@ CORPUS_VIEW_SCHEMA = pa.schema([("corpus", pa.string()), ("part", pa.int32())]
 # Parquet page checksums are verified as DuckDB scans the parts.
 PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+CHECK_THREADS = 4  # parts checked at once before a query (sha256 and Parquet decoding release the GIL)
 LOCKED = {
     "enable_external_access": False,  # no file, network or extension access from SQL (none allowed)
     "autoinstall_known_extensions": False,
@@ -104,35 +107,45 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
     manifests = {c: store.corpus(c) for c in store.corpora()}
     teachers = store.teachers()
 
-    paths, parts, ids = [], [], {}
-    for name, m in manifests.items():
-        for p in m.parts:
-            try:  # digest + checksums + rows; the ids check the label parts' alignment below
-                ids[(name, p.part)] = store.read_corpus_part(p, ["id"]).column("id").to_numpy()
-            except CorruptPartError as e:
-                left.corpus_parts.append(f"{name}/{p.part} ({str(e).split(': ', 1)[1]})")
-                continue
-            paths.append(p.path)
-            parts.append(_const(corpus=name, part=p.part))
-            left.checked[p.path] = _identity(p.path)
-    corpus = _dataset(store, paths, CORPUS_VIEW_SCHEMA, parts)
-
-    paths, parts = [], []
+    scoring = {name: [] for name in manifests}  # corpus -> teachers whose label space fits it
     for t, name, m, mismatch in scored_corpora(teachers.values(), manifests):
         if mismatch:
             left.label_parts.append(f"{t.name}/{name}/* ({mismatch})")
-            continue
-        for p in m.parts:
-            if (name, p.part) not in ids:
-                continue  # its corpus part is damaged (left out above)
-            check = store.check_label(t, p, corpus_ids=ids[(name, p.part)])  # the one rule, in full
+        else:
+            scoring[name].append(t)
+
+    def check_part(name: str, p):
+        """A corpus part (digest, checksums, rows) and its teachers' label parts (the one rule, in full)."""
+        try:
+            ids = store.read_corpus_part(p, ["id"]).column("id").to_numpy()
+        except CorruptPartError as e:
+            return str(e).split(": ", 1)[1], []
+        checks = [(t, store.check_label(t, p, corpus_ids=ids)) for t in scoring[name]]
+        for _, check in checks:
+            check.table = None  # checked; DuckDB reads the file itself: memory stays flat
+        return None, checks
+
+    work = [(name, p) for name, m in manifests.items() for p in m.parts]
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:  # hashing and decoding release the GIL
+        checked = list(pool.map(lambda job: check_part(*job), work))
+
+    corpus_paths, corpus_parts, label_paths, label_parts = [], [], [], []
+    for (name, p), (corpus_problem, labels) in zip(work, checked):
+        if corpus_problem:
+            left.corpus_parts.append(f"{name}/{p.part} ({corpus_problem})")
+            continue  # no label of a damaged corpus part is shown either
+        corpus_paths.append(p.path)
+        corpus_parts.append(_const(corpus=name, part=p.part))
+        left.checked[p.path] = _identity(p.path)
+        for t, check in labels:
             if check.status != "ok":
                 if check.invalid:
                     left.label_parts.append(f"{t.name}/{name}/{p.part} ({check.status}: {check.reason})")
                 continue
-            paths.append(store.label_path(t.name, name, p.part))
-            parts.append(_const(teacher=t.name, corpus=name, part=p.part))
-            left.checked[paths[-1]] = _identity(paths[-1])
+            label_paths.append(store.label_path(t.name, name, p.part))
+            label_parts.append(_const(teacher=t.name, corpus=name, part=p.part))
+            left.checked[label_paths[-1]] = _identity(label_paths[-1])
+    corpus = _dataset(store, corpus_paths, CORPUS_VIEW_SCHEMA, corpus_parts)
     for f in store.label_files():  # label parts on disk that no view can show: never silently
         teacher, cname = f.parent.parent.name, f.parent.name
         if f in left.checked:
@@ -144,7 +157,8 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                else f"teacher not set to score corpus {cname!r}" if not t.scores(cname) else None)
         if why:
             left.label_parts.append(f"{teacher}/{cname}/{f.name} ({why})")
-    labels = _dataset(store, paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), parts)
+    labels = _dataset(store, label_paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))),
+                      label_parts)
 
     teacher_rows = pa.table({
         "name": [t.name for t in teachers.values()],
