@@ -32,6 +32,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from tmkd.data.fs import ObjectPath
 from tmkd.data.store import Store, StoreError, part_name
 
 DEFAULT_LEASE_S = 120.0
+MIN_OBJECT_LEASE_S = 5.0  # an object's Last-Modified time has a resolution of one second
 
 
 class ClaimLost(StoreError):
@@ -53,6 +55,9 @@ class Claims:
     def __init__(self, store: Store, lease_s: float = DEFAULT_LEASE_S):
         if not (math.isfinite(lease_s) and 1e-3 <= lease_s <= 7 * 86400):
             raise StoreError(f"--lease {lease_s}: must be a number of seconds between 0.001 and 604800 (a week)")
+        if isinstance(store.root, ObjectPath) and lease_s < MIN_OBJECT_LEASE_S:
+            raise StoreError(f"--lease {lease_s:g}: on an object store a lease must be at least "
+                             f"{MIN_OBJECT_LEASE_S:g} s (its clock is the objects' Last-Modified time, to the second)")
         self.store, self.lease_s = store, float(lease_s)
         self.token = uuid.uuid4().hex  # this worker's identity in claims and temporaries
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
@@ -219,8 +224,14 @@ class Claims:
     # ---- the renewal thread ---------------------------------------------------------------
     def __enter__(self) -> "Claims":
         def loop():
+            warned = False
             while not self._stop.wait(self.lease_s / 4):
-                self.renew()
+                try:
+                    self.renew()
+                except Exception as e:  # a transient store error must not end the renewals for good
+                    if not warned:
+                        print(f"warning: renewing claims failed ({type(e).__name__}: {e}); retrying", file=sys.stderr)
+                        warned = True
 
         self._thread = threading.Thread(target=loop, name="tmkd-claims", daemon=True)
         self._thread.start()

@@ -24,13 +24,21 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
 
 URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+ALMOST_URI_RE = re.compile(r"^(s3|gs|file|az|abfs|gcs|https?):/*(?!/)", re.IGNORECASE)  # s3:/x, s3:x
 OBJECT_SCHEMES = ("s3", "gs")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")  # S3 and GCS bucket names (GCS allows "_")
 
 
 class LocationError(ValueError):
     """A --store that names no place tmkd can use (an unknown URI scheme, a bucket without a name)."""
+
+
+class ObjectStoreError(OSError):
+    """The object store refused or failed a request (no such bucket, no permission, a network error):
+    the user's to fix, printed as one line."""
 
 
 def is_uri(where: str | os.PathLike) -> bool:
@@ -41,18 +49,32 @@ def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
     """A local folder (a path or file:// URI) or an object store prefix (s3://, gs://)."""
     if isinstance(where, ObjectPath):
         return where
-    if not isinstance(where, str) or not (match := URI_RE.match(where)):
+    if not isinstance(where, str):
+        return Path(where).absolute()
+    if not (match := URI_RE.match(where)):
+        if ALMOST_URI_RE.match(where):  # a typo of a URI must not become a folder named "s3:"
+            raise LocationError(f"{where}: looks like a URI with a slash missing ({where.split(':')[0]}://...); "
+                                "for a local folder of that name, write ./" + where)
         return Path(where).absolute()
     scheme, rest = match.group(1).lower(), match.group(2)
-    if scheme == "file":
-        return Path(rest or "/").absolute()
+    if scheme == "file":  # file:///abs/path or file://localhost/abs/path, percent-escapes decoded
+        host, _, path = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise LocationError(f"{where}: a file:// URI names a path on this machine (file:///abs/path), "
+                                f"not host {host!r}")
+        return Path("/" + unquote(path))
     if scheme not in OBJECT_SCHEMES:
         raise LocationError(f"{where}: unsupported URI scheme {scheme!r}; a store is a local path, file://, "
                             f"{', '.join(s + '://' for s in OBJECT_SCHEMES)}")
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise LocationError(f"{where}: no bucket name")
-    return ObjectPath(f"{scheme}://{bucket}", prefix.strip("/"))
+    if not BUCKET_RE.match(bucket):
+        raise LocationError(f"{where}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, '.', '-', '_')")
+    segments = [s for s in prefix.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise LocationError(f"{where}: '.' and '..' are not allowed in an object store prefix")
+    return ObjectPath(f"{scheme}://{bucket}", "/".join(segments))
 
 
 @lru_cache(maxsize=None)
@@ -68,6 +90,20 @@ def _client(bucket_url: str):
 
 def _missing(e: Exception) -> bool:
     return isinstance(e, FileNotFoundError)  # obstore's NotFoundError is one
+
+
+def _request(what: str, path: "ObjectPath", call, *args, **kwargs):
+    """One obstore call; its failures other than "not found" become an ObjectStoreError of one line
+    (no such bucket, no permission, bad credentials, a network error after obstore's retries)."""
+    from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
+
+    try:
+        return call(*args, **kwargs)
+    except (FileNotFoundError, AlreadyExistsError, PreconditionError):
+        raise
+    except (BaseError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ObjectStoreError(f"{path}: {what} failed: {type(e).__name__}: {first[:300]}") from None
 
 
 class ObjectPath:
@@ -102,7 +138,8 @@ class ObjectPath:
 
     @property
     def parent(self) -> "ObjectPath":
-        return ObjectPath(self.bucket, str(PurePosixPath(self.key).parent).lstrip("."))
+        parent = str(PurePosixPath(self.key).parent)
+        return ObjectPath(self.bucket, "" if parent == "." else parent)
 
     @property
     def stem(self) -> str:
@@ -135,11 +172,9 @@ class ObjectPath:
         import obstore
 
         try:
-            return obstore.head(self.client, self.key)
-        except Exception as e:
-            if _missing(e):
-                return None
-            raise
+            return _request("HEAD", self, obstore.head, self.client, self.key)
+        except FileNotFoundError:
+            return None
 
     def exists(self) -> bool:
         return self.head() is not None or self.is_dir()
@@ -150,32 +185,47 @@ class ObjectPath:
     def is_dir(self) -> bool:
         import obstore
 
-        listing = obstore.list_with_delimiter(self.client, prefix=self.key + "/" if self.key else None)
+        listing = _request("LIST", self, obstore.list_with_delimiter, self.client,
+                           prefix=self.key + "/" if self.key else None)
         return bool(listing["objects"] or listing["common_prefixes"])
 
     def read_bytes(self) -> bytes:
         import obstore
 
-        return bytes(obstore.get(self.client, self.key).bytes())
+        return bytes(_request("GET", self, lambda: obstore.get(self.client, self.key).bytes()))
 
     def read_tagged(self) -> tuple[bytes, str]:
         """The object's bytes and the e_tag of that very version (for a later ``put_if``)."""
         import obstore
 
-        result = obstore.get(self.client, self.key)
-        return bytes(result.bytes()), result.meta["e_tag"]
+        def get():
+            result = obstore.get(self.client, self.key)
+            return bytes(result.bytes()), result.meta["e_tag"]
+
+        return _request("GET", self, get)
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
-    def walk_files(self) -> list["ObjectPath"]:
-        """Every object under this prefix."""
-        import obstore
+    def walk_keys(self) -> list[str]:
+        """The key of every object under this prefix, as listed (folder markers, keys ending in "/" that
+        consoles create, are not objects of a store and are left out). Listed with pyarrow's filesystem:
+        obstore refuses to list a key with an empty segment (a//b), and one such key would hide the rest."""
+        import pyarrow.fs as pafs
 
-        found = []
-        for batch in obstore.list(self.client, prefix=self.key + "/" if self.key else None):
-            found += [ObjectPath(self.bucket, meta["path"]) for meta in batch]
-        return found
+        base = self.arrow_path()
+        try:
+            infos = _arrow_filesystem(self.bucket).get_file_info(
+                pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise ObjectStoreError(f"{self}: LIST failed: {str(e).strip().splitlines()[0][:300]}") from None
+        skip = len(self.bucket.split("://", 1)[1]) + 1
+        return [i.path[skip:] for i in infos if i.type == pafs.FileType.File and not i.path.endswith("/")]
+
+    def walk_files(self) -> list["ObjectPath"]:
+        """Every object under this prefix whose key is a path (no empty segment: `a//b` cannot be a part
+        of a store, and obstore refuses requests on such keys; verify names them from ``walk_keys``)."""
+        return [ObjectPath(self.bucket, k) for k in self.walk_keys() if "" not in k.split("/")]
 
     def glob(self, pattern: str) -> list["ObjectPath"]:
         """Objects whose key below this prefix matches ``pattern`` segment by segment (``*`` stays
@@ -201,7 +251,7 @@ class ObjectPath:
     def put(self, data: bytes) -> dict:
         import obstore
 
-        return obstore.put(self.client, self.key, data)
+        return _request("PUT", self, obstore.put, self.client, self.key, data)
 
     def create(self, data: bytes) -> bool:
         """Write only if no object has this key (If-None-Match: *). True if we created it."""
@@ -209,7 +259,7 @@ class ObjectPath:
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         try:
-            obstore.put(self.client, self.key, data, mode="create")
+            _request("PUT (create)", self, obstore.put, self.client, self.key, data, mode="create")
             return True
         except (AlreadyExistsError, PreconditionError):
             return False
@@ -220,29 +270,35 @@ class ObjectPath:
         from obstore.exceptions import PreconditionError
 
         try:
-            obstore.put(self.client, self.key, data, mode={"e_tag": e_tag})
+            _request("PUT (if match)", self, obstore.put, self.client, self.key, data, mode={"e_tag": e_tag})
             return True
-        except PreconditionError:
+        except (PreconditionError, FileNotFoundError):
             return False
-        except Exception as e:
-            if _missing(e):
-                return False
-            raise
 
     def unlink(self, missing_ok: bool = False) -> None:
         import obstore
 
         if not missing_ok and self.head() is None:
             raise FileNotFoundError(str(self))
-        obstore.delete(self.client, self.key)
+        _request("DELETE", self, obstore.delete, self.client, self.key)
 
     # ---- for pyarrow ---------------------------------------------------------------------
     def arrow_filesystem(self):
-        """A pyarrow filesystem for this bucket (from_uri honours AWS_ENDPOINT_URL) and the path in it."""
-        import pyarrow.fs as pafs
-
-        fs, _ = pafs.FileSystem.from_uri(str(self))
-        return fs
+        """A pyarrow filesystem for this bucket (from_uri honours AWS_ENDPOINT_URL)."""
+        return _arrow_filesystem(self.bucket)
 
     def arrow_path(self) -> str:
-        return f"{self.bucket.split('://', 1)[1]}/{self.key}"
+        """This key as pyarrow's filesystem names it: bucket/key."""
+        bucket = self.bucket.split("://", 1)[1]
+        return f"{bucket}/{self.key}" if self.key else bucket
+
+
+@lru_cache(maxsize=None)
+def _arrow_filesystem(bucket_url: str):
+    import pyarrow.fs as pafs
+
+    try:
+        fs, _ = pafs.FileSystem.from_uri(bucket_url)
+    except (OSError, ValueError) as e:
+        raise ObjectStoreError(f"{bucket_url}: {str(e).strip().splitlines()[0][:300]}") from None
+    return fs

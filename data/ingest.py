@@ -585,7 +585,8 @@ def _store_lock(store: Store):
     if isinstance(store.root, ObjectPath):
         lock = store.root / "ingest.lock"
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        if not create_json_if_absent(lock, owner):
+        taken = create_json_if_absent(lock, owner) or (_lock_owner_dead(lock) and create_json_if_absent(lock, owner))
+        if not taken:
             raise IngestError(f"{lock}: another ingest into this store is running (or one was killed: then remove "
                               "this object and ingest again)")
         try:
@@ -602,6 +603,21 @@ def _store_lock(store: Store):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock_owner_dead(lock) -> bool:
+    """Was the lock left by a process of this host that no longer exists? Then it is removed."""
+    try:
+        info = json.loads(lock.read_text())
+        if info.get("host") != socket.gethostname():
+            return False
+        os.kill(int(info["pid"]), 0)
+        return False
+    except ProcessLookupError:
+        lock.unlink(missing_ok=True)
+        return True
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, PermissionError):
+        return False
 
 
 def _check_options(opts: IngestOptions) -> None:

@@ -81,7 +81,8 @@ def run(
     if any(x is not None for x in (address, workers, gpus_per_worker, cpus_per_worker)):
         from tmkd.pipeline.ray_engine import RayOptions
 
-        ray_opts = RayOptions(address, workers or 0, gpus_per_worker, cpus_per_worker or 1.0)
+        ray_opts = RayOptions(address, 0 if workers is None else workers, gpus_per_worker,
+                              1.0 if cpus_per_worker is None else cpus_per_worker)
     opts = RunOptions(store, teachers, replace, corpus or None, shard, device, logits_dtype, lease, sets or [],
                       engine, ray_opts)
     try:

@@ -16,6 +16,7 @@ store's check) and skips. Every actor is killed when the run ends, however it en
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -32,6 +33,31 @@ class RayOptions:
     workers: int = 0  # 0: as many as the cluster's GPUs (or CPUs) allow
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
+
+    def check(self) -> None:
+        """Refuse impossible values before anything is written or started."""
+        gpus = 0.0 if self.gpus_per_worker is None else self.gpus_per_worker
+        if not (isinstance(self.workers, int) and self.workers >= 0):
+            raise StoreError(f"--workers {self.workers}: a number of actors >= 0 (0: as many as fit)")
+        if not (math.isfinite(gpus) and gpus >= 0):
+            raise StoreError(f"--gpus-per-worker {self.gpus_per_worker}: a number >= 0")
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise StoreError(f"--cpus-per-worker {self.cpus_per_worker}: a number > 0")
+
+
+@dataclass
+class Cluster:
+    """A connected Ray and the actors it can hold."""
+
+    ray: object
+    workers: int
+    gpus: float
+    cpus: float
+
+
+# Settings an actor needs to reach the same store; no secret: each node finds its own credentials
+# (instance role, ~/.aws, its environment), as the driver does.
+PASSED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
 
 
 class ScoringWorker:
@@ -65,19 +91,29 @@ class ScoringWorker:
 
         return {"host": socket.gethostname(), "pid": os.getpid()}
 
-    def score(self, teacher: str, corpus: str, part_number: int) -> dict:
-        """Claim, score and commit one unit; the status says what happened."""
+    def close(self) -> None:
+        """Release this actor's claims (called before it is killed)."""
+        self.claims.__exit__(None, None, None)
+
+    def score(self, teacher: str, corpus: str, part_number: int, planned_commit: str | None) -> dict:
+        """Claim, score and commit one unit; the status says what happened. ``planned_commit``: the
+        commit the driver saw when it planned the unit (None: none); another one means the unit was
+        committed since, by another worker or by an actor that died right after its commit."""
         from tmkd.data.claims import ClaimLost
         from tmkd.data.store import CommitRaceError, remove_stale_tmp
+        from tmkd.pipeline.run import commit_id
         from tmkd.teachers.cpu import release_free_memory
         from tmkd.teachers.scoring import encode_pairs
 
         loaded = self.teachers[teacher]
         part = next(p for p in self.store.corpus(corpus).parts if p.part == part_number)
-        if self.store.check_label(loaded.record, part, decode=False).status == "ok":
-            return {"status": "committed"}  # by another worker, or by an actor that died after its commit
+        if commit_id(self.store, loaded.record, part) != planned_commit:
+            return {"status": "committed"}
         if not self.claims.try_claim(teacher, corpus, part_number):
             return {"status": "held"}  # another worker is on it: ask again later
+        if commit_id(self.store, loaded.record, part) != planned_commit:  # committed while we claimed it
+            self.claims.release(teacher, corpus, part_number)
+            return {"status": "committed"}
         try:
             remove_stale_tmp(self.store.label_path(teacher, corpus, part_number), keep=self.claims.token)
             table = self.store.read_corpus_part(part, ["id", "text_a", "text_b"])
@@ -97,37 +133,32 @@ class ScoringWorker:
         return {"status": "scored", "pairs": part.rows, "forward_passes": loaded.forward_passes - before}
 
 
-def _init_ray(opts: RayOptions):
+def connect(opts: RayOptions) -> Cluster:
+    """Start or join the Ray cluster and size the actors, before the run writes anything."""
+    opts.check()
     try:
         import ray
     except ImportError:
         raise StoreError("--engine ray needs Ray: pip install \"tmkd[ray]\"") from None
     if not ray.is_initialized():
-        ray.init(address=opts.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    return ray
-
-
-def _worker_resources(ray, opts: RayOptions) -> tuple[int, float, float]:
-    """(actors, GPUs each, CPUs each) from the options and what the cluster has."""
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        ray.init(address=opts.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"env_vars": env} if env else None)
     total = ray.cluster_resources()
     gpus = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if total.get("GPU", 0) >= 1 else 0.0)
-    if gpus < 0 or opts.cpus_per_worker <= 0 or opts.workers < 0:
-        raise StoreError("--gpus-per-worker >= 0, --cpus-per-worker > 0 and --workers >= 0")
     fits = int(total.get("GPU", 0) // gpus) if gpus else int(total.get("CPU", 0) // opts.cpus_per_worker)
     if fits < 1:
         raise StoreError(f"the Ray cluster has {total.get('GPU', 0):g} GPU(s) and {total.get('CPU', 0):g} CPU(s): "
                          f"not enough for one worker of {gpus:g} GPU(s) and {opts.cpus_per_worker:g} CPU(s)")
-    return (min(opts.workers, fits) if opts.workers else fits), gpus, opts.cpus_per_worker
+    return Cluster(ray, min(opts.workers, fits) if opts.workers else fits, gpus, opts.cpus_per_worker)
 
 
-def score_on_ray(store, units: list[tuple[str, str, int]], teachers: list, opts, ray_opts: RayOptions, summary,
-                 console) -> None:
-    """Score ``units`` (teacher, corpus, part) with Ray actors; fills ``summary``'s counts."""
-    ray = _init_ray(ray_opts)
-    from ray.exceptions import RayActorError
+def score_on_ray(store, units: list[tuple], teachers: list, opts, cluster: Cluster, summary, console) -> None:
+    """Score ``units`` (teacher, corpus, part, planned commit) with Ray actors; fills ``summary``'s counts."""
+    from ray.exceptions import GetTimeoutError, RayActorError
 
-    n, gpus, cpus = _worker_resources(ray, ray_opts)
-    needed = {t for t, _, _ in units}
+    ray, n, gpus, cpus = cluster.ray, cluster.workers, cluster.gpus, cluster.cpus
+    needed = {u[0] for u in units}
     mine = [(spec, rec, folder) for spec, rec, folder in teachers if rec.name in needed]
     actor_class = ray.remote(ScoringWorker)
 
@@ -136,7 +167,7 @@ def score_on_ray(store, units: list[tuple[str, str, int]], teachers: list, opts,
             str(store.root), mine, opts.logits_dtype, opts.lease_s, int(cpus) if not gpus else 0)
         return actor, actor.ready.remote()
 
-    queue, in_flight, starting, idle, every = deque(units), {}, {}, [], []
+    queue, in_flight, starting, idle, every, later = deque(units), {}, {}, [], [], []
     replacements = ACTOR_RESTARTS * n
     summary.device = f"ray: {n} worker(s), {gpus:g} GPU and {cpus:g} CPU each"
     started = time.perf_counter()
@@ -145,13 +176,18 @@ def score_on_ray(store, units: list[tuple[str, str, int]], teachers: list, opts,
             actor, ready = start()
             every.append(actor)
             starting[ready] = actor
-        while queue or in_flight:
+        while queue or in_flight or later:
+            now = time.time()
+            queue.extend(unit for due, unit in later if due <= now)  # units another run held: ask again
+            later = [(due, unit) for due, unit in later if due > now]
             while idle and queue:
                 actor, unit = idle.pop(), queue.popleft()
                 in_flight[actor.score.remote(*unit)] = (actor, unit)
-            if not in_flight and not starting:
+            if not in_flight and not starting and not later:
                 raise StoreError("every Ray worker died; the units left are scored by the next run")
-            done, _ = ray.wait([*in_flight, *starting], num_returns=1)
+            done, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=0.5 if later else None)
+            if not done:
+                continue
             ref = done[0]
             if ref in starting:
                 actor = starting.pop(ref)
@@ -169,8 +205,12 @@ def score_on_ray(store, units: list[tuple[str, str, int]], teachers: list, opts,
                 replacements = _replace(actor, replacements, start, starting, every, console)
                 continue
             idle.append(actor)
-            _count(result, unit, summary, console, queue)
+            _count(result, unit, summary, console, later)
     finally:
+        try:  # release the live actors' claims (a unit cut short is free at once, on any node)
+            ray.get([actor.close.remote() for actor in every], timeout=10)
+        except (RayActorError, GetTimeoutError):
+            pass
         for actor in every:
             ray.kill(actor, no_restart=True)
     summary.scoring_seconds = time.perf_counter() - started
@@ -188,18 +228,17 @@ def _replace(dead, left: int, start, starting: dict, every: list, console) -> in
     return left - 1
 
 
-def _count(result: dict, unit: tuple, summary, console, queue: deque) -> None:
+def _count(result: dict, unit: tuple, summary, console, later: list) -> None:
     status = result["status"]
     if status == "scored":
         summary.units_scored += 1
         summary.pairs += result["pairs"]
         summary.forward_passes += result["forward_passes"]
-        summary.scored.append(list(unit))
+        summary.scored.append(list(unit[:3]))
     elif status == "committed":
         summary.units_by_others += 1
-    elif status == "held":  # another run holds it: ask again after a pause, until it is committed or expires
-        time.sleep(0.5)
-        queue.append(unit)
+    elif status == "held":  # another run holds it: ask again in a moment, until it is committed or expires
+        later.append((time.time() + 0.5, unit))
     elif status == "lost":
         summary.units_lost += 1
         console.print(f"warning: {result['message']}", markup=False, highlight=False)

@@ -201,6 +201,11 @@ def _commit_id(record: dict | None) -> str | None:
     return None if record is None else record.get("commit_id") or record.get("digest")
 
 
+def commit_id(store: Store, rec: TeacherRecord, part: CorpusPart) -> str | None:
+    """The unit's current commit id (None: no readable commit record)."""
+    return _commit_id(_commit_or_none(store, rec, part))
+
+
 def _commit_or_none(store: Store, rec: TeacherRecord, part: CorpusPart) -> dict | None:
     try:
         return store.label_commit(rec.name, part.corpus, part.part)
@@ -224,6 +229,8 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
         raise StoreError(f"--engine {opts.engine!r}: use local or ray")
     if opts.engine == "local" and opts.ray is not None:
         raise StoreError("--address, --workers, --gpus-per-worker and --cpus-per-worker go with --engine ray")
+    if opts.ray is not None:
+        opts.ray.check()
     rank, world = global_rank(opts.shard)
     teachers = check_teachers(store, load_teachers_toml(opts.teachers, opts.sets), corpora, opts.replace)
     records = [rec for _, rec, _ in teachers]
@@ -231,6 +238,11 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     claims = Claims(store, opts.lease_s)  # checks --lease
     local = opts.engine == "local"
     device = pick_device(opts.device) if local and (plan or opts.device) else None  # checks --device
+    cluster = None
+    if not local and plan:  # joins or starts Ray and sizes the actors: a bad option stops here
+        from tmkd.pipeline.ray_engine import RayOptions, connect
+
+        cluster = connect(opts.ray or RayOptions())
     store.upgrade()  # nothing was written before this line
     record_teachers(store, records, opts.replace)
 
@@ -242,10 +254,11 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
         if plan and local:
             _score_plan(store, plan, teachers, device, opts, summary, console, claims, invalid)
         elif plan:
-            from tmkd.pipeline.ray_engine import RayOptions, score_on_ray
+            from tmkd.pipeline.ray_engine import score_on_ray
 
-            units = [(rec.name, unit.part.corpus, unit.part.part) for unit in plan for rec in unit.teachers]
-            score_on_ray(store, units, teachers, opts, opts.ray or RayOptions(), summary, console)
+            units = [(rec.name, unit.part.corpus, unit.part.part, unit.seen[rec.name])
+                     for unit in plan for rec in unit.teachers]
+            score_on_ray(store, units, teachers, opts, cluster, summary, console)
             scored = {tuple(u) for u in summary.scored}
             summary.rescored = [list(x) for x in invalid if tuple(x[:3]) in scored]
     summary.seconds = time.perf_counter() - start

@@ -179,3 +179,55 @@ def test_the_student_trains_from_s3_to_the_same_weights_as_from_disk(tmp_path, s
         assert record["status"] == "done" and record["config"]["store"] == str(store)
     assert weights["s3"].keys() == weights["local"].keys()
     assert all((weights["s3"][k] == weights["local"][k]).all() for k in weights["local"])
+
+
+@pytest.mark.parametrize("where, says", [
+    ("s3:/typo", "looks like a URI with a slash missing"), ("file://otherhost/x", "not host 'otherhost'"),
+    ("s3://Bad_Bucket/x", "is not a bucket name"), ("s3://tmkd-ok/../x", "'..' are not allowed")])
+def test_uri_typos_are_refused_and_nothing_is_written(tmp_path, monkeypatch, where, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.tsv").write_text("QuestionID\tQuestion\n")
+    result = cli("ingest", "x.tsv", "--format", "wikiqa", "--corpus", "c", "--store", where, ok=False)
+    assert result.exit_code == 1 and says in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tsv"]
+
+
+def test_object_store_failures_are_one_line_errors(s3_endpoint, tmp_path):
+    result = cli("status", "--store", "s3://tmkd-no-such-bucket/store", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: s3://tmkd-no-such-bucket/store/store.json: HEAD failed") or \
+        "tmkd-no-such-bucket" in result.output.splitlines()[0], result.output
+    assert len(result.output.strip().splitlines()) <= 3
+
+
+def test_odd_keys_in_the_bucket_are_named_by_verify_and_break_nothing(tmp_path, s3_store, wikiqa_sample,
+                                                                      tiny_teachers):
+    import boto3
+
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", s3_store, "--corpus", "wq", "--part-rows", 60)
+    cli("run", "--store", s3_store, "--teachers", teachers)
+    bucket = s3_store.split("/")[2]
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="store/", Body=b"")  # a console's folder marker
+    s3.put_object(Bucket=bucket, Key="store/labels/t1//stray", Body=b"x")  # an empty path segment
+    result = cli("verify", "--store", s3_store, ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "store/labels/t1//stray: stray file" in result.output.replace("\n", "")
+    assert "nothing to score" in cli("run", "--store", s3_store, "--teachers", teachers).output
+    assert "120" in cli("query", "--store", s3_store, "SELECT count(*) FROM labels").output
+    # a prefix that starts with a dot is a prefix like any other (its records stay inside it)
+    dotted = s3_store.replace("/store", "/.store")
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", dotted, "--corpus", "wq", "--part-rows", 60)
+    cli("run", "--store", dotted, "--teachers", teachers)
+    assert "OK" in cli("verify", "--store", dotted).output
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="store/labels/")["Contents"]]
+    assert len([k for k in keys if k.endswith(".commit.json")]) == 2  # its own two, none of .store's
+
+
+def test_a_lease_shorter_than_the_object_clock_is_refused(tmp_path, s3_store, wikiqa_sample, tiny_teachers):
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", s3_store, "--corpus", "wq", "--part-rows", 60)
+    result = cli("run", "--store", s3_store, "--teachers", teachers, "--lease", "0.5", ok=False)
+    assert result.exit_code == 1 and "must be at least 5 s" in result.output
+    assert not Store(s3_store).teachers()  # refused before anything was written

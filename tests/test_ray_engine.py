@@ -59,6 +59,31 @@ def test_ray_engine_gives_the_local_engines_label_parts(tmp_path, wikiqa_sample,
     again = cli("run", "--store", on_ray, "--teachers", teachers, "--engine", "ray").output
     assert "nothing to score: 12 units already scored" in again  # planned on the driver: no cluster started
 
+    # a part that is bad only once decoded (a NaN, and a commit record that matches the bytes) is re-scored
+    from test_store_trust import _rewrite, nan_row, recommit
+
+    st = Store(on_ray)
+    _rewrite(st.label_path("t1", "wq", 2), nan_row)
+    recommit(st, st.label_path("t1", "wq", 2))
+    proc = _ray_run(on_ray, teachers, ray_env)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "re-scored 1 invalid label part(s): t1/wq/2" in out.replace("\n", " "), out
+    assert _label_bytes(on_ray) == _label_bytes(local)
+
+
+@pytest.mark.parametrize("option, says", [(["--workers", "-1"], "--workers -1"),
+                                          (["--gpus-per-worker", "nan"], "--gpus-per-worker nan"),
+                                          (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0: a number > 0")])
+def test_bad_ray_options_are_refused_before_anything_is_written(tmp_path, wikiqa_sample, tiny_teachers, option, says):
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 60)
+    result = cli("run", "--store", store, "--teachers", teachers, "--engine", "ray", *option, ok=False)
+    assert result.exit_code == 1 and says in result.output and "Traceback" not in result.output
+    assert not Store(store).teachers() and not (store / "runs").exists()
+    local = cli("run", "--store", store, "--teachers", teachers, "--workers", "2", ok=False)
+    assert local.exit_code == 1 and "go with --engine ray" in local.output
+
 
 def test_a_killed_ray_actors_unit_goes_to_another_actor(tmp_path, shared_data, tiny_tokenizer, ray_env):
     from tiny import build_bert, read_lines
