@@ -256,7 +256,10 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
 
 def remove_stale_tmp(path: Path, keep: str | None = None) -> int:
     """Delete temporaries a dead writer left for ``path``; call it only while holding ``path``
-    (the ingest lock, or the unit's claim, whose token ``keep`` names our own). Returns the count."""
+    (the ingest lock, or the unit's claim, whose token ``keep`` names our own). Returns the count.
+    Object stores have no temporaries (a part is one PUT): nothing to list there."""
+    if isinstance(path, ObjectPath):
+        return 0
     n = 0
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         if keep is None or tmp_token(tmp) != keep:

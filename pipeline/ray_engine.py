@@ -155,7 +155,7 @@ def connect(opts: RayOptions) -> Cluster:
 
 def score_on_ray(store, units: list[tuple], teachers: list, opts, cluster: Cluster, summary, console) -> None:
     """Score ``units`` (teacher, corpus, part, planned commit) with Ray actors; fills ``summary``'s counts."""
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     ray, n, gpus, cpus = cluster.ray, cluster.workers, cluster.gpus, cluster.cpus
     needed = {u[0] for u in units}
@@ -204,6 +204,9 @@ def score_on_ray(store, units: list[tuple], teachers: list, opts, cluster: Clust
                 queue.append(unit)
                 replacements = _replace(actor, replacements, start, starting, every, console)
                 continue
+            except RayTaskError as e:  # the unit itself failed (a NaN teacher, a damaged part): one line, as locally
+                cause = getattr(e, "cause", None) or e
+                raise StoreError(f"{unit[0]} × {unit[1]}/{unit[2]}: {cause}") from None
             idle.append(actor)
             _count(result, unit, summary, console, later)
     finally:

@@ -117,3 +117,24 @@ def test_a_killed_ray_actors_unit_goes_to_another_actor(tmp_path, shared_data, t
     cli("run", "--store", local, "--teachers", teachers)
     assert _label_bytes(on_ray) == _label_bytes(local)
     assert "OK" in cli("verify", "--store", on_ray).output
+
+
+def test_a_unit_that_fails_on_a_ray_actor_is_a_one_line_error(tmp_path, wikiqa_sample, tiny_teachers, ray_env):
+    """A teacher that gives NaN: refused as on the local engine, with the unit named, no traceback."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    broken = tmp_path / "t-nan"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teachers["t1"])
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_teachers["t1"]).save_pretrained(broken)
+    teachers = write_teachers(tmp_path / "t.toml", {"tnan": broken})
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 60)
+    proc = _ray_run(store, teachers, ray_env)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, out
+    assert "error: tnan × wq/" in out and "gave NaN/inf logits" in out and "Traceback" not in out
+    assert not Store(store).label_files()
