@@ -243,24 +243,27 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
         from tmkd.pipeline.ray_engine import RayOptions, connect
 
         cluster = connect(opts.ray or RayOptions())
-    store.upgrade()  # nothing was written before this line
-    record_teachers(store, records, opts.replace)
-
     summary = RunSummary(rank, world, os.getpid(), socket.gethostname(), str(device or "none"))
     summary.units_skipped = skipped
     summary.teachers = {r.name: r.fingerprint for r in records}
-    with claims:
-        summary.temporaries_removed = remove_dead_temporaries(store, claims)
-        if plan and local:
-            _score_plan(store, plan, teachers, device, opts, summary, console, claims, invalid)
-        elif plan:
-            from tmkd.pipeline.ray_engine import score_on_ray
+    try:
+        store.upgrade()  # nothing was written before this line
+        record_teachers(store, records, opts.replace)
+        with claims:
+            summary.temporaries_removed = remove_dead_temporaries(store, claims)
+            if plan and local:
+                _score_plan(store, plan, teachers, device, opts, summary, console, claims, invalid)
+            elif plan:
+                from tmkd.pipeline.ray_engine import score_on_ray
 
-            units = [(rec.name, unit.part.corpus, unit.part.part, unit.seen[rec.name])
-                     for unit in plan for rec in unit.teachers]
-            score_on_ray(store, units, teachers, opts, cluster, summary, console)
-            scored = {tuple(u) for u in summary.scored}
-            summary.rescored = [list(x) for x in invalid if tuple(x[:3]) in scored]
+                units = [(rec.name, unit.part.corpus, unit.part.part, unit.seen[rec.name])
+                         for unit in plan for rec in unit.teachers]
+                score_on_ray(store, units, teachers, opts, cluster, summary, console)
+                scored = {tuple(u) for u in summary.scored}
+                summary.rescored = [list(x) for x in invalid if tuple(x[:3]) in scored]
+    finally:
+        if cluster is not None:
+            cluster.ray.shutdown()  # the local cluster this run started stops; a shared one is left running
     summary.seconds = time.perf_counter() - start
     log_path = store.run_log_path(rank)
     summary.log_path = str(log_path)

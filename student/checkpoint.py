@@ -53,7 +53,10 @@ class StageSchedule:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
+        """Into the stage the checkpoint cut; a checkpoint at a stage's start (or the run's end) holds the
+        schedule of a stage that is over, and the next stage starts its own."""
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

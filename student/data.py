@@ -212,11 +212,12 @@ class DistillStream(IterableDataset):
         self.epoch, self.skip = epoch, skip
 
     def turn_start(self) -> tuple[list[int], int]:
-        """(batches each worker skips, batches the caller drops): see ``turn_start``."""
+        """(batches each worker skips, batches the caller drops) for this epoch: see ``turn_start``. A skip
+        past this rank's batches (its zero-weight filler tail) is all of them."""
         workers = max(1, self.num_workers)
         counts = [math.ceil(sum(p.rows for p in assign(self.parts, self.seed, self.epoch, self.rank, self.world, w,
                                                         workers)) / self.batch_size) for w in range(workers)]
-        return turn_start(counts, self.skip)
+        return turn_start(counts, min(self.skip, sum(counts)))
 
     def planned_batches(self) -> int:
         return plan_batches(self.parts, self.seed, self.epoch, self.world, self.num_workers, self.batch_size)[self.rank]

@@ -135,6 +135,52 @@ def test_a_checkpoint_from_before_save_state_is_refused_by_name(tmp_path, store_
     assert f"{ckpt}: a checkpoint saved by an earlier tmkd" in err and "Traceback" not in err
 
 
+def test_a_kill_after_the_last_checkpoint_resumes_to_the_same_model(tmp_path, store_dir, encoder, reference,
+                                                                   monkeypatch):
+    """The run's last checkpoint is at its end (no stage left): a kill while exporting, then --resume."""
+    import tmkd.student.train as train
+
+    raw = _raw(store_dir, encoder, tmp_path / "out")
+    monkeypatch.setattr(train, "finish", lambda s: (_ for _ in ()).throw(Killed))
+    with pytest.raises(Killed):
+        _train(raw)
+    monkeypatch.undo()
+    _train(raw, resume=True)
+    _assert_same_as_reference(tmp_path / "out", reference)
+
+
+@pytest.mark.parametrize("kill_at", [11, 15])
+def test_a_resume_in_a_later_epoch_whose_batch_count_differs_keeps_the_data_order(tmp_path, encoder, monkeypatch,
+                                                                                    kill_at):
+    """With 3 DataLoader workers and uneven parts, epochs differ in batch count (7, then 9): a resume in
+    the second epoch must seek in that epoch's stream (it was clipped by the first one's count)."""
+    import tmkd.student.checkpoint as checkpoint
+
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(19, 4, 20, 6, 5), unlabeled=(8,), dev=(16,))
+    raw = toy.config(store.root, encoder, tmp_path / "ref", teachers=("t1",), seed=2, stages=[
+        {"name": "task", "corpora": ["train"], "epochs": 3, "batch_size": 8, "lr": 5e-3}])
+    raw["eval"]["positive_label"] = "pos"
+    raw["data"]["num_workers"] = 3
+    raw["train"].update({"checkpoint_every": 1, "keep_checkpoints": 1})
+    _train(raw)
+    reference = _weights(tmp_path / "ref")
+    raw["output"] = str(tmp_path / "run")
+    real = checkpoint.save_checkpoint
+
+    def save(accelerator, out, step, *args, **kwargs):
+        real(accelerator, out, step, *args, **kwargs)
+        if step == kill_at:
+            raise Killed
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    with pytest.raises(Killed):
+        _train(raw)
+    monkeypatch.undo()
+    _train(raw, resume=True)
+    got = _weights(tmp_path / "run")
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
 def test_kill_while_saving_a_checkpoint_leaves_the_previous_one_usable(
         tmp_path, store_dir, encoder, reference, monkeypatch):
     import tmkd.student.checkpoint as checkpoint
