@@ -26,6 +26,7 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,12 +36,15 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from tmkd.data.readers import FIELDS, FORMATS, Reader, ReaderError, Record, nli_label_names, open_reader
+from tmkd.data.readers import FIELDS, FORMATS, Chunk, Reader, ReaderError, Record, nli_label_names, open_reader
 from tmkd.data.fs import ObjectPath
 from tmkd.data.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name, create_json_if_absent
 
 CHUNK_ROWS = 8192  # records checked together (duplicate checks are vectorised per chunk)
+# a text that str.strip() empties, as an RE2 pattern for Arrow (every character str.isspace() knows)
+BLANK = "^[" + "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace()) + "]*$"
 ID_MODES = ("source", "text")
 _INT_RE = re.compile(r"-?(0|[1-9][0-9]*)\Z")
 _KEYS = ("label", "group", "id")  # an empty value here is a missing one (an empty text is "empty text")
@@ -336,8 +340,11 @@ class _Ingest:
         try:
             labelled = self._resolve_labels(reader)
             required = reader.required | ({"label"} if labelled else set())
-            for chunk in _chunks(reader.records(), CHUNK_ROWS):
-                self._take(reader, chunk, labelled, required)
+            chunks = reader.chunks(CHUNK_ROWS) if hasattr(reader, "chunks") else \
+                (Chunk(None, lambda c=c: c) for c in _chunks(reader.records(), CHUNK_ROWS))
+            for chunk in chunks:
+                if chunk.table is None or not self._take_table(chunk, labelled, required):
+                    self._take(reader, chunk.records(), labelled, required)
                 if progress:
                     progress(path, reader.position(), reader.size)
         except ReaderError as e:
@@ -383,6 +390,65 @@ class _Ingest:
             self.writer.add(_table(good))
             self.rows_written += len(good)
             self.rows_labelled += sum(r.label is not None for r in good)
+
+    def _take_table(self, chunk: Chunk, labelled: bool, required: set[str]) -> bool:
+        """The fast path: a chunk read by Arrow, checked column by column. True if every row is good and
+        was taken; False (nothing taken) sends the chunk down the per-row path, which names each bad
+        row: a missing or empty field, an unknown label, a duplicate id, or a type this path does not
+        convert exactly as the per-row one does (a float id, a nested value)."""
+        t = chunk.table
+        for f in required:
+            if f not in t.column_names or t.column(f).null_count:
+                return False
+        for f in required & set(_KEYS):  # a required id or group may not be empty either
+            if pa.types.is_string(t.column(f).type) and pc.any(pc.equal(t.column(f), "")).as_py():
+                return False
+        text = {}
+        for f in ("text_a", "text_b"):
+            col = t.column(f)
+            if not pa.types.is_string(col.type) or pc.any(pc.match_substring_regex(col, BLANK)).as_py():
+                return False
+            text[f] = col
+        keys = {}
+        for f in ("group", "id"):
+            col = t.column(f) if f in t.column_names else None
+            if col is None or pa.types.is_null(col.type):
+                keys[f] = pa.nulls(t.num_rows, pa.string())
+            elif pa.types.is_string(col.type) or pa.types.is_int64(col.type):
+                keys[f] = col.cast(pa.string())
+            else:
+                return False
+        label = pa.nulls(t.num_rows, pa.int32())
+        if labelled and "label" in t.column_names and not pa.types.is_null(t.column("label").type):
+            col = t.column("label")
+            if not (pa.types.is_string(col.type) or pa.types.is_int64(col.type) or pa.types.is_boolean(col.type)):
+                return False
+            values = pc.unique(col.drop_null())
+            index = [self.labels.lookup(v) for v in values.to_pylist()]
+            if None in index:
+                return False
+            at = pc.index_in(col, value_set=values)
+            label = pc.take(pa.array(index, pa.int32()), at)
+        source = keys["id"].to_pylist()
+        if self.opts.ids == "text" or None in source:
+            a, b = text["text_a"].to_pylist(), text["text_b"].to_pylist()
+            ids = [text_pair_id(x, y) if s is None or self.opts.ids == "text" else source_row_id(s)
+                   for x, y, s in zip(a, b, source)]
+        elif pa.types.is_int64(t.column("id").type):
+            ids = t.column("id").to_numpy()  # a canonical int64 is its own row id
+        else:
+            ids = [source_row_id(s) for s in source]
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.existing.contains(ids).any() or self.seen.contains(ids).any() or len(np.unique(ids)) != len(ids):
+            return False  # a duplicate id: the per-row path says which rows
+        self.seen.add(ids)
+        table = pa.table([pa.array(ids, pa.int64()), text["text_a"], text["text_b"], label, keys["group"], keys["id"]],
+                         schema=CORPUS_SCHEMA)
+        self.rows_read += t.num_rows
+        self.writer.add(table)
+        self.rows_written += t.num_rows
+        self.rows_labelled += t.num_rows - label.null_count
+        return True
 
     def _row(self, rec: Record, labelled: bool, required: set[str]) -> _Row:
         """One record -> a checked row, or _Bad(field, reason, detail)."""
@@ -491,12 +557,16 @@ def _chunks(records: Iterable[Record], n: int) -> Iterator[list[Record]]:
 
 
 class _PartWriter:
-    """Buffers good rows and writes a part file every ``part_rows`` rows (committed later, all at once)."""
+    """Buffers good rows and writes a part file every ``part_rows`` rows (committed later, all at once).
+    A part is written in a background thread while the next rows are read and checked (Parquet
+    encoding and compression release the GIL); at most one write waits behind the one running."""
 
     def __init__(self, store: Store, corpus: str, first_part: int, part_rows: int):
         self.store, self.corpus, self.next, self.part_rows = store, corpus, first_part, part_rows
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
+        self.writing: list[Future] = []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tmkd-ingest-writer")
         self.parts: list[CorpusPart] = []
 
     def add(self, table: pa.Table) -> None:
@@ -508,15 +578,31 @@ class _PartWriter:
     def finish(self) -> None:
         if self.pending_rows:
             self._write(self.pending_rows)
+        self._collect(0)
+        self.pool.shutdown()
 
     def _write(self, n: int) -> None:
         table = pa.concat_tables(self.pending)
         rest = table.slice(n)
-        self.parts.append(self.store.write_corpus_part(self.corpus, self.next, table.slice(0, n).combine_chunks()))
+        self._collect(1)  # memory: one part being written, one waiting
+        self.writing.append(self.pool.submit(self.store.write_corpus_part, self.corpus, self.next,
+                                             table.slice(0, n).combine_chunks()))
         self.next += 1
         self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
+    def _collect(self, leave: int) -> None:
+        """Wait until at most ``leave`` writes are pending; a failed write raises here."""
+        while len(self.writing) > leave:
+            self.parts.append(self.writing.pop(0).result())
+
     def discard(self) -> None:
+        for f in self.writing:  # let running writes end, then remove what they wrote
+            try:
+                self.parts.append(f.result())
+            except Exception:
+                pass
+        self.writing = []
+        self.pool.shutdown()
         for p in self.parts:
             p.path.unlink(missing_ok=True)
         self.parts = []

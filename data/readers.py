@@ -27,7 +27,9 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +42,16 @@ THREE_WAY_NLI = ["entailment", "neutral", "contradiction"]
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+NON_BLANK_LINE = re.compile(rb"(?m)^[ \t\r]*[^ \t\r\n]")  # a line that holds a JSON value
+BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+
+
+def _value_lines(block: bytes) -> int:
+    """How many lines of ``block`` (whole lines, ending in a newline) hold something: a plain count,
+    unless there is a blank line (a quick search), then a count by line (slower, and rare)."""
+    if BLANK_LINE.search(block) or re.match(rb"[ \t\r]*\n", block):
+        return len(NON_BLANK_LINE.findall(block))
+    return block.count(b"\n")
 _OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
                (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
@@ -55,6 +67,16 @@ def nli_label_names(names: set[str]) -> list[str] | None:
 
 class ReaderError(Exception):
     """The file as a whole cannot be read in this format (not one bad row: the header, the JSON, ...)."""
+
+
+@dataclass
+class Chunk:
+    """Rows read together. ``table``: their fields as Arrow columns, one row per record (None when
+    Arrow could not read them: a bad line, a type that changes); ``records()``: the same rows one by
+    one, for the checks that name each bad row."""
+
+    table: object | None  # pa.Table
+    records: Callable[[], list[Record]]
 
 
 @dataclass(slots=True)
@@ -303,18 +325,51 @@ class JsonlReader(Reader):
         self.required = frozenset({"text_a", "text_b"} | (set(columns or {}) - {"label"}))
 
     def records(self) -> Iterator[Record]:
-        for n, text in _lines(self._open()):
+        for chunk in self.chunks(8192, arrow=False):
+            yield from chunk.records()
+
+    def chunks(self, n: int, arrow: bool = True) -> Iterator[Chunk]:
+        """Blocks of about ``n`` lines (whole lines), parsed by Arrow's JSON reader (C++, no Python per
+        row); ``records()`` parses the same lines one by one with ``json``, naming each bad line."""
+        import pyarrow as pa
+        import pyarrow.json as pj
+
+        stream, first = self._open(), 1
+        while block := stream.read(n * 256):
+            if not block.endswith(b"\n"):
+                block += stream.readline()  # whole lines only
+            if not block.endswith(b"\n"):
+                block += b"\n"  # the file's last line, without its newline
+            table = None
+            if arrow:
+                try:
+                    table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(block_size=len(block) + 1))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    table = None  # the per-row path says which line and why
+                if table is not None and table.num_rows != _value_lines(block):
+                    table = None  # a line held two objects
+                if table is not None:
+                    table = pa.table({f: table.column(c) for f, c in self.columns.items() if c in table.column_names})
+            lines = block.count(b"\n")
+            yield Chunk(table, lambda block=block, first=first: self._parse(block.split(b"\n"), first))
+            first += lines
+
+    def _parse(self, raw: list[bytes], first: int) -> list[Record]:
+        out = []
+        for n, b in enumerate(raw, first):
+            text = _decode(b[:-1] if b.endswith(b"\r") else b)
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except ValueError as e:
-                yield Record(n, {}, text, ("record", "bad record", f"invalid JSON: {e}"))
+                out.append(Record(n, {}, text, ("record", "bad record", f"invalid JSON: {e}")))
                 continue
             if not isinstance(obj, dict):
-                yield Record(n, {}, text, ("record", "bad record", "not a JSON object"))
+                out.append(Record(n, {}, text, ("record", "bad record", "not a JSON object")))
                 continue
-            yield Record(n, _pick(obj, self.columns), obj)
+            out.append(Record(n, _pick(obj, self.columns), obj))
+        return out
 
 
 class JsonSamplesReader(Reader):
@@ -432,15 +487,43 @@ class ParquetReader(Reader):
         return self.size if not rows else int(self.size * self._done / rows)
 
     def records(self) -> Iterator[Record]:
+        for chunk in self.chunks(8192, arrow=False):
+            yield from chunk.records()
+
+    def chunks(self, n: int, arrow: bool = True) -> Iterator[Chunk]:
+        """Record batches of ``n`` rows as Arrow columns (integers widened to int64, dictionaries
+        decoded), and ``records()`` of the same rows one by one for the checks that name a bad row."""
+        import pyarrow as pa
+
+        wanted = list(dict.fromkeys(self.columns.values()))
+        for batch in self._pf.iter_batches(batch_size=n, columns=wanted):
+            table = None
+            if arrow:
+                cols = {}
+                for f, c in self.columns.items():
+                    col = batch.column(c)
+                    if pa.types.is_dictionary(col.type):
+                        col = col.dictionary_decode()
+                    if pa.types.is_integer(col.type) and not pa.types.is_int64(col.type):
+                        try:
+                            col = col.cast(pa.int64())
+                        except pa.ArrowInvalid:
+                            pass  # a uint64 beyond int64: the per-row path takes it
+                    cols[f] = col
+                table = pa.table(cols)
+            yield Chunk(table, lambda batch=batch, first=self._done: self._records_of(batch, first))
+            self._done += batch.num_rows
+
+    def _records_of(self, batch, first: int) -> list[Record]:
         fields = list(self.columns)
         wanted = list(dict.fromkeys(self.columns.values()))
-        for batch in self._pf.iter_batches(batch_size=8192, columns=wanted):
-            cols = {c: batch.column(c).to_pylist() for c in wanted}
-            for i in range(batch.num_rows):
-                row = {c: cols[c][i] for c in wanted}
-                values = {f: _decode(x) if isinstance(x, bytes) else x for f, x in ((f, row[self.columns[f]]) for f in fields)}
-                yield Record(self._done + i, values, row)
-            self._done += batch.num_rows
+        cols = {c: batch.column(c).to_pylist() for c in wanted}
+        out = []
+        for i in range(batch.num_rows):
+            row = {c: cols[c][i] for c in wanted}
+            values = {f: _decode(x) if isinstance(x, bytes) else x for f, x in ((f, row[self.columns[f]]) for f in fields)}
+            out.append(Record(first + i, values, row))
+        return out
 
 
 def open_reader(fmt: str, path: Path, columns: dict[str, str] | None = None) -> Reader:

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -547,3 +548,83 @@ def test_a_bad_positive_label_is_refused_and_nothing_is_committed(tmp_path, corp
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert message in " ".join(result.output.split())
     assert snapshot(store) == before
+
+
+# ---- the column-by-column path for JSONL gives what the row-by-row one gives ----------------------
+def _jsonl_lines(n: int, seed: int, ids: bool) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["what", "is", "the", "capital", "of", "France", "café", "naïve", "Paris", "river", "\u3000x"]
+    out = []
+    for i in range(n):
+        row = {"text_a": " ".join(rng.choice(words, 5)), "text_b": " ".join(rng.choice(words, 9)),
+               "label": ["yes", "no"][int(rng.integers(0, 2))], "group": f"q{i // 4}"}
+        if ids:
+            row["id"] = int(i * 7 + 3)
+        out.append(json.dumps(row, ensure_ascii=bool(i % 2)))
+    return out
+
+
+DIRTY = [  # chunks holding these go down the row-by-row path: it names each bad line, and takes the odd ones
+    "",  # a blank line is skipped
+    "{not json",
+    json.dumps({"text_a": "a", "text_b": "   ", "label": "yes"}),  # empty text
+    json.dumps({"text_a": "a", "label": "yes"}),  # missing text_b
+    json.dumps({"text_a": "a", "text_b": "b", "label": "maybe"}),  # unknown label
+    json.dumps({"text_a": "a", "text_b": "b", "label": "yes", "id": 3}),  # duplicate id (row 0 has id 3)
+    json.dumps({"text_a": {"x": 1}, "text_b": "b", "label": "yes"}),  # not text
+    json.dumps({"text_a": "a", "text_b": "b", "label": "yes", "id": 1.5}),  # a float id: taken, "1.5" hashed
+    json.dumps({"text_a": "a", "text_b": "b", "label": "yes", "id": 99999999999999999999}),  # taken, hashed
+    "[1, 2]",
+]
+
+
+@pytest.mark.parametrize("case", ["clean, source ids", "clean, text ids", "dirty"])
+def test_jsonl_read_by_arrow_gives_the_same_corpus_as_row_by_row(tmp_path, monkeypatch, case):
+    from tmkd.data import readers
+
+    lines = _jsonl_lines(20_000, seed=1, ids=case != "clean, text ids")
+    if case == "dirty":
+        for i, bad in enumerate(DIRTY):
+            lines.insert(1000 + 997 * i, bad)
+    src = tmp_path / "src.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    opts = IngestOptions("jsonl", "c", label_map={"yes": "pos", "no": "neg"}, label_names=["neg", "pos"])
+
+    fast = ingest(Store.create(tmp_path / "fast"), [src], opts)
+    real = readers.JsonlReader.chunks
+    monkeypatch.setattr(readers.JsonlReader, "chunks", lambda self, n, arrow=True: real(self, n, arrow=False))
+    slow = ingest(Store.create(tmp_path / "slow"), [src], opts)
+
+    def parts(root):
+        return [p.path.read_bytes() for p in Store(root).corpus("c").parts]
+
+    assert parts(tmp_path / "fast") == parts(tmp_path / "slow") and len(parts(tmp_path / "fast")) == 1
+    assert (fast.rows_read, fast.rows_written, fast.rows_labelled, fast.bad) == \
+           (slow.rows_read, slow.rows_written, slow.rows_labelled, slow.bad)
+    if case == "dirty":
+        assert sum(fast.bad.values()) == 7  # all but the blank line and the two odd ids
+        assert fast.quarantine.read_text() == slow.quarantine.read_text()
+
+
+@pytest.mark.parametrize("dirty", [False, True])
+def test_parquet_read_by_arrow_gives_the_same_corpus_as_row_by_row(tmp_path, monkeypatch, dirty):
+    from tmkd.data import readers
+
+    rows = [json.loads(x) for x in _jsonl_lines(20_000, seed=2, ids=True)]
+    if dirty:  # an empty text, a missing label, an unknown label, a duplicate id, spread over chunks
+        rows[100]["text_a"], rows[9000]["label"], rows[15000]["label"], rows[17000]["id"] = " ", None, "maybe", 3
+    table = pa.Table.from_pylist(rows).cast(pa.schema([("text_a", pa.string()), ("text_b", pa.string()),
+                                                       ("label", pa.dictionary(pa.int8(), pa.string())),
+                                                       ("group", pa.string()), ("id", pa.int32())]))
+    src = tmp_path / "src.parquet"
+    pq.write_table(table, src)
+    opts = IngestOptions("parquet", "c", label_map={"yes": "pos", "no": "neg"}, label_names=["neg", "pos"])
+
+    fast = ingest(Store.create(tmp_path / "fast"), [src], opts)
+    real = readers.ParquetReader.chunks
+    monkeypatch.setattr(readers.ParquetReader, "chunks", lambda self, n, arrow=True: real(self, n, arrow=False))
+    slow = ingest(Store.create(tmp_path / "slow"), [src], opts)
+    assert [p.path.read_bytes() for p in Store(tmp_path / "fast").corpus("c").parts] == \
+           [p.path.read_bytes() for p in Store(tmp_path / "slow").corpus("c").parts]
+    assert (fast.rows_written, fast.rows_labelled, fast.bad) == (slow.rows_written, slow.rows_labelled, slow.bad)
+    assert sum(fast.bad.values()) == (3 if dirty else 0)  # the missing label is an unlabeled row, not a bad one
