@@ -249,6 +249,18 @@ def _bigger_teachers(tmp_path: Path, tiny_tokenizer: Path) -> dict[str, Path]:
     return {f"b{s}": build_bert(tmp_path / f"b{s}", tiny_tokenizer, seed=s, layers=4, hidden=128) for s in (1, 2)}
 
 
+def kill_once_scoring(proc, store) -> int:
+    """SIGKILL ``proc`` (a `tmkd-label run`) soon after its first label part is committed; returns the
+    label parts committed by then."""
+    deadline = time.time() + 120
+    while not Store(store).label_files() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(Store(store).label_files())
+
+
 def test_kill_9_then_rerun_completes_the_store_exactly(tmp_path, shared_data, tiny_tokenizer):
     from tiny import read_lines
 
@@ -262,13 +274,7 @@ def test_kill_9_then_rerun_completes_the_store_exactly(tmp_path, shared_data, ti
 
     proc = subprocess.Popen([BIN / "tmkd-label", "run", "--store", killed, "--teachers", teachers],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not Store(killed).label_files() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(Store(killed).label_files())
+    done = kill_once_scoring(proc, killed)
     assert 0 < done < total, f"the kill should land mid-run ({done}/{total} parts done)"
     assert cli("verify", "--store", killed, ok=False).exit_code == 1  # incomplete, and says so
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ import pytest
 
 from tmkd.data.fs import ObjectPath, store_location
 from tmkd.data.store import Store
-from test_label import cli, write_teachers
+from test_label import cli, kill_once_scoring, write_teachers
+from test_store_trust import run_workers
 
 BIN = Path(sys.executable).parent
 
@@ -113,11 +113,7 @@ def test_three_workers_on_s3_score_every_unit_once(tmp_path, s3_store, shared_da
         cli("ingest", source, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 40)
     cli("run", "--store", local, "--teachers", teachers)
 
-    procs = [_start(s3_store, teachers, lease=30) for _ in range(3)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    logs = Store(s3_store).run_logs()
-    assert len({log["pid"] for log in logs}) == 3
+    logs = run_workers(s3_store, teachers, 3, lease=30)
     scored = [tuple(u) for log in logs for u in log["scored"]]
     assert len(scored) == len(set(scored)) == 20  # 10 parts x 2 teachers, each by exactly one worker
     assert sum(log["units_lost"] for log in logs) == 0
@@ -137,14 +133,7 @@ def test_kill_9_during_a_run_on_s3_then_rerun_completes_it(tmp_path, s3_store, s
         cli("ingest", source, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 100)
     total = 2 * len(Store(s3_store).corpus("wq").parts)
 
-    proc = _start(s3_store, teachers, lease=60)
-    deadline = time.time() + 120
-    while not Store(s3_store).label_files() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(Store(s3_store).label_files())
+    done = kill_once_scoring(_start(s3_store, teachers, lease=60), s3_store)
     assert 0 < done < total, f"the kill should land mid-run ({done}/{total} parts done)"
     assert cli("verify", "--store", s3_store, ok=False).exit_code == 1  # incomplete, and says so
 

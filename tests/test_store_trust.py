@@ -354,6 +354,16 @@ def _start(store: Path, teachers: Path, lease: float):
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def run_workers(store, teachers: Path, n: int, lease: float) -> list[dict]:
+    """``n`` `tmkd-label run` at once on one store; they must all succeed, as distinct processes. Their run logs."""
+    procs = [_start(store, teachers, lease) for _ in range(n)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    logs = Store(store).run_logs()
+    assert len({log["pid"] for log in logs}) == n
+    return logs
+
+
 def _label_bytes(store: Path) -> dict:
     return {str(p.relative_to(store)): p.read_bytes() for p in Store(store).label_files()}
 
@@ -364,11 +374,7 @@ def test_three_workers_at_once_score_every_unit_exactly_once(tmp_path, shared_da
     three = _workers_store(tmp_path, shared_data, "three", 600, 50)
     cli("run", "--store", one, "--teachers", teachers)
 
-    procs = [_start(three, teachers, lease=30) for _ in range(3)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    logs = Store(three).run_logs()
-    assert len({log["pid"] for log in logs}) == 3
+    logs = run_workers(three, teachers, 3, lease=30)
     assert sorted(log["log_path"] for log in logs) == sorted(str(p) for p in (three / "runs").glob("*.json"))
     scored = [tuple(u) for log in logs for u in log["scored"]]
     units = 2 * len(Store(three).corpus("wq").parts)
