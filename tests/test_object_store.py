@@ -20,6 +20,7 @@ from tmkd.data.fs import ObjectPath, store_location
 from tmkd.data.store import Store
 from test_label import cli, kill_once_scoring, write_teachers
 from test_store_trust import run_workers
+from test_finetune import toy_store  # noqa: F401  (a fixture)
 
 BIN = Path(sys.executable).parent
 
@@ -220,3 +221,20 @@ def test_a_lease_shorter_than_the_object_clock_is_refused(tmp_path, s3_store, wi
     result = cli("run", "--store", s3_store, "--teachers", teachers, "--lease", "0.5", ok=False)
     assert result.exit_code == 1 and "must be at least 5 s" in result.output
     assert not Store(s3_store).teachers()  # refused before anything was written
+
+
+def test_teachers_fine_tune_from_s3_to_the_same_weights_as_from_disk(tmp_path, s3_store, toy_store, tiny_teachers):
+    """tmkd-finetune reads its corpora from the bucket: the same teachers as from the local store."""
+    from test_finetune import LABELS, run_script, toy_rows, write_config
+
+    s3 = Store.create(s3_store)
+    for corpus, questions, seed in (("toy-train", 80, 1), ("toy-dev", 25, 2)):
+        part = s3.write_corpus_part(corpus, 0, toy_rows(questions, seed, 100_000 * seed))
+        s3.commit_corpus_parts(corpus, LABELS, [part], {"file": "toy", "format": "test"})
+    for name, store in (("local", toy_store), ("s3", s3_store)):
+        cfg = write_config(tmp_path / f"{name}.toml", store, tiny_teachers["t1"], tmp_path / name)
+        proc = run_script("--config", str(cfg), "--set", "epochs=1")
+        assert proc.returncode == 0, proc.stderr
+    for teacher in ("tiny-list", "tiny-point"):
+        local, s3_made = (tmp_path / k / teacher / "model.safetensors" for k in ("local", "s3"))
+        assert local.read_bytes() == s3_made.read_bytes()
