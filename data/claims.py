@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 
 from tmkd.data.fs import ObjectPath
-from tmkd.data.store import Store, StoreError, part_name
+from tmkd.data.store import PART_RE, Store, StoreError, part_name
 
 DEFAULT_LEASE_S = 120.0
 MIN_OBJECT_LEASE_S = 5.0  # an object's Last-Modified time has a resolution of one second
@@ -256,7 +256,11 @@ TEMP_PART = re.compile(r"^\.part-(\d{5})\.")  # ".part-00003.parquet.<token>.tmp
 
 def remove_dead_temporaries(store: Store, claims: Claims) -> int:
     """Delete temporaries whose unit has no live claim: their writers are gone. Returns the count.
-    Covers label parts, commit records and claims themselves (a worker killed while claiming)."""
+    Covers label parts, commit records and claims themselves (a worker killed while claiming). On an
+    object store there are no temporaries: what a dead writer leaves is a data object no commit record
+    names, beside the one that is named (a unit with one object is scored, and cleaned, by `run`)."""
+    if isinstance(store.root, ObjectPath):
+        return _remove_unnamed_objects(store, claims)
     n = 0
     for folder in ("labels", "claims"):
         base = store.root / folder
@@ -269,5 +273,27 @@ def remove_dead_temporaries(store: Store, claims: Claims) -> int:
                 except FileNotFoundError:
                     continue  # its owner finished with it meanwhile
                 tmp.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def _remove_unnamed_objects(store: Store, claims: Claims) -> int:
+    units: dict[tuple, list] = {}
+    for f in store.label_files():
+        match = PART_RE.match(f.name)
+        if match:
+            units.setdefault((f.parent.parent.name, f.parent.name, int(match.group(1))), []).append(f)
+    n = 0
+    for (teacher, corpus, part), files in units.items():
+        if len(files) < 2 or claims.is_live(teacher, corpus, part):
+            continue
+        try:
+            record = store.label_commit(teacher, corpus, part)
+        except StoreError:
+            continue  # an unreadable record: `run` re-scores the unit, and cleans it then
+        named = store.label_data_path(teacher, corpus, part, record) if record else None
+        for f in files:
+            if f != named:
+                f.unlink(missing_ok=True)
                 n += 1
     return n

@@ -47,7 +47,7 @@ SCHEMA_VERSION = 2  # 2: label parts have a `row` column and a commit record wit
 READABLE_VERSIONS = (1, 2)  # a version-1 store opens; its label parts lack commit records and are re-scored
 TOOL_VERSION = "0.1.0"
 META_KEY = b"tmkd"  # key of our JSON record in a Parquet file's key-value metadata
-PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
+PART_RE = re.compile(r"^part-(\d{5})(?:\.[0-9a-f]{16})?\.parquet$")  # on object stores: part-NNNNN.<commit>.parquet
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 CORPUS_SCHEMA = pa.schema(
@@ -353,6 +353,7 @@ class LabelCheck:
     reason: str = ""
     table: pa.Table | None = field(default=None, repr=False)  # the decoded part, when it was read
     record: dict | None = field(default=None, repr=False)  # its commit record, when current
+    path: Path | None = None  # the data file its commit record names, when current
 
     @property
     def invalid(self) -> bool:
@@ -559,6 +560,14 @@ class Store:
     def commit_path(label_path: Path) -> Path:
         return label_path.with_name(label_path.name.replace(".parquet", ".commit.json"))
 
+    def label_data_path(self, teacher: str, corpus: str, part: int, record: dict) -> Path | None:
+        """The data file a commit record names: ``part-NNNNN.parquet`` on a disk, ``part-NNNNN.<commit>.parquet``
+        (a key of its own per commit) on an object store; None if it names no file of this unit."""
+        path = self.label_path(teacher, corpus, part)
+        name = record.get("file", path.name)
+        match = PART_RE.match(name) if isinstance(name, str) else None
+        return path.with_name(name) if match and int(match.group(1)) == part else None
+
     def label_files(self) -> list[Path]:
         """Every label data file with a part name (temporaries are hidden files and never match)."""
         base = self.root / "labels"
@@ -597,11 +606,14 @@ class Store:
             return LabelCheck("stale", "teacher fingerprint changed")
         if record.get("corpus_part_digest") != part.digest:
             return LabelCheck("stale", "corpus part digest changed")
-        return LabelCheck("ok", record=record)
+        data = self.label_data_path(teacher.name, part.corpus, part.part, record)
+        if data is None:
+            return LabelCheck("bad", f"the commit record names {record.get('file')!r}, not a data file of this part")
+        return LabelCheck("ok", record=record, path=data)
 
-    def label_size_problem(self, teacher: TeacherRecord, part: CorpusPart, record: dict) -> str | None:
+    def label_size_problem(self, check: LabelCheck) -> str | None:
         """Is the committed data file there, at the size its record gives (records before sizes: present)?"""
-        path = self.label_path(teacher.name, part.corpus, part.part)
+        path, record = check.path, check.record
         if isinstance(path, ObjectPath):
             head = path.head()
             size = None if head is None else head["size"]
@@ -623,25 +635,24 @@ class Store:
         logits, and, given ``corpus_ids``, the same ids in the same order. The decoded table is
         returned in ``table``.
         """
-        path = self.label_path(teacher.name, part.corpus, part.part)
         check = self.check_commit(teacher, part)
         if check.status != "ok":
             return check
-        record = check.record
+        record, path = check.record, check.path
         try:
             data = read_verified(path, record.get("digest", ""), "label part")
         except CorruptPartError as e:
-            return LabelCheck("bad", str(e).split(": ", 1)[1])
+            return LabelCheck("bad", str(e).split(": ", 1)[1], path=path)
         if not decode:
-            return LabelCheck("ok")
+            return LabelCheck("ok", record=record, path=path)
         try:
             table = parse_parquet(data, path, "label part")
         except CorruptPartError as e:
-            return LabelCheck("bad", str(e).split(": ", 1)[1])
+            return LabelCheck("bad", str(e).split(": ", 1)[1], path=path)
         problem = _label_table_problem(table, len(teacher.label_names), part.rows, corpus_ids)
         if problem:
-            return LabelCheck("bad", problem)
-        return LabelCheck("ok", table=table)
+            return LabelCheck("bad", problem, path=path)
+        return LabelCheck("ok", table=table, record=record, path=path)
 
     def write_label_part(
         self,
@@ -696,27 +707,63 @@ class Store:
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
+        # float32 logits compress well with BYTE_STREAM_SPLIT; DuckDB cannot read it on float16.
+        bss = ["logits.list.element"] if store_dtype == "float32" else False
+        options = dict(compression="zstd", use_dictionary=["id"], use_byte_stream_split=bss, write_statistics=["id"],
+                       column_encoding={"row": "DELTA_BINARY_PACKED"})
+        # commit_id tells this commit from an earlier one of the same bytes (a re-scored damaged part)
+        commit_id = uuid.uuid4().hex
+        if isinstance(path, ObjectPath):
+            return self._commit_object(teacher, part, table, meta, n, commit_id, still_mine, options)
+
         def commit_old_out():
             if still_mine is not None:
                 still_mine()
             commit.unlink(missing_ok=True)  # the old part stops counting before its file is replaced
 
-        # float32 logits compress well with BYTE_STREAM_SPLIT; DuckDB cannot read it on float16.
-        bss = ["logits.list.element"] if store_dtype == "float32" else False
-        digest, size = atomic_write_parquet(
-            path, table, token=token, before_replace=commit_old_out, compression="zstd", use_dictionary=["id"],
-            use_byte_stream_split=bss, write_statistics=["id"], column_encoding={"row": "DELTA_BINARY_PACKED"},
-        )
+        digest, size = atomic_write_parquet(path, table, token=token, before_replace=commit_old_out, **options)
         if still_mine is not None:
             still_mine()
-        # commit_id tells this commit from an earlier one of the same bytes (a re-scored damaged part).
-        # The record is created only if absent (a conditional PUT on an object store): of two commits
-        # of one unit, the second is refused, never written over the first.
+        # The record is created only if absent: of two commits of one unit, the second is refused.
         if not create_json_if_absent(commit, {**meta, "digest": digest, "bytes": size, "rows": n, "file": path.name,
-                                              "commit_id": uuid.uuid4().hex}):
+                                              "commit_id": commit_id}):
             raise CommitRaceError(f"{commit}: another worker committed {teacher.name} × {part.corpus}/{part.part} "
                                   "while this one was writing it; this result is dropped")
         return path
+
+    def _commit_object(self, teacher, part, table, meta, n, commit_id, still_mine, options) -> ObjectPath:
+        """On an object store: the data under a key of its own (``part-NNNNN.<commit>.parquet``), then the
+        commit record that makes it visible, by a conditional PUT: created if absent, or written over the
+        very record this writer read (a stale or damaged part it re-scores). Of two writers of one unit the
+        second's record is refused and its data removed: a committed part's bytes are never written over.
+        Data objects of the unit that no record names any more are removed after the commit."""
+        path = self.label_path(teacher.name, part.corpus, part.part)
+        commit = self.commit_path(path)
+        try:
+            seen = commit.read_tagged()[1]
+        except FileNotFoundError:
+            seen = None
+        data = path.with_name(f"part-{part.part:05d}.{commit_id[:16]}.parquet")
+        if still_mine is not None:
+            still_mine()
+        digest, size = atomic_write_parquet(data, table, **options)
+        record = {**meta, "digest": digest, "bytes": size, "rows": n, "file": data.name, "commit_id": commit_id}
+        body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            if still_mine is not None:
+                still_mine()
+            committed = commit.create(body) if seen is None else commit.put_if(body, seen)
+        except BaseException:
+            data.unlink(missing_ok=True)
+            raise
+        if not committed:
+            data.unlink(missing_ok=True)
+            raise CommitRaceError(f"{commit}: another worker committed {teacher.name} × {part.corpus}/{part.part} "
+                                  "while this one was writing it; this result is dropped")
+        for old in path.parent.glob(f"part-{part.part:05d}*.parquet"):  # what earlier commits named
+            if old != data:
+                old.unlink(missing_ok=True)
+        return data
 
     def read_aligned(self, part: CorpusPart, teachers: list[TeacherRecord], columns: list[str] | None = None):
         """Read a corpus part with its teachers' logits, zipped by position, every byte checked.
@@ -733,7 +780,8 @@ class Store:
             check = self.check_label(t, part, corpus_ids=ids)
             if check.status != "ok":
                 raise StaleLabelsError(
-                    f"{self.label_path(t.name, part.corpus, part.part)}: label part {check.status} for teacher "
+                    f"{check.path or self.label_path(t.name, part.corpus, part.part)}: label part {check.status} for "
+                    "teacher "
                     f"{t.name!r}, corpus {part.corpus!r} part {part.part}"
                     + (f" ({check.reason})" if check.reason else "")
                     + "; run `tmkd-label run` to score it again"

@@ -142,7 +142,7 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                 if check.invalid:
                     left.label_parts.append(f"{t.name}/{name}/{p.part} ({check.status}: {check.reason})")
                 continue
-            label_paths.append(store.label_path(t.name, name, p.part))
+            label_paths.append(check.path)
             label_parts.append(_const(teacher=t.name, corpus=name, part=p.part))
             left.checked[label_paths[-1]] = _identity(label_paths[-1])
     corpus = _dataset(store, corpus_paths, CORPUS_VIEW_SCHEMA, corpus_parts)

@@ -31,7 +31,7 @@ def _committed(store: Store, teacher, part) -> str:
     check = store.check_commit(teacher, part)
     if check.status != "ok":
         return check.status
-    return "bad" if store.label_size_problem(teacher, part, check.record) else "ok"
+    return "bad" if store.label_size_problem(check) else "ok"
 
 
 def _checked(store: Store, teachers: list, part) -> list[str]:

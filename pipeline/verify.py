@@ -59,6 +59,7 @@ def verify(store: Store) -> VerifyReport:
             if len(uniq) != len(ids):
                 report.problems.append(f"corpus {name!r}: {int((counts > 1).sum())} ids occur more than once")
 
+    named = set()  # the data files commit records name (on an object store, a key per commit)
     for t, name, m, mismatch in scored_corpora(teachers.values(), manifests):
         if mismatch:
             report.problems.append(mismatch)
@@ -67,18 +68,24 @@ def verify(store: Store) -> VerifyReport:
                 continue  # its corpus part is damaged: reported above
             path = store.label_path(t.name, name, p.part)
             check = store.check_label(t, p, corpus_ids=corpus_ids[(name, p.part)])
+            try:
+                record = store.label_commit(t.name, name, p.part)
+            except CorruptPartError:
+                record = None
+            if record is not None:
+                named.add(store.label_data_path(t.name, name, p.part, record))
             if check.status == "ok":
                 report.label_parts += 1
             elif check.status == "missing":
                 report.problems.append(f"{path}: missing (not scored yet; `run` scores it)")
-            else:
-                report.problems.append(f"{path}: {check.status}: {check.reason} (`run` scores it again)")
+            else:  # named by the data file the record names, where there is one
+                report.problems.append(f"{check.path or path}: {check.status}: {check.reason} (`run` scores it again)")
 
-    _unexpected_files(store, teachers, manifests, report)
+    _unexpected_files(store, teachers, manifests, named, report)
     return report
 
 
-def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: VerifyReport) -> None:
+def _unexpected_files(store: Store, teachers: dict, manifests: dict, named: set, report: VerifyReport) -> None:
     """Everything under the store that is not part of it, by the layout in data/store.py."""
     expected = {store.root / "store.json"}
     for name, m in manifests.items():
@@ -98,8 +105,12 @@ def _unexpected_files(store: Store, teachers: dict, manifests: dict, report: Ver
             report.problems.append(f"{f}: label part for a corpus part that does not exist")
         elif not t.scores(corpus):
             report.problems.append(f"{f}: teacher {teacher!r} is not set to score corpus {corpus!r}")
+        elif isinstance(store.root, ObjectPath) and f not in named:
+            report.notes.append(f"{f}: a data object no commit record names (its writer stopped before committing, "
+                                "or a later commit replaced it); `run` removes it")
         expected.add(f)
-        expected.add(store.commit_path(f))
+        if part >= 0:
+            expected.add(store.commit_path(store.label_path(teacher, corpus, part)))
     if isinstance(store.root, ObjectPath):  # every key, odd ones included (a//b: named as stray below)
         found = [ObjectPath(store.root.bucket, k) for k in store.root.walk_keys()]
     else:

@@ -26,8 +26,17 @@ BIN = Path(sys.executable).parent
 
 
 def _label_bytes(store) -> dict:
+    """The committed bytes of each unit (teacher, corpus, part); on an object store each commit's data has a
+    key of its own (part-NNNNN.<commit>.parquet), on a disk the part's name."""
     st = Store(store)
-    return {f"{f.parent.parent.name}/{f.parent.name}/{f.name}": f.read_bytes() for f in st.label_files()}
+    out = {}
+    for t in st.teachers().values():
+        for c in st.corpora():
+            for p in st.corpus(c).parts:
+                check = st.check_commit(t, p)
+                if check.status == "ok":
+                    out[(t.name, c, p.part)] = check.path.read_bytes()
+    return out
 
 
 def _corpus_bytes(store) -> dict:
@@ -83,7 +92,7 @@ def test_a_corrupted_object_is_caught_and_rescored(tmp_path, s3_store, wikiqa_sa
     cli("run", "--store", s3_store, "--teachers", teachers)
     st = Store(s3_store)
     good = _label_bytes(s3_store)
-    victim = st.label_path("t1", "wq", 1)
+    victim = st.check_commit(st.teacher("t1"), st.corpus("wq").parts[1]).path
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.put(bytes(data))  # one flipped byte, written over the object
@@ -238,3 +247,35 @@ def test_teachers_fine_tune_from_s3_to_the_same_weights_as_from_disk(tmp_path, s
     for teacher in ("tiny-list", "tiny-point"):
         local, s3_made = (tmp_path / k / teacher / "model.safetensors" for k in ("local", "s3"))
         assert local.read_bytes() == s3_made.read_bytes()
+
+
+def test_a_late_second_commit_never_touches_the_committed_bytes(tmp_path, s3_store, wikiqa_sample, tiny_teachers,
+                                                                monkeypatch):
+    """Each commit's data has a key of its own, and the record is a conditional create: a writer that looked
+    before another committed (a stalled worker past its lease) is refused, and its data removed."""
+    import numpy as np
+
+    from tmkd.data.store import CommitRaceError
+
+    teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", s3_store, "--corpus", "wq", "--part-rows", 60)
+    cli("run", "--store", s3_store, "--teachers", teachers)
+    st = Store(s3_store)
+    rec, part = st.teacher("t1"), st.corpus("wq").parts[1]
+    good = _label_bytes(s3_store)
+    with monkeypatch.context() as m:  # it read the commit record before the other worker created it
+        m.setattr(ObjectPath, "read_tagged", lambda self: (_ for _ in ()).throw(FileNotFoundError(str(self))))
+        with pytest.raises(CommitRaceError):
+            st.write_label_part(rec, part, np.arange(part.rows), np.zeros((part.rows, 2), np.float32))
+    assert _label_bytes(s3_store) == good
+    assert len([f for f in st.label_files() if f.name.startswith("part-00001")]) == 1  # its data was removed
+    assert "OK" in cli("verify", "--store", s3_store).output
+
+    # what a writer killed between its data and its record leaves: named by verify, removed by the next run
+    extra = st.label_path("t1", "wq", 1).with_name("part-00001.00000000deadbeef.parquet")
+    extra.put(b"left by a killed writer")
+    out = cli("verify", "--store", s3_store).output
+    assert "OK" in out and "part-00001.00000000deadbeef.parquet: a data object no commit record names" in \
+        out.replace("\n", "")
+    cli("run", "--store", s3_store, "--teachers", teachers)
+    assert not extra.is_file() and _label_bytes(s3_store) == good
