@@ -165,6 +165,10 @@ def query(
     store: str = STORE_OPT,
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     limit: int = typer.Option(100, "--max-rows", min=0, help="Rows shown in table format (csv/json print all)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Stream the result into this file (.parquet, "
+                                          ".csv or .jsonl), batch by batch, instead of printing it."),
+    output_format: Optional[str] = typer.Option(None, "--output-format", help="parquet, csv or jsonl (default: "
+                                                "from --output's suffix)."),
 ):
     """DuckDB SQL over the store, with no file access (nothing a query does can change the store).
 
@@ -172,15 +176,22 @@ def query(
     part, row, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
     corpora(corpus, label_names, parts, rows).
     """
-    from tmkd.pipeline.query import run_query
+    from tmkd.pipeline.query import run_query, write_query
 
     try:
-        columns, rows, left = run_query(Store(store), sql)
+        if output is not None:
+            fmt_out = output_format or output.suffix.lstrip(".").lower()
+            written, left = write_query(Store(store), sql, output, fmt_out)
+        else:
+            columns, rows, left = run_query(Store(store), sql)
     except (StoreError, OSError) as e:
         fail(e)
     for kind, parts in (("corpus", left.corpus_parts), ("label", left.label_parts)):
         if parts:
             say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
+    if output is not None:
+        say(err, f"{written:,} rows -> {output} ({fmt_out})")
+        return
     if fmt is Format.csv:
         w = csv.writer(sys.stdout)
         w.writerow(columns)

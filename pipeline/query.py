@@ -25,10 +25,14 @@ discards the result with an error, so a result is always computed from checked b
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -219,25 +223,103 @@ def changed_since_checked(left: LeftOut) -> list[str]:
     return changed
 
 
-def run_query(store: Store, sql: str):
-    """Run SQL (any statements); return (column names, rows of the last statement, left out)."""
-    with connect(store) as (con, left):
-        try:
-            statements = con.extract_statements(sql)
-        except duckdb.Error as e:
-            raise QueryError(str(e)) from None
-        if not statements:
-            raise QueryError("no SQL statement given")
-        try:
-            result = None
-            for s in statements:
-                result = con.execute(s.query)
-            columns = [d[0] for d in result.description] if result.description else []
-            rows = result.fetchall()
-        except duckdb.Error as e:
-            raise QueryError(str(e)) from None
+def _execute(con, sql: str, stream: bool = False):
+    """Run every statement; return the last one's result (``stream``: as a lazy relation, whose rows
+    DuckDB produces batch by batch as they are read)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(str(e)) from None
+    if not statements:
+        raise QueryError("no SQL statement given")
+    try:
+        for s in statements[:-1]:
+            con.execute(s.query)
+        if not stream:
+            return con.execute(statements[-1].query)
+        relation = con.sql(statements[-1].query)
+        if relation is None:
+            raise QueryError("the last statement returns no rows to write")
+        return relation
+    except duckdb.Error as e:
+        raise QueryError(str(e)) from None
+
+
+def _refuse_if_changed(left: LeftOut) -> None:
     changed = changed_since_checked(left)
     if changed:  # a part checked before the query is not the part the query read: never return that
         raise QueryError(f"the store changed while the query ran ({len(changed)} part(s) rewritten, e.g. "
                          f"{changed[0]}); the result is discarded: run the query again")
+
+
+def run_query(store: Store, sql: str):
+    """Run SQL (any statements); return (column names, rows of the last statement, left out)."""
+    with connect(store) as (con, left):
+        result = _execute(con, sql)
+        try:
+            columns = [d[0] for d in result.description] if result.description else []
+            rows = result.fetchall()
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from None
+    _refuse_if_changed(left)
     return columns, rows, left
+
+
+OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
+
+
+def write_query(store: Store, sql: str, output: Path, fmt: str) -> tuple[int, LeftOut]:
+    """Run SQL and stream the last statement's result into ``output`` (parquet, csv or jsonl), one Arrow
+    record batch at a time: the result is never held in memory whole. pyarrow writes the file, not
+    DuckDB (which keeps no file access), under a temporary name renamed once the result is complete
+    and the parts it read are unchanged. Returns (rows written, left out)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if fmt not in OUTPUT_FORMATS:
+        raise QueryError(f"--output {output}: format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)} "
+                         "(from the file's suffix, or --output-format)")
+    output = Path(output).absolute()
+    if not isinstance(store.root, ObjectPath) and output.resolve().is_relative_to(store.root.resolve()):
+        raise QueryError(f"--output {output}: inside the store {store.root}; a query never writes into a store")
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
+    rows = 0
+    with connect(store) as (con, left):
+        relation = _execute(con, sql, stream=True)
+        try:
+            with open(tmp, "wb") as f:
+                batches = relation.to_arrow_reader(65_536)  # a RecordBatchReader: streamed, batch by batch
+                if fmt == "parquet":
+                    writer = pq.ParquetWriter(f, batches.schema, compression="zstd")
+                elif fmt == "csv":
+                    writer = pacsv.CSVWriter(f, batches.schema)
+                else:
+                    writer = None
+                for batch in batches:
+                    if writer is not None:
+                        writer.write_batch(batch)
+                    else:  # JSON lines; NaN and infinities (not JSON) as null
+                        f.write("".join(json.dumps(_finite(r), default=str, allow_nan=False) + "\n"
+                                        for r in batch.to_pylist()).encode())
+                    rows += batch.num_rows
+                if writer is not None:
+                    writer.close()
+            _refuse_if_changed(left)
+            os.replace(tmp, output)
+        except duckdb.Error as e:
+            tmp.unlink(missing_ok=True)
+            raise QueryError(str(e)) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return rows, left
+
+
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v

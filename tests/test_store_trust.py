@@ -612,3 +612,37 @@ def test_bad_run_options_are_refused_before_anything_is_written(tmp_path, wikiqa
         res = cli("run", "--store", store, "--teachers", teachers, option, value, ok=False)
         assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, (option, value)
         assert tree_digests(store) == before  # no teacher record, no run log, no claim
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_query_output_streams_the_result_into_a_file(scored, tmp_path, fmt):
+    """--output writes the last statement's result (pyarrow writes it: DuckDB still has no file access),
+    whole or not at all, and never into the store."""
+    import csv
+
+    source, _ = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    before = tree_digests(store)
+    sql = ("SELECT teacher, corpus, part, \"row\", id, logits[1] AS l0, logits[2] / 0.0 AS inf FROM labels "
+           "ORDER BY teacher, part, \"row\"")
+    want = json.loads(cli("query", "--store", store, "--format", "json", sql).stdout)
+    out = tmp_path / f"result.{fmt}"
+    res = cli("query", "--store", store, "--output", out, sql)
+    assert f"240 rows -> {out} ({fmt})" in res.stderr.replace("\n", "")
+    if fmt == "parquet":
+        got = pq.read_table(out).to_pylist()
+    elif fmt == "csv":
+        got = list(csv.DictReader(out.open()))
+    else:
+        got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == len(want) == 240
+    for g, w in zip(got, want):
+        assert str(g["id"]) == str(w["id"]) and abs(float(g["l0"]) - w["l0"]) < 1e-6
+    assert tree_digests(store) == before and not list(tmp_path.glob(".result.*"))
+
+    inside = cli("query", "--store", store, "--output", store / "x.parquet", "SELECT 1", ok=False)
+    assert inside.exit_code == 1 and "a query never writes into a store" in inside.output
+    failed = cli("query", "--store", store, "--output", tmp_path / "bad.csv", "SELECT nope FROM labels", ok=False)
+    assert failed.exit_code == 1 and not (tmp_path / "bad.csv").exists() and not list(tmp_path.glob(".bad.*"))
+    assert tree_digests(store) == before
