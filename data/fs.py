@@ -88,10 +88,6 @@ def _client(bucket_url: str):
     return from_url(bucket_url, client_options={"allow_http": True} if plain_http else None)
 
 
-def _missing(e: Exception) -> bool:
-    return isinstance(e, FileNotFoundError)  # obstore's NotFoundError is one
-
-
 def _request(what: str, path: "ObjectPath", call, *args, **kwargs):
     """One obstore call; its failures other than "not found" become an ObjectStoreError of one line
     (no such bucket, no permission, bad credentials, a network error after obstore's retries)."""
@@ -237,9 +233,6 @@ class ObjectPath:
             if len(rel) == len(want) and all(fnmatch.fnmatchcase(r, w) for r, w in zip(rel, want)):
                 out.append(f)
         return sorted(out)
-
-    def rglob(self, pattern: str) -> list["ObjectPath"]:
-        return sorted(f for f in self.walk_files() if fnmatch.fnmatchcase(f.name, pattern))
 
     # ---- writes --------------------------------------------------------------------------
     def mkdir(self, *args, **kwargs) -> None:

@@ -101,29 +101,25 @@ class ScoringWorker:
         committed since, by another worker or by an actor that died right after its commit."""
         from tmkd.data.claims import ClaimLost
         from tmkd.data.store import CommitRaceError, remove_stale_tmp
-        from tmkd.pipeline.run import commit_id
+        from tmkd.pipeline.run import committed_since, read_and_encode
         from tmkd.teachers.cpu import release_free_memory
-        from tmkd.teachers.scoring import encode_pairs
 
-        loaded = self.teachers[teacher]
+        loaded, fp = self.teachers[teacher], self.teachers[teacher].record.tokenizer_fingerprint
         part = next(p for p in self.store.corpus(corpus).parts if p.part == part_number)
-        if commit_id(self.store, loaded.record, part) != planned_commit:
+        if committed_since(self.store, loaded.record, part, planned_commit):
             return {"status": "committed"}
         if not self.claims.try_claim(teacher, corpus, part_number):
             return {"status": "held"}  # another worker is on it: ask again later
-        if commit_id(self.store, loaded.record, part) != planned_commit:  # committed while we claimed it
+        if committed_since(self.store, loaded.record, part, planned_commit):  # while we claimed it
             self.claims.release(teacher, corpus, part_number)
             return {"status": "committed"}
         try:
             remove_stale_tmp(self.store.label_path(teacher, corpus, part_number), keep=self.claims.token)
-            table = self.store.read_corpus_part(part, ["id", "text_a", "text_b"])
-            spec = loaded.spec
-            enc = encode_pairs(loaded.tokenizer, table.column("text_a").to_pylist(),
-                               table.column("text_b").to_pylist(), spec.max_length, spec.truncation)
+            ids, encs = read_and_encode(self.store, part, {fp: (loaded.tokenizer, loaded.spec)}, [fp])
             before = loaded.forward_passes
-            logits = loaded.score(enc)
+            logits = loaded.score(encs[fp])
             self.store.write_label_part(
-                loaded.record, part, table.column("id").to_numpy(), logits, self.logits_dtype, loaded.compute_dtype,
+                loaded.record, part, ids, logits, self.logits_dtype, loaded.compute_dtype,
                 token=self.claims.token, still_mine=lambda: self.claims.check_held(teacher, corpus, part_number))
         except (ClaimLost, CommitRaceError) as e:
             return {"status": "lost", "message": str(e)}

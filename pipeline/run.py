@@ -201,9 +201,25 @@ def _commit_id(record: dict | None) -> str | None:
     return None if record is None else record.get("commit_id") or record.get("digest")
 
 
-def commit_id(store: Store, rec: TeacherRecord, part: CorpusPart) -> str | None:
-    """The unit's current commit id (None: no readable commit record)."""
-    return _commit_id(_commit_or_none(store, rec, part))
+def committed_since(store: Store, rec: TeacherRecord, part: CorpusPart, planned: str | None) -> bool:
+    """Was the unit committed, intact, by another worker since it was planned (``planned``: the commit id
+    seen then)? A new commit that is damaged does not count: the unit is scored again."""
+    now = _commit_or_none(store, rec, part)
+    return now is not None and _commit_id(now) != planned and store.check_label(rec, part, decode=False).status == "ok"
+
+
+def read_and_encode(store: Store, part: CorpusPart, tokenizers: dict, fingerprints) -> tuple:
+    """A corpus part's ids, read with its digest checked, and its pairs tokenized once per tokenizer
+    (``tokenizers``: fingerprint -> (tokenizer, spec); teachers that share one share the encoding)."""
+    from tmkd.teachers.scoring import encode_pairs
+
+    table = store.read_corpus_part(part, ["id", "text_a", "text_b"])
+    a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
+    encs = {}
+    for fp in dict.fromkeys(fingerprints):
+        tok, spec = tokenizers[fp]
+        encs[fp] = encode_pairs(tok, a, b, spec.max_length, spec.truncation)
+    return table.column("id").to_numpy(), encs
 
 
 def _commit_or_none(store: Store, rec: TeacherRecord, part: CorpusPart) -> dict | None:
@@ -283,9 +299,7 @@ def _next_claimed(store: Store, pending: list[Unit], claims: Claims, summary: Ru
                 if not claims.try_claim(rec.name, part.corpus, part.part):
                     continue  # another worker holds it: come back later
                 unit.teachers.remove(rec)
-                now = _commit_or_none(store, rec, part)
-                if now is not None and _commit_id(now) != unit.seen[rec.name] \
-                        and store.check_label(rec, part, decode=False).status == "ok":
+                if committed_since(store, rec, part, unit.seen[rec.name]):
                     claims.release(rec.name, part.corpus, part.part)  # committed by another worker meanwhile
                     summary.units_by_others += 1
                     continue
@@ -305,7 +319,7 @@ def _next_claimed(store: Store, pending: list[Unit], claims: Claims, summary: Ru
 def _score_plan(store, plan, teachers, device, opts, summary, console, claims: Claims, invalid: list) -> None:
     from transformers.utils import logging as hf_logging
 
-    from tmkd.teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
+    from tmkd.teachers.scoring import LoadedTeacher, load_tokenizer
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
 
@@ -319,14 +333,7 @@ def _score_plan(store, plan, teachers, device, opts, summary, console, claims: C
         loaded[rec.name] = LoadedTeacher(spec, rec, folder, device, tokenizers[rec.tokenizer_fingerprint][0])
 
     def prepare(part: CorpusPart, todo: list[TeacherRecord]):
-        """Read a part (digest checked) and tokenize it once per distinct tokenizer its teachers use."""
-        table = store.read_corpus_part(part, ["id", "text_a", "text_b"])
-        a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
-        encs = {}
-        for fp in dict.fromkeys(r.tokenizer_fingerprint for r in todo):
-            tok, spec = tokenizers[fp]
-            encs[fp] = encode_pairs(tok, a, b, spec.max_length, spec.truncation)
-        return table.column("id").to_numpy(), encs
+        return read_and_encode(store, part, tokenizers, [r.tokenizer_fingerprint for r in todo])
 
     def write(rec, part, ids, logits, compute_dtype):
         """Commit a unit while still holding its claim; a lost claim drops the result, loudly."""
