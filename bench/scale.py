@@ -7,7 +7,7 @@ mostly agree). Then each command is timed as a user runs it, in a fresh process:
 
     tmkd-label status   --store S
     tmkd-label verify   --store S
-    tmkd-label query    --store S "<3-teacher argmax agreement by corpus>"
+    tmkd-label query    --store S "<3-teacher argmax agreement by corpus>"   (over scores; and with joins over labels)
 
 and, with --ingest-rows, `tmkd-label ingest` of a JSONL file of that many rows (rows/s, peak RSS).
 
@@ -32,7 +32,12 @@ from tmkd.data.store import Store, TeacherRecord
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BIN = Path(sys.executable).parent
 TEACHERS = ("t0", "t1", "t2")
-AGREEMENT = (  # per corpus: how often all three teachers' argmax agree, and each pair
+AGREEMENT = (  # per corpus: how often all three teachers' argmax agree, and each pair (the wide view: no join)
+    "SELECT corpus, count(*) AS pairs, avg((a = b AND b = c)::INT) AS all_three, avg((a = b)::INT) AS t0_t1, "
+    "avg((a = c)::INT) AS t0_t2, avg((b = c)::INT) AS t1_t2 FROM (SELECT corpus, predicted(t0) AS a, "
+    "predicted(t1) AS b, predicted(t2) AS c FROM scores) GROUP BY corpus ORDER BY corpus"
+)
+AGREEMENT_JOIN = (  # the same over the long view: a 3-way join
     "SELECT corpus, count(*) AS pairs, avg((a.p = b.p AND b.p = c.p)::INT) AS all_three, "
     "avg((a.p = b.p)::INT) AS t0_t1, avg((a.p = c.p)::INT) AS t0_t2, avg((b.p = c.p)::INT) AS t1_t2 FROM "
     + " JOIN ".join(f"(SELECT corpus, part, \"row\", list_position(logits, list_max(logits)) AS p FROM labels "
@@ -108,13 +113,18 @@ def main() -> None:
     ap.add_argument("--ingest-rows", type=int, default=0, help="also time ingest of a JSONL file of this many rows")
     ap.add_argument("--out", type=Path, default=Path("/tmp/scale"))
     ap.add_argument("--keep", action="store_true", help="keep the store (default: removed at the end)")
+    ap.add_argument("--reuse", action="store_true", help="time a store kept by an earlier --keep run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     texts = sentences()
     result = {"rows": args.rows, "parts": args.parts, "teachers": len(TEACHERS)}
     store_dir = args.out / f"store-{args.rows}-{args.parts}"
     t = time.perf_counter()
-    build(store_dir, args.rows, args.parts, texts)
+    if args.reuse and (store_dir / "store.json").exists():
+        store = Store(store_dir)  # built by an earlier --keep run with the same --rows and --parts
+        assert store.corpus("synthetic").rows == args.rows and len(store.corpus("synthetic").parts) == args.parts
+    else:
+        build(store_dir, args.rows, args.parts, texts)
     result["build_seconds"] = round(time.perf_counter() - t, 1)
     result["store_mb"] = round(sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file()) / 2**20, 1)
     print(f"built {args.rows:,} rows x 3 teachers in {args.parts} parts: {result['build_seconds']} s, "
@@ -122,7 +132,9 @@ def main() -> None:
     label = BIN / "tmkd-label"
     for name, cmd in (("status", [label, "status", "--store", store_dir]),
                       ("verify", [label, "verify", "--store", store_dir]),
-                      ("agreement_query", [label, "query", "--store", store_dir, "--format", "csv", AGREEMENT])):
+                      ("agreement_query", [label, "query", "--store", store_dir, "--format", "csv", AGREEMENT]),
+                      ("agreement_join_query", [label, "query", "--store", store_dir, "--format", "csv",
+                                                AGREEMENT_JOIN])):
         result[name] = timed(cmd)
         print(f"{name}: {result[name]['seconds']} s, peak RSS {result[name]['peak_rss_mb']} MB", flush=True)
     if args.ingest_rows:

@@ -288,7 +288,7 @@ def read_verified(path: Path, digest: str, what: str) -> bytes:
 def parse_parquet(data: bytes, path: Path, what: str, columns: list[str] | None = None) -> pa.Table:
     """Decode Parquet bytes, verifying page checksums; a damaged file is a CorruptPartError."""
     try:
-        return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+        return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True).read(columns, use_threads=False)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise CorruptPartError(f"{path}: {what} cannot be decoded ({e})") from None
 

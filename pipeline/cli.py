@@ -161,7 +161,7 @@ class Format(str, Enum):
 
 @app.command()
 def query(
-    sql: str = typer.Argument(..., help="SQL over the views corpus, labels, teachers, corpora (read-only)."),
+    sql: str = typer.Argument(..., help="SQL over the views corpus, labels, scores, teachers, corpora (read-only)."),
     store: str = STORE_OPT,
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     limit: int = typer.Option(100, "--max-rows", min=0, help="Rows shown in table format (csv/json print all)."),
@@ -173,8 +173,9 @@ def query(
     """DuckDB SQL over the store, with no file access (nothing a query does can change the store).
 
     Views: corpus(corpus, part, id, text_a, text_b, label, group), labels(teacher, corpus,
-    part, row, id, logits), teachers(name, fingerprint, path, label_names, dtype, max_length),
-    corpora(corpus, label_names, parts, rows).
+    part, row, id, logits), scores(corpus, part, row, id, label, group, one logits column per
+    teacher), teachers(name, fingerprint, path, label_names, dtype, max_length),
+    corpora(corpus, label_names, parts, rows). Macros: predicted(logits), probs(logits).
     """
     from tmkd.pipeline.query import run_query, write_query
 

@@ -15,8 +15,13 @@ Views:
 - ``corpus``   (corpus, part, id, text_a, text_b, label, "group")
 - ``labels``   (teacher, corpus, part, row, id, logits FLOAT[]) — current, intact label parts only;
   ``row`` is the position in the part, the same for every teacher (parts are aligned)
+- ``scores``   (corpus, part, row, id, label, "group", <one FLOAT[] column per teacher>) — one row per
+  pair, built part by part with no join (``pipeline/scores.py``), checked as DuckDB reads it
 - ``teachers`` (name, fingerprint, path, label_names, dtype, max_length)
 - ``corpora``  (corpus, label_names, parts, "rows")
+
+Only the views a query's text names are checked and registered: a view it does not name does not
+exist for it. Macros: ``predicted(logits)`` (the argmax, 0-based) and ``probs(logits)`` (the softmax).
 
 Parts left out (damaged corpus parts, stale or damaged label parts, label files no view can
 show) are returned with the reason, for the caller to report: a view never shrinks silently.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -42,6 +48,7 @@ import pyarrow.dataset as ds
 
 from tmkd.data.fs import ObjectPath
 from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, scored_corpora
+from tmkd.pipeline.scores import ScoresView
 
 
 class QueryError(StoreError):
@@ -105,8 +112,24 @@ def _const(**values) -> ds.Expression:
     return expr
 
 
-def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
-    """The Arrow objects behind the views, over intact committed parts; and what was left out."""
+VIEWS = ("corpus", "labels", "scores", "teachers", "corpora")
+MACROS = (  # helpers over a logits list, in every query
+    "CREATE MACRO predicted(logits) AS list_position(logits, list_max(logits)) - 1",  # the argmax, 0-based like label
+    "CREATE MACRO probs(logits) AS list_transform(logits, lambda x: exp(x - list_max(logits)) / "
+    "list_sum(list_transform(logits, lambda y: exp(y - list_max(logits)))))",  # softmax
+)
+
+
+def referenced_views(sql: str) -> set[str]:
+    """The views a SQL text names (as a word, anywhere: an over-estimate is only slower). A view it
+    does not name is neither checked nor registered, so it cannot be read unchecked."""
+    return {v for v in VIEWS if re.search(rf"\b{v}\b", sql, re.IGNORECASE)}
+
+
+def build_views(store: Store, wanted: set[str] | None = None) -> tuple[dict[str, object], LeftOut]:
+    """The Arrow objects behind the views (``wanted``: these only, default all), over intact committed
+    parts; and what was left out."""
+    wanted = set(VIEWS) if wanted is None else wanted
     left = LeftOut()
     manifests = {c: store.corpus(c) for c in store.corpora()}
     teachers = store.teachers()
@@ -114,7 +137,8 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
     scoring = {name: [] for name in manifests}  # corpus -> teachers whose label space fits it
     for t, name, m, mismatch in scored_corpora(teachers.values(), manifests):
         if mismatch:
-            left.label_parts.append(f"{t.name}/{name}/* ({mismatch})")
+            if wanted & {"labels", "scores"}:
+                left.label_parts.append(f"{t.name}/{name}/* ({mismatch})")
         else:
             scoring[name].append(t)
 
@@ -124,15 +148,42 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
             ids = store.read_corpus_part(p, ["id"]).column("id").to_numpy()
         except CorruptPartError as e:
             return str(e).split(": ", 1)[1], []
-        checks = [(t, store.check_label(t, p, corpus_ids=ids)) for t in scoring[name]]
+        checks = [(t, store.check_label(t, p, corpus_ids=ids)) for t in scoring[name]] if "labels" in wanted else []
         for _, check in checks:
             check.table = None  # checked; DuckDB reads the file itself: memory stays flat
         return None, checks
 
     work = [(name, p) for name, m in manifests.items() for p in m.parts]
-    with ThreadPoolExecutor(CHECK_THREADS) as pool:  # hashing and decoding release the GIL
-        checked = list(pool.map(lambda job: check_part(*job), work))
+    views: dict[str, object] = {}
+    if "scores" in wanted:  # checked as DuckDB reads it (pipeline/scores.py): nothing to do now
+        views["scores"] = ScoresView(store, work, scoring, left)
+    if wanted & {"corpus", "labels"}:
+        with ThreadPoolExecutor(CHECK_THREADS) as pool:  # hashing and decoding release the GIL
+            checked = list(pool.map(lambda job: check_part(*job), work))
+        views.update(_datasets(store, work, checked, left))
+    if wanted & {"labels", "scores"}:
+        left.label_parts += _unshown_label_files(store, teachers, manifests, left)
 
+    teacher_rows = pa.table({
+        "name": [t.name for t in teachers.values()],
+        "fingerprint": [t.fingerprint for t in teachers.values()],
+        "path": [t.path for t in teachers.values()],
+        "label_names": pa.array([t.label_names for t in teachers.values()], pa.list_(pa.string())),
+        "dtype": [t.dtype for t in teachers.values()],
+        "max_length": pa.array([t.max_length for t in teachers.values()], pa.int32()),
+    })
+    corpora_rows = pa.table({
+        "corpus": list(manifests),
+        "label_names": pa.array([m.label_names for m in manifests.values()], pa.list_(pa.string())),
+        "parts": pa.array([len(m.parts) for m in manifests.values()], pa.int32()),
+        "rows": pa.array([m.rows for m in manifests.values()], pa.int64()),
+    })
+    views.update(teachers=teacher_rows, corpora=corpora_rows)
+    return {name: obj for name, obj in views.items() if name in wanted}, left
+
+
+def _datasets(store: Store, work: list, checked: list, left: LeftOut) -> dict[str, ds.Dataset]:
+    """The corpus and labels views: Arrow datasets over the parts that passed their checks."""
     corpus_paths, corpus_parts, label_paths, label_parts = [], [], [], []
     for (name, p), (corpus_problem, labels) in zip(work, checked):
         if corpus_problem:
@@ -149,8 +200,15 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
             label_paths.append(check.path)
             label_parts.append(_const(teacher=t.name, corpus=name, part=p.part))
             left.checked[label_paths[-1]] = _identity(label_paths[-1])
-    corpus = _dataset(store, corpus_paths, CORPUS_VIEW_SCHEMA, corpus_parts)
-    for f in store.label_files():  # label parts on disk that no view can show: never silently
+    return {"corpus": _dataset(store, corpus_paths, CORPUS_VIEW_SCHEMA, corpus_parts),
+            "labels": _dataset(store, label_paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))),
+                               label_parts)}
+
+
+def _unshown_label_files(store: Store, teachers: dict, manifests: dict, left: LeftOut) -> list[str]:
+    """Label parts on disk that no view can show (unknown teacher or corpus, ...): never silently."""
+    out = []
+    for f in store.label_files():
         teacher, cname = f.parent.parent.name, f.parent.name
         if f in left.checked:
             continue
@@ -160,25 +218,8 @@ def build_views(store: Store) -> tuple[dict[str, object], LeftOut]:
                else "no such corpus part" if part not in {p.part for p in m.parts}
                else f"teacher not set to score corpus {cname!r}" if not t.scores(cname) else None)
         if why:
-            left.label_parts.append(f"{teacher}/{cname}/{f.name} ({why})")
-    labels = _dataset(store, label_paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))),
-                      label_parts)
-
-    teacher_rows = pa.table({
-        "name": [t.name for t in teachers.values()],
-        "fingerprint": [t.fingerprint for t in teachers.values()],
-        "path": [t.path for t in teachers.values()],
-        "label_names": pa.array([t.label_names for t in teachers.values()], pa.list_(pa.string())),
-        "dtype": [t.dtype for t in teachers.values()],
-        "max_length": pa.array([t.max_length for t in teachers.values()], pa.int32()),
-    })
-    corpora_rows = pa.table({
-        "corpus": list(manifests),
-        "label_names": pa.array([m.label_names for m in manifests.values()], pa.list_(pa.string())),
-        "parts": pa.array([len(m.parts) for m in manifests.values()], pa.int32()),
-        "rows": pa.array([m.rows for m in manifests.values()], pa.int64()),
-    })
-    return {"corpus": corpus, "labels": labels, "teachers": teacher_rows, "corpora": corpora_rows}, left
+            out.append(f"{teacher}/{cname}/{f.name} ({why})")
+    return out
 
 
 def _locked_connection() -> duckdb.DuckDBPyConnection:
@@ -199,13 +240,16 @@ def _locked_connection() -> duckdb.DuckDBPyConnection:
 
 
 @contextmanager
-def connect(store: Store):
-    """An in-memory DuckDB over the store's views, with no file access; yields (connection, left out)."""
-    views, left = build_views(store)
+def connect(store: Store, sql: str | None = None):
+    """An in-memory DuckDB over the store's views (those ``sql`` names; default all), with no file
+    access; yields (connection, left out)."""
+    views, left = build_views(store, None if sql is None else referenced_views(sql))
     con = _locked_connection()
     try:
         for name, obj in views.items():  # the logits' fixed-size lists are read as FLOAT[] (the schema above)
             con.register(name, obj)
+        for macro in MACROS:
+            con.execute(macro)
         yield con, left
     finally:
         con.close()
@@ -254,7 +298,7 @@ def _refuse_if_changed(left: LeftOut) -> None:
 
 def run_query(store: Store, sql: str):
     """Run SQL (any statements); return (column names, rows of the last statement, left out)."""
-    with connect(store) as (con, left):
+    with connect(store, sql) as (con, left):
         result = _execute(con, sql)
         try:
             columns = [d[0] for d in result.description] if result.description else []
@@ -284,7 +328,7 @@ def write_query(store: Store, sql: str, output: Path, fmt: str) -> tuple[int, Le
         raise QueryError(f"--output {output}: inside the store {store.root}; a query never writes into a store")
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     rows = 0
-    with connect(store) as (con, left):
+    with connect(store, sql) as (con, left):
         relation = _execute(con, sql, stream=True)
         try:
             with open(tmp, "wb") as f:

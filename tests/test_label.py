@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -220,6 +221,25 @@ def test_query_joins_teachers_and_reports_sql_errors(tmp_path, wikiqa_sample, ti
         FROM labels a JOIN labels b USING (corpus, id) WHERE a.teacher = 't1' AND b.teacher = 't2'""")
     agree_n, n = map(int, agree.stdout.splitlines()[1].split(","))
     assert n == 120 and 0 <= agree_n <= n
+
+    # the wide view: one row per pair, a logits column per teacher, equal to the label files read here;
+    # predicted() and probs() equal numpy's argmax and softmax
+    wide = json.loads(cli("query", "--store", store, "--format", "json", """
+        SELECT part, "row", id, label, t1, t2, t3, predicted(t2) AS p2, probs(t3) AS q3 FROM scores
+        ORDER BY part, "row" """).stdout)
+    st = Store(store)
+    corpus = pa.concat_tables(st.read_corpus_part(p) for p in st.corpus("wq").parts)
+    assert [r["id"] for r in wide] == corpus.column("id").to_pylist()
+    assert [r["label"] for r in wide] == corpus.column("label").to_pylist()
+    for t in ("t1", "t2", "t3"):
+        direct = np.concatenate([logits_to_numpy(pq.read_table(st.label_path(t, "wq", p.part)).column("logits"))
+                                 for p in st.corpus("wq").parts])
+        np.testing.assert_array_equal(np.array([r[t] for r in wide], np.float32), direct)
+        if t == "t2":
+            np.testing.assert_array_equal([r["p2"] for r in wide], direct.argmax(1))
+        if t == "t3":
+            soft = np.exp(direct - direct.max(1, keepdims=True))
+            np.testing.assert_allclose([r["q3"] for r in wide], soft / soft.sum(1, keepdims=True), rtol=1e-5)
 
     # hostile statements: tests/test_store_trust.py
     res = cli("query", "--store", store, "SELECT nonsense FROM labels", ok=False)

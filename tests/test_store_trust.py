@@ -154,6 +154,13 @@ def test_damage_is_named_left_out_refused_and_repaired(case, scored, tmp_path):
     assert rows == 120 - st.corpus("wq").parts[1].rows
     assert ("1 label parts left out as invalid: t1/wq/1" if kind == "label" else
             "1 corpus parts left out as invalid: wq/1") in q.stderr or case == "missing label part", q.stderr
+    # the wide view, checked as it is read: the same part left out (its t1 column NULL), the same message
+    q = cli("query", "--store", store, "--format", "csv", "SELECT count(*), count(t1), count(t2) FROM scores")
+    pairs, t1, t2 = map(int, q.stdout.splitlines()[1].split(","))
+    rows = st.corpus("wq").parts[1].rows
+    assert (pairs, t1, t2) == ((120, 120 - rows, 120) if kind == "label" else (120 - rows,) * 3)
+    assert ("1 label parts left out as invalid: t1/wq/1" if kind == "label" else
+            "1 corpus parts left out as invalid: wq/1") in q.stderr or case == "missing label part", q.stderr
 
     # the next run: re-scores a damaged label part (and says so); refuses a damaged corpus part, writing nothing
     snapshot = tree_digests(store)
@@ -307,6 +314,28 @@ def test_a_part_rewritten_while_a_query_runs_discards_the_result(scored, tmp_pat
     monkeypatch.setattr(query, "_locked_connection", swap_then_connect)
     res = cli("query", "--store", store, "SELECT sum(logits[1]) FROM labels", ok=False)
     assert res.exit_code == 1 and "the store changed while the query ran" in res.output and str(path) in res.output
+
+
+def test_a_query_checks_and_sees_only_the_views_it_names(scored, tmp_path, monkeypatch):
+    """A view the SQL does not name is neither checked (no cost) nor registered (it cannot be read unchecked)."""
+    import tmkd.pipeline.query as query
+
+    source, _ = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    truncate(Store(store).corpus("wq").parts[1].path)
+    res = cli("query", "--store", store, "--format", "csv", "SELECT count(*) FROM teachers")
+    assert res.stdout.split()[1] == "2" and "left out" not in res.stderr  # the corpus was not read
+    res = cli("query", "--store", store, "--format", "csv", "SELECT count(*) FROM corpus")
+    assert "1 corpus parts left out as invalid: wq/1" in res.stderr
+
+    built = []
+    real = query.build_views
+    monkeypatch.setattr(query, "build_views", lambda st, wanted=None: built.append(wanted) or real(st, wanted))
+    cli("query", "--store", store, "SELECT count(*) FROM scores s, Teachers")
+    assert built[-1] == {"scores", "teachers"}
+    res = cli("query", "--store", store, "SELECT count(*) FROM query_table('lab' || 'els')", ok=False)
+    assert res.exit_code == 1 and "labels does not exist" in res.output  # an error, never an unchecked read
 
 
 def test_query_table_prints_values_as_text(scored, tmp_path):
