@@ -215,6 +215,60 @@ def query(
 
 
 @app.command()
+def report(
+    store: str = STORE_OPT,
+    out_path: Path = typer.Option(..., "--out", "-o", help="The HTML file to write; its numbers go beside it as "
+                                                           "JSON (report.html -> report.json)."),
+    runs: list[Path] = typer.Option([], "--runs", help="A student run folder (run.json, metrics.jsonl); repeat."),
+    corpus: list[str] = typer.Option([], "--corpus", help="Only this corpus; repeat (default: every corpus)."),
+    top: int = typer.Option(20, "--top", min=0, help="Disagreements listed per corpus."),
+):
+    """One self-contained HTML page: coverage, agreement, confidence, calibration, disagreements, students."""
+    import time
+
+    from tmkd.data.fs import ObjectPath
+    from tmkd.pipeline.query import finite
+    from tmkd.pipeline.report import build_report
+    from tmkd.pipeline.report_html import render
+
+    started = time.perf_counter()
+    out_path = out_path.absolute()
+    try:
+        st = Store(store)
+        if not isinstance(st.root, ObjectPath) and out_path.resolve().is_relative_to(st.root.resolve()):
+            fail(f"--out {out_path}: inside the store {st.root}; a report never writes into a store")
+        if not out_path.parent.is_dir():
+            fail(f"--out {out_path}: the folder {out_path.parent} does not exist")
+        data = finite(build_report(st, runs, corpus or None, top))
+    except (StoreError, OSError) as e:
+        fail(e)
+    for kind, parts in (("corpus", data["left_out"]["corpus_parts"]), ("label", data["left_out"]["label_parts"])):
+        if parts:
+            say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
+    json_path = out_path.with_suffix(".json")
+    try:
+        write_atomic(json_path, json.dumps(data, indent=1, default=str, allow_nan=False))
+        write_atomic(out_path, render(data))
+    except OSError as e:
+        fail(e)
+    pairs = sum(c["pairs_scanned"] for c in data["corpora"].values())
+    seconds = time.perf_counter() - started
+    say(out, f"report of {len(data['corpora'])} corpora ({pairs:,} pairs), {len(data['teachers'])} teachers, "
+             f"{len(data['students'])} student runs in {seconds:.1f} s ({pairs / max(seconds, 1e-9):,.0f} pairs/s) "
+             f"-> {out_path} (+ {json_path.name})")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@app.command()
 def verify(store: str = STORE_OPT):
     """Check the store is complete and consistent; exit 0 only if it is."""
     from tmkd.pipeline.verify import verify as verify_store

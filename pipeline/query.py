@@ -126,12 +126,13 @@ def referenced_views(sql: str) -> set[str]:
     return {v for v in VIEWS if re.search(rf"\b{v}\b", sql, re.IGNORECASE)}
 
 
-def build_views(store: Store, wanted: set[str] | None = None) -> tuple[dict[str, object], LeftOut]:
+def build_views(store: Store, wanted: set[str] | None = None,
+                only: set[str] | None = None) -> tuple[dict[str, object], LeftOut]:
     """The Arrow objects behind the views (``wanted``: these only, default all), over intact committed
-    parts; and what was left out."""
+    parts of every corpus (``only``: of these); and what was left out."""
     wanted = set(VIEWS) if wanted is None else wanted
     left = LeftOut()
-    manifests = {c: store.corpus(c) for c in store.corpora()}
+    manifests = {c: store.corpus(c) for c in store.corpora() if only is None or c in only}
     teachers = store.teachers()
 
     scoring = {name: [] for name in manifests}  # corpus -> teachers whose label space fits it
@@ -240,19 +241,26 @@ def _locked_connection() -> duckdb.DuckDBPyConnection:
 
 
 @contextmanager
-def connect(store: Store, sql: str | None = None):
-    """An in-memory DuckDB over the store's views (those ``sql`` names; default all), with no file
-    access; yields (connection, left out)."""
-    views, left = build_views(store, None if sql is None else referenced_views(sql))
+def connect_views(views: dict[str, object]):
+    """A locked in-memory DuckDB with ``views`` registered and the macros defined."""
     con = _locked_connection()
     try:
         for name, obj in views.items():  # the logits' fixed-size lists are read as FLOAT[] (the schema above)
             con.register(name, obj)
         for macro in MACROS:
             con.execute(macro)
-        yield con, left
+        yield con
     finally:
         con.close()
+
+
+@contextmanager
+def connect(store: Store, sql: str | None = None):
+    """An in-memory DuckDB over the store's views (those ``sql`` names; default all), with no file
+    access; yields (connection, left out)."""
+    views, left = build_views(store, None if sql is None else referenced_views(sql))
+    with connect_views(views) as con:
+        yield con, left
 
 
 def changed_since_checked(left: LeftOut) -> list[str]:
@@ -343,7 +351,7 @@ def write_query(store: Store, sql: str, output: Path, fmt: str) -> tuple[int, Le
                     if writer is not None:
                         writer.write_batch(batch)
                     else:  # JSON lines; NaN and infinities (not JSON) as null
-                        f.write("".join(json.dumps(_finite(r), default=str, allow_nan=False) + "\n"
+                        f.write("".join(json.dumps(finite(r), default=str, allow_nan=False) + "\n"
                                         for r in batch.to_pylist()).encode())
                     rows += batch.num_rows
                 if writer is not None:
@@ -359,11 +367,12 @@ def write_query(store: Store, sql: str, output: Path, fmt: str) -> tuple[int, Le
     return rows, left
 
 
-def _finite(v):
+def finite(v):
+    """``v`` with NaN and infinities (not JSON) replaced by None, in nested lists and dicts."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: finite(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_finite(x) for x in v]
+        return [finite(x) for x in v]
     return v

@@ -43,6 +43,8 @@ class ScoresView:
         names = sorted({t.name for ts in scoring.values() for t in ts})
         self.teachers = names
         self.schema = pa.schema(list(KEYS) + [pa.field(n, LOGITS) for n in names])
+        self.damaged: set[tuple[str, str, int]] = set()  # (teacher, corpus, part) label parts left out as invalid
+        self.damaged_corpus: set[tuple[str, int]] = set()  # (corpus, part) corpus parts left out
 
     def __arrow_c_schema__(self):
         return self.schema.__arrow_c_schema__()
@@ -71,17 +73,18 @@ class ScoresView:
 
     def _take(self, checked):
         batch, problems = checked
-        for kind, what in problems:
+        for kind, what, key in problems:
             self._report(kind, what)
+            (self.damaged_corpus if kind == "corpus" else self.damaged).add(key)
         if batch is not None:
             yield batch
 
-    def _check_part(self, name: str, part) -> tuple[pa.RecordBatch | None, list[tuple[str, str]]]:
+    def _check_part(self, name: str, part) -> tuple[pa.RecordBatch | None, list[tuple]]:
         """One corpus part and its teachers' label parts, checked; the wide batch and what was left out."""
         try:
             corpus = self.store.read_corpus_part(part, ["id", "label", "group"])
         except CorruptPartError as e:
-            return None, [("corpus", f"{name}/{part.part} ({str(e).split(': ', 1)[1]})")]
+            return None, [("corpus", f"{name}/{part.part} ({str(e).split(': ', 1)[1]})", (name, part.part))]
         ids = corpus.column("id").to_numpy()
         n = len(ids)
         columns = [pa.repeat(pa.scalar(name, pa.string()), n), pa.repeat(pa.scalar(part.part, pa.int32()), n),
@@ -94,7 +97,8 @@ class ScoresView:
             check = self.store.check_label(scorers[teacher], part, corpus_ids=ids) if teacher in scorers else None
             if check is None or check.status != "ok":
                 if check is not None and check.invalid:
-                    problems.append(("label", f"{teacher}/{name}/{part.part} ({check.status}: {check.reason})"))
+                    problems.append(("label", f"{teacher}/{name}/{part.part} ({check.status}: {check.reason})",
+                                     (teacher, name, part.part)))
                 columns.append(pa.nulls(n, LOGITS))
                 continue
             logits = logits_to_numpy(check.table.column("logits"))

