@@ -24,6 +24,8 @@ Schema (every table and key; defaults in brackets)::
 
     [eval]
     corpus = "dev"                  # [""]: no evaluation; the final model is the last one
+    test_corpus = ""                # [""]: none; else the exported model is scored on it once, at the end
+                                    #   (run.json "test", and the model card)
     metric = "accuracy"             # accuracy | f1 | map | mrr: keeps the best checkpoint
     batch_size = 64
     positive_label = "entailment"   # the class (a label NAME) whose score ranks candidates (MAP/MRR) and
@@ -115,6 +117,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     corpus: str = ""
+    test_corpus: str = ""  # scored once with the exported model (the best epoch), after training
     metric: str = "accuracy"
     batch_size: int = 64
     positive_label: str | None = None  # a label name; None: the corpus's declared one, else a name meaning positive

@@ -1,4 +1,5 @@
-"""Evaluation on the dev corpus after every epoch: split over ranks, gathered, scored once."""
+"""Evaluation: on the dev corpus after every epoch (split over ranks, gathered, scored once), and of the
+exported model on the test corpus, once, at the end."""
 from __future__ import annotations
 
 
@@ -33,3 +34,26 @@ def evaluate(accelerator, model, plan, tokenizer) -> dict:
         local = (np.concatenate([p[0] for p in allp]), np.concatenate([p[1] for p in allp]),
                  [g for p in allp for g in p[2]])
     return evaluate_predictions(local[0], local[1], local[2], plan.positive)
+
+
+def evaluate_export(folder, plan, corpus: str, device) -> dict:
+    """The exported model (a stock Hugging Face folder, loaded as a user loads it) scored on ``corpus``."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tmkd.student.data import INPUTS, eval_batches
+    from tmkd.teachers.metrics import evaluate_predictions
+
+    cfg = plan.cfg
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    logits, gold, groups = [], [], []
+    with torch.no_grad():
+        for batch, labels, grp in eval_batches(plan.store, plan.corpora[corpus].parts, tokenizer,
+                                               cfg.student.max_length, cfg.eval.batch_size):
+            out = model(**{k: batch[k].to(device) for k in INPUTS if k in batch}).logits
+            logits.append(out.float().cpu().numpy())
+            gold.append(labels)
+            groups += grp
+    return evaluate_predictions(np.concatenate(logits), np.concatenate(gold), groups, plan.positive)

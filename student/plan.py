@@ -49,7 +49,7 @@ def label_space(cfg: TrainConfig, store, teachers, corpora: Manifests | None = N
     corpora = _manifests(store, corpora)
     stage_corpora = [c for s in cfg.stages for c in s.corpora]
     labelled: list[tuple[str, list[str]]] = []  # (corpus, label names), each declaring a label space
-    for c in dict.fromkeys(stage_corpora + ([cfg.eval.corpus] if cfg.eval.corpus else [])):
+    for c in dict.fromkeys(stage_corpora + [c for c in (cfg.eval.corpus, cfg.eval.test_corpus) if c]):
         m = corpora[c]  # StoreError naming the known corpora if absent
         if not m.parts:
             raise StoreError(f"corpus {c!r} has no committed parts")
@@ -165,8 +165,8 @@ class Plan:
     def record(self, status: str, mixed_precision: str, extra: dict | None = None) -> dict:
         """run.json: variant, teachers + fingerprints, corpora + part digests, config."""
         cfg = self.cfg
-        names = dict.fromkeys([c for s in cfg.stages for c in s.corpora] + ([cfg.eval.corpus] if cfg.eval.corpus
-                                                                             else []))
+        names = dict.fromkeys([c for s in cfg.stages for c in s.corpora]
+                              + [c for c in (cfg.eval.corpus, cfg.eval.test_corpus) if c])
         corpora = {c: {"rows": m.rows, "label_names": m.label_names,
                        "parts": [{"part": p.part, "rows": p.rows, "digest": p.digest} for p in m.parts]}
                    for c, m in ((c, self.corpora[c]) for c in names)}

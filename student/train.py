@@ -206,9 +206,12 @@ def finish(s: Session) -> RunResult:
         indent=2))
     accelerator.wait_for_everyone()
     if main:
-        write_atomic(out / "run.json", json.dumps(plan.record(
-            "done", accelerator.mixed_precision, {"steps": s.step, "examples": examples, "seconds": seconds,
-                                                  "best": state["best"], "num_workers": plan.num_workers}), indent=2))
+        metrics = run_metrics(plan, state, out, accelerator.device)
+        record = plan.record("done", accelerator.mixed_precision, {
+            "steps": s.step, "examples": examples, "seconds": seconds, "best": state["best"],
+            "num_workers": plan.num_workers, **({"test": metrics["test"]} if "test" in metrics else {})})
+        write_atomic(out / "run.json", json.dumps(record, indent=2))
+        write_card(plan, record, metrics, out)
         rate = examples / max(seconds, 1e-9)
         best = state["best"]
         best_txt = f"best {best['metric']} {best['value']:.4f} ({best['stage']} epoch {best['epoch']})" if best else \
@@ -218,6 +221,32 @@ def finish(s: Session) -> RunResult:
     if world > 1:
         accelerator.end_training()
     return RunResult(out, s.step, examples, seconds, state["best"], state["history"])
+
+
+def run_metrics(plan: Plan, state: dict, out: Path, device) -> dict:
+    """The exported model's metrics: dev (its epoch's evaluation) and test (scored now, if configured)."""
+    from tmkd.student.evaluate import evaluate_export
+
+    metrics = {}
+    best = state["best"]
+    if best is not None:
+        line = next(x for x in state["history"] if x["stage"] == best["stage"] and x["epoch"] == best["epoch"])
+        metrics["dev"] = {k[len("eval_"):]: v for k, v in line.items() if k.startswith("eval_")}
+    if plan.cfg.eval.test_corpus:
+        metrics["test"] = evaluate_export(out, plan, plan.cfg.eval.test_corpus, device)
+    return metrics
+
+
+def write_card(plan: Plan, record: dict, metrics: dict, out: Path) -> None:
+    """The exported model's README.md: base model, corpora, teachers, config, metrics, how to load it."""
+    from tmkd.teachers.model_card import write_model_card
+
+    cfg = plan.cfg
+    write_model_card(out, kind="student", name=out.name, base_model=cfg.student.encoder,
+                     label_names=plan.label_names, max_length=cfg.student.max_length, config=cfg.to_dict(),
+                     corpora={c: {"rows": v["rows"], "parts": v["parts"]} for c, v in record["corpora"].items()},
+                     teachers=record["teachers"], metrics=metrics,
+                     method=f"{cfg.variant}, {cfg.student.num_layers or 'all'} layers")
 
 
 # ---- command line -----------------------------------------------------------------------------

@@ -70,6 +70,7 @@ from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
+from tmkd.teachers.model_card import corpus_summary, write_model_card
 from tmkd.teachers.ranking import GROUP_LOSSES, batch_loss, class_weights
 from tmkd.teachers.spec import check_unique_names
 from tmkd.teachers.splits import FinetuneError, Split, group_batches, group_index, load_split, pair_batches
@@ -384,6 +385,21 @@ def save_teacher(accelerator, model, tokenizer, folder: Path, record: dict) -> N
     accelerator.wait_for_everyone()
 
 
+def write_teacher_card(cfg: FinetuneConfig, spec: TeacherConfig, folder: Path, entry: dict,
+                       label_names: list[str]) -> None:
+    """The teacher folder's README.md: base model, corpora (rows, digests), config, dev/test metrics, usage."""
+    store = Store(cfg.store)
+    corpora = {c: corpus_summary(store.corpus(c)) for c in dict.fromkeys((cfg.train_corpus, cfg.dev_corpus,
+                                                                          cfg.test_corpus)) if c}
+    config = {**dataclasses.asdict(spec), **{k: getattr(cfg, k) for k in ("encoder", "train_corpus", "dev_corpus",
+                                                                           "test_corpus", "max_length", "bf16",
+                                                                           "max_train_rows", "positive_label")}}
+    metrics = {"dev": entry["dev"], **({"test": entry["test"]} if "test" in entry else {})}
+    write_model_card(folder, kind="teacher", name=spec.name, base_model=cfg.encoder, label_names=label_names,
+                     corpora=corpora, metrics=metrics, config=config, max_length=cfg.max_length,
+                     method=f"{spec.loss} loss, best of {spec.epochs} epochs by {entry['selected_by']}")
+
+
 def rank_batches(accelerator, spec: TeacherConfig, data: Prepared):
     """A function returning this rank's share of a fresh, shuffled epoch of row batches (the same count
     on every rank, so DDP stays in step)."""
@@ -469,6 +485,8 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     record = {**entry, "encoder": cfg.encoder, "train_corpus": cfg.train_corpus, "dev_corpus": cfg.dev_corpus,
               "max_length": cfg.max_length, "bf16": cfg.bf16}
     save_teacher(accelerator, model, data.tokenizer, folder, record)
+    if accelerator.is_main_process:
+        write_teacher_card(cfg, spec, folder, entry, data.train.label_names)
     accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
     entry.update(path=str(folder), seconds=round(time.time() - started, 1))
     test = f" | test {_fmt(entry['test'])}" if "test" in entry else ""

@@ -151,6 +151,30 @@ def test_written_teachers_load_and_reproduce_their_dev_scores(trained, toy_store
         assert got["map"] == pytest.approx(report[spec.name]["dev"]["map"], abs=1e-3)
 
 
+def test_every_teacher_folder_has_a_model_card_whose_usage_runs(trained, toy_store, tiny_teachers):
+    from tmkd.teachers.model_card import read_model_card
+
+    st = Store(toy_store)
+    report = {t["name"]: t for t in json.loads((trained / "finetune-report.json").read_text())["teachers"]}
+    for name in ("tiny-list", "tiny-point"):
+        meta, body = read_model_card(trained / name)
+        card = meta["tmkd"]
+        assert meta["library_name"] == "transformers" and card["kind"] == "teacher" and card["name"] == name
+        assert card["base_model"] == str(tiny_teachers["t1"]) and card["label_names"] == LABELS
+        assert card["metrics"]["dev"] == report[name]["dev"]
+        for corpus in ("toy-train", "toy-dev"):
+            m = st.corpus(corpus)
+            assert card["corpora"][corpus]["rows"] == m.rows
+            assert [p["digest"] for p in card["corpora"][corpus]["parts"]] == [p.digest for p in m.parts]
+        assert f"`{tiny_teachers['t1']}`" in body and "## Config" in body
+    # the card's "how to load it" runs as written, with plain transformers
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    probs = eval(proc.stdout.strip())  # {'no': p, 'yes': 1 - p}
+    assert set(probs) == set(LABELS) and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_listwise_loss_matches_hand_computation():
     scores = torch.tensor([2.0, 0.0, 1.0, 0.5, -0.5, 3.0], requires_grad=True)
     relevant = torch.tensor([True, False, True, False, True, False])

@@ -293,6 +293,32 @@ def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encode
     assert max(x["eval_accuracy"] for x in lines) >= 0.9 and result.best["value"] >= 0.9, lines
 
 
+def test_the_export_is_scored_on_the_test_corpus_and_described_by_its_model_card(tmp_path, store_dir, encoder):
+    """eval.test_corpus scores the exported model as a user loads it; on the dev corpus itself that equals
+    the trainer's own evaluation of the kept epoch. The model card records it all."""
+    from tmkd.student.train import run
+    from tmkd.teachers.model_card import read_model_card
+
+    raw = toy_config(store_dir, encoder, tmp_path / "out", teachers=["t1", "t2"],
+                     stages=[_stage("task", ["train"], epochs=2)])
+    raw["eval"]["test_corpus"] = "dev"
+    result = run(config_from_dict(raw))
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    kept = next(x for x in lines if x["epoch"] == result.best["epoch"] and x["stage"] == result.best["stage"])
+    for key in ("accuracy", "f1", "map", "mrr"):
+        assert record["test"][key] == pytest.approx(kept[f"eval_{key}"], abs=1e-6), key
+    meta, body = read_model_card(tmp_path / "out")
+    card = meta["tmkd"]
+    assert card["kind"] == "student" and card["base_model"] == str(encoder)
+    assert [(t["name"], t["fingerprint"]) for t in card["teachers"]] == [("t1", "toy:t1"), ("t2", "toy:t2")]
+    assert card["metrics"]["test"] == record["test"] and card["metrics"]["dev"]["map"] == kept["eval_map"]
+    st = Store(store_dir)
+    assert card["corpora"]["train"]["rows"] == st.corpus("train").rows
+    assert [p["digest"] for p in card["corpora"]["train"]["parts"]] == [p.digest for p in st.corpus("train").parts]
+    assert "tmkd" in meta["tags"] and "## How to load it" in body
+
+
 def test_stream_holds_at_most_two_parts_plus_the_buffer(tmp_path, encoder, monkeypatch):
     """Memory stays flat: rows read but not yet emitted never exceed the buffer plus two parts (one of
     them read ahead)."""
