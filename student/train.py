@@ -8,6 +8,7 @@ One readable loop: stages -> epochs -> batches, with the accelerator threaded th
 student/data.py for the data order. Output folder::
 
     OUT/config.json, model.safetensors, tokenizer files   the exported (folded) student, best epoch
+    OUT/README.md                                         the model card (base model, corpora, teachers, metrics)
     OUT/run.json                                          teachers + fingerprints, corpora + part digests, config
     OUT/metrics.jsonl                                     one line per (stage, epoch)
     OUT/checkpoints/step-NNNNNNNN/                        accelerate's save_state (model, optimizer, RNG per rank,
