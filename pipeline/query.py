@@ -1,9 +1,10 @@
 """`tmkd-label query`: DuckDB SQL over the store, with no way to touch a file.
 
-The store is opened with pyarrow, not by DuckDB: each view is a ``pyarrow.dataset`` over the
+The store is opened with pyarrow, not by DuckDB. ``labels`` is a ``pyarrow.dataset`` over the
 committed parts that pass the store's checks (``Store.check_label``, the rule `run`, `verify`
 and the trainer apply: digest, page checksums, ids, finite logits; page checksums are
-verified again while DuckDB scans). The DuckDB connection itself runs with
+verified again while DuckDB scans). ``corpus`` and ``scores`` are streams that check each part
+by the same rule as DuckDB reads it (``pipeline/streams.py``). The DuckDB connection itself runs with
 ``enable_external_access = false``, no allowed directories, no temp folder, no extension
 loading, no replacement scans of Python variables, and its configuration locked.
 So no statement can read or write any file, whatever its type (COPY, EXPORT, ATTACH,
@@ -16,7 +17,7 @@ Views:
 - ``labels``   (teacher, corpus, part, row, id, logits FLOAT[]) — current, intact label parts only;
   ``row`` is the position in the part, the same for every teacher (parts are aligned)
 - ``scores``   (corpus, part, row, id, label, "group", <one FLOAT[] column per teacher>) — one row per
-  pair, built part by part with no join (``pipeline/scores.py``), checked as DuckDB reads it
+  pair, built part by part with no join, checked as DuckDB reads it
 - ``teachers`` (name, fingerprint, path, label_names, dtype, max_length)
 - ``corpora``  (corpus, label_names, parts, "rows")
 
@@ -47,8 +48,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from tmkd.data.fs import ObjectPath
-from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, StoreError, scored_corpora
-from tmkd.pipeline.scores import ScoresView
+from tmkd.data.store import CorruptPartError, Store, StoreError, scored_corpora
+from tmkd.pipeline.streams import CorpusView, ScoresView
 
 
 class QueryError(StoreError):
@@ -78,8 +79,6 @@ def _identity(path) -> tuple:
 
 LABELS_SCHEMA = pa.schema([("teacher", pa.string()), ("corpus", pa.string()), ("part", pa.int32()),
                            ("row", pa.int32()), ("id", pa.int64())])
-CORPUS_VIEW_SCHEMA = pa.schema([("corpus", pa.string()), ("part", pa.int32())]
-                               + [CORPUS_SCHEMA.field(n) for n in ("id", "text_a", "text_b", "label", "group")])
 # Parquet page checksums are verified as DuckDB scans the parts.
 PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
@@ -156,12 +155,14 @@ def build_views(store: Store, wanted: set[str] | None = None,
 
     work = [(name, p) for name, m in manifests.items() for p in m.parts]
     views: dict[str, object] = {}
-    if "scores" in wanted:  # checked as DuckDB reads it (pipeline/scores.py): nothing to do now
+    if "scores" in wanted:  # checked as DuckDB reads them (pipeline/streams.py): nothing to do now
         views["scores"] = ScoresView(store, work, scoring, left)
-    if wanted & {"corpus", "labels"}:
+    if "corpus" in wanted:
+        views["corpus"] = CorpusView(store, work, left)
+    if "labels" in wanted:  # a dataset (DuckDB pushes teacher filters down to it): every part checked first
         with ThreadPoolExecutor(CHECK_THREADS) as pool:  # hashing and decoding release the GIL
             checked = list(pool.map(lambda job: check_part(*job), work))
-        views.update(_datasets(store, work, checked, left))
+        views["labels"] = _labels_dataset(store, work, checked, left)
     if wanted & {"labels", "scores"}:
         left.label_parts += _unshown_label_files(store, teachers, manifests, left)
 
@@ -183,16 +184,13 @@ def build_views(store: Store, wanted: set[str] | None = None,
     return {name: obj for name, obj in views.items() if name in wanted}, left
 
 
-def _datasets(store: Store, work: list, checked: list, left: LeftOut) -> dict[str, ds.Dataset]:
-    """The corpus and labels views: Arrow datasets over the parts that passed their checks."""
-    corpus_paths, corpus_parts, label_paths, label_parts = [], [], [], []
+def _labels_dataset(store: Store, work: list, checked: list, left: LeftOut) -> ds.Dataset:
+    """The labels view: an Arrow dataset over the label parts that passed their checks."""
+    label_paths, label_parts = [], []
     for (name, p), (corpus_problem, labels) in zip(work, checked):
         if corpus_problem:
             left.corpus_parts.append(f"{name}/{p.part} ({corpus_problem})")
             continue  # no label of a damaged corpus part is shown either
-        corpus_paths.append(p.path)
-        corpus_parts.append(_const(corpus=name, part=p.part))
-        left.checked[p.path] = _identity(p.path)
         for t, check in labels:
             if check.status != "ok":
                 if check.invalid:
@@ -201,9 +199,7 @@ def _datasets(store: Store, work: list, checked: list, left: LeftOut) -> dict[st
             label_paths.append(check.path)
             label_parts.append(_const(teacher=t.name, corpus=name, part=p.part))
             left.checked[label_paths[-1]] = _identity(label_paths[-1])
-    return {"corpus": _dataset(store, corpus_paths, CORPUS_VIEW_SCHEMA, corpus_parts),
-            "labels": _dataset(store, label_paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))),
-                               label_parts)}
+    return _dataset(store, label_paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), label_parts)
 
 
 def _unshown_label_files(store: Store, teachers: dict, manifests: dict, left: LeftOut) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from tmkd.data.store import Store, StoreError, positive_index
 from tmkd.pipeline.query import QueryError, build_views, connect_views
-from tmkd.pipeline.scores import ScoresView
+from tmkd.pipeline.streams import ScoresView
 from tmkd.pipeline.status import coverage
 
 BINS = 20  # confidence bins of width 0.05 (histograms, reliability diagrams, ECE)
