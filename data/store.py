@@ -139,6 +139,20 @@ def positive_index(label_names: list[str], wanted: str | None = None, declared: 
     )
 
 
+SCORES_KEYS = ("corpus", "part", "row", "id", "label", "group")  # the scores view's columns besides the teachers'
+
+
+def teacher_name_clash(name: str, others) -> str | None:
+    """Why a teacher cannot be named ``name`` beside ``others``, or None. A teacher is a column of the query's
+    ``scores`` view, and SQL names ignore case: no key column's name, and no name equal to another's but for case."""
+    if name.lower() in SCORES_KEYS:
+        return f"teacher name {name!r} is reserved (a column of the scores view: {', '.join(SCORES_KEYS)})"
+    twin = next((o for o in others if o != name and o.lower() == name.lower()), None)
+    if twin:
+        return f"teacher name {name!r} differs from teacher {twin!r} only in case (SQL names ignore case): rename one"
+    return None
+
+
 def check_name(kind: str, name: str) -> str:
     """Corpus and teacher names become folder names: keep them safe and portable."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -550,6 +564,9 @@ class Store:
         return self._read_teacher(path)
 
     def write_teacher(self, rec: TeacherRecord) -> None:
+        problem = teacher_name_clash(rec.name, self.teachers())
+        if problem:
+            raise StoreError(problem)
         atomic_write_json(self.teacher_path(rec.name), asdict(rec))
 
     # ---- labels --------------------------------------------------------------------------

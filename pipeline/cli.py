@@ -239,6 +239,8 @@ def report(
             fail(f"--out {out_path}: inside the store {st.root}; a report never writes into a store")
         if not out_path.parent.is_dir():
             fail(f"--out {out_path}: the folder {out_path.parent} does not exist")
+        if out_path.suffix.lower() == ".json":
+            fail(f"--out {out_path}: the page is HTML (its numbers go beside it as .json); name it .html")
         data = finite(build_report(st, runs, corpus or None, top))
     except (StoreError, OSError) as e:
         fail(e)

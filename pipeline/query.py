@@ -164,7 +164,7 @@ def build_views(store: Store, wanted: set[str] | None = None,
             checked = list(pool.map(lambda job: check_part(*job), work))
         views["labels"] = _labels_dataset(store, work, checked, left)
     if wanted & {"labels", "scores"}:
-        left.label_parts += _unshown_label_files(store, teachers, manifests, left)
+        left.label_parts += _unshown_label_files(store, teachers, manifests, left, set(store.corpora()))
 
     teacher_rows = pa.table({
         "name": [t.name for t in teachers.values()],
@@ -202,12 +202,13 @@ def _labels_dataset(store: Store, work: list, checked: list, left: LeftOut) -> d
     return _dataset(store, label_paths, LABELS_SCHEMA.append(pa.field("logits", pa.list_(pa.float32()))), label_parts)
 
 
-def _unshown_label_files(store: Store, teachers: dict, manifests: dict, left: LeftOut) -> list[str]:
-    """Label parts on disk that no view can show (unknown teacher or corpus, ...): never silently."""
+def _unshown_label_files(store: Store, teachers: dict, manifests: dict, left: LeftOut, corpora: set[str]) -> list[str]:
+    """Label parts on disk that no view can show (unknown teacher or corpus, ...): never silently. Those of
+    a corpus of the store that the views leave out on purpose (``only``) are not counted."""
     out = []
     for f in store.label_files():
         teacher, cname = f.parent.parent.name, f.parent.name
-        if f in left.checked:
+        if f in left.checked or (cname in corpora and cname not in manifests):
             continue
         t, m = teachers.get(teacher), manifests.get(cname)
         part = int(f.stem.split("-")[1]) if f.stem.split("-")[-1].isdigit() else -1

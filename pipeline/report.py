@@ -44,6 +44,7 @@ class Scope:
     corpora: dict  # name -> CorpusManifest
     teachers: list[str]  # every teacher scoring one of them, in the view's column order
     scoring: dict[str, list[str]]  # corpus -> its teachers' names
+    width: dict[str, int]  # corpus -> logits per row (its teachers' label count)
 
 
 def _q(name: str) -> str:
@@ -69,15 +70,15 @@ def _prepared(scope: Scope, view: str = "scores") -> str:
     """Per row: each teacher's probabilities (p_i) and decision (y_i), and the ensemble's (p_e, y_e)."""
     cols = ", ".join(f"probs({_q(t)}) AS p_{i}, predicted({_q(t)}) AS y_{i}" for i, t in enumerate(scope.teachers))
     ens = _per_corpus(scope, _ensemble)
-    return (f"SELECT corpus, part, \"row\", label, {cols}, probs(le) AS p_e, predicted(le) AS y_e "
+    return (f"SELECT corpus, part, \"row\", label, \"group\", {cols}, probs(le) AS p_e, predicted(le) AS y_e "
             f"FROM (SELECT *, {ens} AS le FROM {view})")
 
 
 def scan_a(con, scope: Scope, top: int) -> dict:
     """Counts, agreement, correlation, accuracy and the top disagreements, per corpus (one scan)."""
     n = len(scope.teachers)
-    kmax = max(len(m.label_names or []) for m in scope.corpora.values()) or 1
-    aggs = ["count(*) AS pairs", "count(label) AS labelled"]
+    kmax = max(scope.width.values(), default=1)
+    aggs = ["count(*) AS pairs", "count(label) AS labelled", 'count("group") AS grouped']
     for i in range(n):
         aggs += [f"count(p_{i}) AS rows_{i}", f"count(DISTINCT part) FILTER (WHERE p_{i} IS NOT NULL) AS parts_{i}",
                  f"avg((y_{i} = label)::INT) AS acc_{i}"]
@@ -89,8 +90,9 @@ def scan_a(con, scope: Scope, top: int) -> dict:
     spread = (f"list_max(list_transform(range(1, len(coalesce({probs})) + 1), lambda k: "
               f"greatest({', '.join(f'p_{i}[k]' for i in range(n))}) - least({', '.join(f'p_{i}[k]' for i in range(n))})))"
               if n > 1 else "0.0")
-    aggs.append(f"max_by({{'part': part, 'row': \"row\", 'spread': spread, 'probs': [{probs}], 'label': label}}, "
-                f"spread, {top}) FILTER (WHERE spread > 0) AS top")
+    if top > 0:
+        aggs.append(f"max_by({{'part': part, 'row': \"row\", 'spread': spread, 'probs': [{probs}], 'label': label}}, "
+                    f"spread, {top}) FILTER (WHERE spread > 0) AS top")
     sql = (f"SELECT corpus, {', '.join(aggs)} FROM (SELECT *, {spread} AS spread FROM ({_prepared(scope)})) "
            "GROUP BY corpus ORDER BY corpus")
     return {r["corpus"]: r for r in _rows(con, sql)}
@@ -224,7 +226,8 @@ def build_report(store: Store, runs: list[Path] = (), corpora: list[str] | None 
     views, left = build_views(store, {"scores", "teachers", "corpora"}, only=wanted)
     scores: ScoresView = views["scores"]
     manifests = {c: store.corpus(c) for c in names if c in wanted}
-    scope = Scope(manifests, scores.teachers, {c: [t.name for t in scores.scoring.get(c, [])] for c in manifests})
+    scope = Scope(manifests, scores.teachers, {c: [t.name for t in scores.scoring.get(c, [])] for c in manifests},
+                  {c: len(ts[0].label_names) for c, ts in scores.scoring.items() if ts})
     records = store.teachers()
     status = [c for c in coverage(store) if c.corpus in wanted]
 
@@ -241,11 +244,12 @@ def build_report(store: Store, runs: list[Path] = (), corpora: list[str] | None 
     with connect_views(views) as con:
         a = scan_a(con, scope, top) if scope.teachers else {}
         b = scan_b(con, scope) if scope.teachers else []
-        groups = {c for c, row in a.items() if row["labelled"] and positives.get(c) is not None}
+        groups = {c for c, row in a.items() if row["labelled"] and row["grouped"] and positives.get(c) is not None}
         ranked = {}
         if groups:
-            con.register("ranked", ScoresView(store, [(c, p) for c, p in scores.parts if c in groups],
-                                              scores.scoring, left))
+            view = ScoresView(store, [(c, p) for c, p in scores.parts if c in groups], scores.scoring, left)
+            view.seen = scores.seen  # the label parts read must be the ones scans A and B read
+            con.register("ranked", view)
             ranked = scan_c(con, scope, {c: positives[c] for c in groups})
     for c, m in manifests.items():
         mine = scope.scoring[c]
@@ -267,7 +271,7 @@ def build_report(store: Store, runs: list[Path] = (), corpora: list[str] | None 
         ids = [idx[t] for t in mine]
         entry["agreement"] = _matrix(mine, {(x, y): row.get(f"agree_{min(ids[x], ids[y])}_{max(ids[x], ids[y])}")
                                             for x in range(len(ids)) for y in range(x + 1, len(ids))}, 1.0)
-        k = len(m.label_names or [])
+        k = scope.width.get(c, 0)
         entry["correlation"] = _matrix(mine, {(x, y): _mean((row.get(f"corr_{min(ids[x], ids[y])}_{max(ids[x], ids[y])}")
                                                               or [])[:k])
                                               for x in range(len(ids)) for y in range(x + 1, len(ids))}, 1.0)

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from tmkd.data.store import CORPUS_SCHEMA, CorruptPartError, Store, TeacherRecord, logits_to_numpy
+from tmkd.data.store import (CORPUS_SCHEMA, CorruptPartError, Store, StoreError, TeacherRecord, logits_to_numpy,
+                             teacher_name_clash)
 
 LOGITS = pa.list_(pa.float32())
 KEYS = pa.schema([("corpus", pa.string()), ("part", pa.int32()), ("row", pa.int32()), ("id", pa.int64()),
@@ -43,6 +44,7 @@ class CheckedStream:
         self.store, self.parts, self.left = store, parts, left
         self.damaged: set[tuple[str, str, int]] = set()  # (teacher, corpus, part) label parts left out as invalid
         self.damaged_corpus: set[tuple[str, int]] = set()  # (corpus, part) corpus parts left out
+        self.seen: dict = {}
 
     def __arrow_c_schema__(self):
         return self.schema.__arrow_c_schema__()
@@ -72,8 +74,16 @@ class CheckedStream:
     def _take(self, checked):
         batch, problems = checked
         for kind, what, key in problems:
-            self._report(kind, what)
-            (self.damaged_corpus if kind == "corpus" else self.damaged).add(key)
+            if kind == "read":  # a label part read: the same one in every scan of this query, or no result
+                if self.seen.setdefault(key, what) != what:
+                    raise StoreError(f"the store changed while the query ran (label part {'/'.join(map(str, key))} "
+                                     "was committed again between two scans); the result is discarded: run it again")
+                continue
+            self._report("label" if kind == "stale" else kind, what)
+            if kind == "corpus":
+                self.damaged_corpus.add(key)
+            elif kind == "label":
+                self.damaged.add(key)
         if batch is not None:
             yield batch
 
@@ -115,7 +125,12 @@ class ScoresView(CheckedStream):
         super().__init__(store, [(name, p) for name, p in parts if scoring.get(name)], left)
         self.scoring = scoring
         self.teachers = sorted({t.name for ts in scoring.values() for t in ts})
+        for name in self.teachers:  # a store written before names were checked (Store.write_teacher)
+            problem = teacher_name_clash(name, self.teachers)
+            if problem:
+                raise StoreError(f"the scores view cannot show this store's teachers: {problem}; use the labels view")
         self.schema = pa.schema(list(KEYS) + [pa.field(n, LOGITS) for n in self.teachers])
+        self.seen: dict[tuple[str, str, int], str] = {}  # (teacher, corpus, part) -> digest read by the first scan
 
     def _check_part(self, name: str, part) -> tuple[pa.RecordBatch | None, list[tuple]]:
         """One corpus part and its teachers' label parts, checked; the wide batch and what was left out."""
@@ -133,10 +148,12 @@ class ScoresView(CheckedStream):
             check = self.store.check_label(scorers[teacher], part, corpus_ids=ids) if teacher in scorers else None
             if check is None or check.status != "ok":
                 if check is not None and check.invalid:
-                    problems.append(("label", f"{teacher}/{name}/{part.part} ({check.status}: {check.reason})",
+                    problems.append(("label" if check.status == "bad" else "stale",
+                                     f"{teacher}/{name}/{part.part} ({check.status}: {check.reason})",
                                      (teacher, name, part.part)))
                 columns.append(pa.nulls(n, LOGITS))
                 continue
+            problems.append(("read", check.record.get("digest"), (teacher, name, part.part)))
             logits = logits_to_numpy(check.table.column("logits"))
             offsets = pa.array(np.arange(0, logits.size + 1, logits.shape[1], dtype=np.int32))
             columns.append(pa.ListArray.from_arrays(offsets, pa.array(logits.reshape(-1))))

@@ -243,9 +243,14 @@ def write_card(plan: Plan, record: dict, metrics: dict, out: Path) -> None:
     from tmkd.teachers.model_card import write_model_card
 
     cfg = plan.cfg
+
+    def role(corpus: str) -> str:
+        stages = [s.name for s in cfg.stages if corpus in s.corpora]
+        return ("train: " + ", ".join(stages) if stages else "dev" if corpus == cfg.eval.corpus else "test")
     write_model_card(out, kind="student", name=out.name, base_model=cfg.student.encoder,
                      label_names=plan.label_names, max_length=cfg.student.max_length, config=cfg.to_dict(),
-                     corpora={c: {"rows": v["rows"], "parts": v["parts"]} for c, v in record["corpora"].items()},
+                     corpora={c: {"role": role(c), "rows": v["rows"], "parts": v["parts"]}
+                              for c, v in record["corpora"].items()},
                      teachers=record["teachers"], metrics=metrics,
                      method=f"{cfg.variant}, {cfg.student.num_layers or 'all'} layers")
 

@@ -385,19 +385,19 @@ def save_teacher(accelerator, model, tokenizer, folder: Path, record: dict) -> N
     accelerator.wait_for_everyone()
 
 
-def write_teacher_card(cfg: FinetuneConfig, spec: TeacherConfig, folder: Path, entry: dict,
-                       label_names: list[str]) -> None:
-    """The teacher folder's README.md: base model, corpora (rows, digests), config, dev/test metrics, usage."""
-    store = Store(cfg.store)
-    corpora = {c: corpus_summary(store.corpus(c)) for c in dict.fromkeys((cfg.train_corpus, cfg.dev_corpus,
-                                                                          cfg.test_corpus)) if c}
+def write_teacher_card(cfg: FinetuneConfig, spec: TeacherConfig, folder: Path, entry: dict, data: Prepared) -> None:
+    """The teacher folder's README.md: base model, corpora (role, rows, digests as read), config, dev/test
+    metrics, usage."""
+    splits = [("train", data.train), ("dev", data.dev), ("test", data.test)]
+    corpora = {s.corpus: corpus_summary(s.manifest, role) for role, s in splits if s is not None}
     config = {**dataclasses.asdict(spec), **{k: getattr(cfg, k) for k in ("encoder", "train_corpus", "dev_corpus",
                                                                            "test_corpus", "max_length", "bf16",
                                                                            "max_train_rows", "positive_label")}}
     metrics = {"dev": entry["dev"], **({"test": entry["test"]} if "test" in entry else {})}
-    write_model_card(folder, kind="teacher", name=spec.name, base_model=cfg.encoder, label_names=label_names,
-                     corpora=corpora, metrics=metrics, config=config, max_length=cfg.max_length,
-                     method=f"{spec.loss} loss, best of {spec.epochs} epochs by {entry['selected_by']}")
+    write_model_card(folder, kind="teacher", name=spec.name, base_model=cfg.encoder,
+                     label_names=data.train.label_names, corpora=corpora, metrics=metrics, config=config,
+                     max_length=cfg.max_length, method=f"{spec.loss} loss, best of {spec.epochs} epochs by "
+                                                    f"{entry['selected_by']}")
 
 
 def rank_batches(accelerator, spec: TeacherConfig, data: Prepared):
@@ -486,7 +486,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
               "max_length": cfg.max_length, "bf16": cfg.bf16}
     save_teacher(accelerator, model, data.tokenizer, folder, record)
     if accelerator.is_main_process:
-        write_teacher_card(cfg, spec, folder, entry, data.train.label_names)
+        write_teacher_card(cfg, spec, folder, entry, data)
     accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
     entry.update(path=str(folder), seconds=round(time.time() - started, 1))
     test = f" | test {_fmt(entry['test'])}" if "test" in entry else ""

@@ -17,7 +17,7 @@ import yaml
 USAGE = '''from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import torch
 
-folder = "{folder}"
+folder = {folder}
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
 batch = tokenizer(["{text_a}"], ["{text_b}"], truncation=True, max_length={max_length}, return_tensors="pt")
@@ -27,10 +27,11 @@ print(dict(zip(model.config.id2label.values(), probs[0].tolist())))
 '''
 
 
-def corpus_summary(manifest) -> dict:
-    """Name, rows and part digests of a store corpus: enough to tell later whether it is the same data."""
-    return {"rows": manifest.rows, "parts": [{"part": p.part, "rows": p.rows, "digest": p.digest}
-                                             for p in manifest.parts]}
+def corpus_summary(manifest, role: str) -> dict:
+    """Role (train, dev, test), rows and part digests of a store corpus: enough to tell later whether it is the
+    same data."""
+    return {"role": role, "rows": manifest.rows, "parts": [{"part": p.part, "rows": p.rows, "digest": p.digest}
+                                                           for p in manifest.parts]}
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -56,15 +57,15 @@ def write_model_card(folder: Path, *, kind: str, name: str, base_model: str, lab
                                                   for t in teachers],
                  "metrics": metrics},
     }
-    corpora_lines = "\n".join(f"- `{c}`: {v['rows']:,} rows in {len(v['parts'])} parts (digests in the header)"
-                              for c, v in corpora.items())
+    corpora_lines = "\n".join(f"- `{c}` ({v.get('role', 'train')}): {v['rows']:,} rows in {len(v['parts'])} parts "
+                              "(digests in the header)" for c, v in corpora.items())
     teacher_lines = "\n".join(f"- `{t['name']}` ({t['fingerprint']})" for t in teachers)
-    usage = USAGE.format(folder=folder.resolve(), text_a="who wrote hamlet?", text_b="Hamlet is a tragedy written "
+    usage = USAGE.format(folder=repr(str(folder.resolve())), text_a="who wrote hamlet?", text_b="Hamlet is a tragedy written "
                          "by William Shakespeare.", max_length=max_length)
     body = [f"# {name}", "",
             f"A {'student distilled by tmkd' if kind == 'student' else 'teacher fine-tuned by tmkd'} "
             f"({method or kind}): a cross-encoder over a text pair, labels {', '.join(label_names)}.", "",
-            f"**Base model:** `{base_model}`", "", "## Training data", "", corpora_lines or "(none recorded)", ""]
+            f"**Base model:** `{base_model}`", "", "## Data", "", corpora_lines or "(none recorded)", ""]
     if teachers:
         body += ["## Teachers", "", teacher_lines, ""]
     body += ["## Metrics", "", _metrics_table(metrics) if metrics else "(not evaluated)", "",
@@ -73,8 +74,11 @@ def write_model_card(folder: Path, *, kind: str, name: str, base_model: str, lab
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
     path = folder / "README.md"
     tmp = folder / f".README.md.{os.getpid()}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -28,6 +28,7 @@ class Split:
     groups: list  # group id per row, or None
     label_names: list[str]
     skipped_unlabeled: int = 0
+    manifest: object = None  # the corpus manifest the rows were read from (its parts and digests, for model cards)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,6 +58,7 @@ def load_split(store: Store, corpus: str, limit: int | None = None, seed: int = 
     return Split(
         corpus, [text_a[i] for i in keep], [text_b[i] for i in keep], np.array([labels[i] for i in keep], np.int64),
         [groups[i] for i in keep], list(manifest.label_names), len(labels) - sum(y is not None for y in labels),
+        manifest,
     )
 
 

@@ -73,6 +73,8 @@ def expected(store_dir: Path, corpus: str) -> dict:
     for i, a in enumerate(TEACHERS):
         for b in TEACHERS[i + 1:]:
             both = valid[a] & valid[b]
+            if not both.any():
+                continue
             pa_, pb = softmax(logits[a][both]), softmax(logits[b][both])
             out["agreement"][a, b] = float((pa_.argmax(1) == pb.argmax(1)).mean())
             out["correlation"][a, b] = float(np.mean([np.corrcoef(pa_[:, k], pb[:, k])[0, 1] for k in range(2)]))
@@ -82,6 +84,8 @@ def expected(store_dir: Path, corpus: str) -> dict:
     out["calibration"], out["ranking"] = {}, {}
     for who, x in members.items():
         ok = ~np.isnan(x[:, 0])
+        if not ok.any():
+            continue
         p = softmax(x[ok])
         conf = p.max(1)
         hist = np.bincount(np.minimum(np.floor(conf * BINS), BINS - 1).astype(int), minlength=BINS)
@@ -170,10 +174,50 @@ def test_report_refuses_bad_arguments_with_one_line(report_store, tmp_path):
         (["--out", tmp_path / "no" / "r.html"], "does not exist"),
         (["--out", tmp_path / "r.html", "--corpus", "nope"], "--corpus nope: no such corpus"),
         (["--out", tmp_path / "r.html", "--runs", tmp_path], "not a student run folder"),
+        (["--out", tmp_path / "r.json"], "name it .html"),
     ):
         res = cli("report", "--store", store, *args, ok=False)
         assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "r.html").exists() and not (store / "r.html").exists()
+
+
+def test_report_edge_cases_stale_parts_one_corpus_no_top_and_unlabelled_label_space(report_store, tmp_path):
+    source, _ = report_store
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    st = Store(store)
+    toy.add_corpus(st, "plain", [16, 16], list(TEACHERS), seed=9, id_offset=900_000, label_names=None)
+    rec = st.teacher("t1")
+    rec.fingerprint = "toy:t1-retrained"  # every t1 part is now stale (listed on stderr), but none is damaged
+    st.write_teacher(rec)
+    res = cli("report", "--store", store, "--out", tmp_path / "r.html", "--top", 0, "--corpus", "plain")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert list(data["corpora"]) == ["plain"]
+    assert "unknown corpus" not in res.stderr and "t2/train" not in res.stderr  # the other corpora are out of scope
+    plain = data["corpora"]["plain"]
+    assert (plain["coverage"]["t1"]["stale"], plain["coverage"]["t1"]["damaged"], plain["coverage"]["t1"]["valid"]) \
+        == (2, 0, 0)
+    assert plain["teachers"] == list(TEACHERS) and plain["disagreements"] == []
+    # a corpus without label names takes its teachers' width: t2 and t3 are compared on both classes
+    want = expected(store, "plain")
+    assert plain["correlation"][1][2] == pytest.approx(want["correlation"]["t2", "t3"], abs=1e-5)
+    assert plain["agreement"][1][2] == pytest.approx(want["agreement"]["t2", "t3"], abs=1e-9)
+    assert plain["agreement"][0][1] is None  # t1 has no valid part here
+    assert "ensemble" not in plain["calibration"]  # the ensemble needs every teacher of the corpus on a row
+
+
+def test_teacher_names_that_sql_cannot_tell_apart_are_refused(tmp_path):
+    from tmkd.data.store import StoreError
+
+    st = toy.build_store(tmp_path / "store", teachers=("t1",), dev=())
+    for name, message in (("T1", "only in case"), ("label", "reserved"), ("Group", "reserved")):
+        with pytest.raises(StoreError, match=message):
+            st.write_teacher(toy.teacher_record(name))
+    # a store written before the check: the scores view says why it cannot show it
+    (st.root / "teachers" / "T1.json").write_text(json.dumps({**json.loads(st.teacher_path("t1").read_text()),
+                                                              "name": "T1"}))
+    res = cli("query", "--store", st.root, "SELECT count(*) FROM scores", ok=False)
+    assert res.exit_code == 1 and "only in case" in res.output and "Traceback" not in res.output
 
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
