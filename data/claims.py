@@ -102,7 +102,7 @@ class Claims:
             head = path.head()
             if head is not None and (self._age(path, head) < self._lease_of(path) and not self._owner_is_dead(path)):
                 return False
-            if head is None or not path.put_if(self._claim_bytes(), head["e_tag"]):
+            if head is None or not path.put_if(self._claim_bytes(), head):
                 return False  # released meanwhile (the next pass claims it), or another worker won
         with self.lock:
             self.held.add(path)
@@ -213,13 +213,13 @@ class Claims:
     def _renew_object(self, path: ObjectPath) -> bool:
         """Rewrite our claim if it is still the version we read as ours (its time is the lease clock)."""
         try:
-            data, e_tag = path.read_tagged()
+            data, tag = path.read_tagged()
             info = json.loads(data)
         except (FileNotFoundError, ValueError):
             return False
         if not isinstance(info, dict) or info.get("token") != self.token:
             return False
-        return path.put_if(json.dumps({**info, "renewed_at": time.time()}).encode(), e_tag)
+        return path.put_if(json.dumps({**info, "renewed_at": time.time()}).encode(), tag)
 
     # ---- the renewal thread ---------------------------------------------------------------
     def __enter__(self) -> "Claims":

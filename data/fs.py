@@ -7,7 +7,7 @@ makes atomic with a temporary and a rename:
 
 - ``put(data)``: one PUT; readers see the old object or the new one, never a partial one;
 - ``create(data)``: a conditional create (``If-None-Match: *``); False if the key exists;
-- ``put_if(data, e_tag)``: a conditional overwrite (``If-Match``); False if the object changed.
+- ``put_if(data, tag)``: a conditional overwrite (``If-Match``, with GCS's generation); False if the object changed.
 
 A local path or ``file://`` URI gives a ``pathlib.Path``. Any other ``scheme://`` is refused,
 so that ``--store s3:/typo`` never becomes a folder named ``s3:`` in the working directory.
@@ -190,13 +190,13 @@ class ObjectPath:
 
         return bytes(_request("GET", self, lambda: obstore.get(self.client, self.key).bytes()))
 
-    def read_tagged(self) -> tuple[bytes, str]:
-        """The object's bytes and the e_tag of that very version (for a later ``put_if``)."""
+    def read_tagged(self) -> tuple[bytes, dict]:
+        """The object's bytes and the tag of that very version (for a later ``put_if``)."""
         import obstore
 
         def get():
             result = obstore.get(self.client, self.key)
-            return bytes(result.bytes()), result.meta["e_tag"]
+            return bytes(result.bytes()), version_tag(result.meta)
 
         return _request("GET", self, get)
 
@@ -257,13 +257,14 @@ class ObjectPath:
         except (AlreadyExistsError, PreconditionError):
             return False
 
-    def put_if(self, data: bytes, e_tag: str) -> bool:
-        """Overwrite only if the object is still the one with ``e_tag`` (If-Match). True if we did."""
+    def put_if(self, data: bytes, tag: dict) -> bool:
+        """Overwrite only if the object is still the version ``tag`` names (``version_tag`` of a head or a
+        ``read_tagged``): If-Match on S3, if-generation-match on GCS. True if we did."""
         import obstore
         from obstore.exceptions import PreconditionError
 
         try:
-            _request("PUT (if match)", self, obstore.put, self.client, self.key, data, mode={"e_tag": e_tag})
+            _request("PUT (if match)", self, obstore.put, self.client, self.key, data, mode=version_tag(tag))
             return True
         except (PreconditionError, FileNotFoundError):
             return False
@@ -284,6 +285,15 @@ class ObjectPath:
         """This key as pyarrow's filesystem names it: bucket/key."""
         bucket = self.bucket.split("://", 1)[1]
         return f"{bucket}/{self.key}" if self.key else bucket
+
+
+def version_tag(meta: dict) -> dict:
+    """What a conditional overwrite needs to name one version of an object: its e_tag, and on stores that
+    number versions (GCS's generation) the version too; obstore refuses a version of None."""
+    tag = {"e_tag": meta["e_tag"]}
+    if meta.get("version") is not None:
+        tag["version"] = meta["version"]
+    return tag
 
 
 @lru_cache(maxsize=None)

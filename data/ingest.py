@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -105,6 +106,9 @@ def ingest(store: Store, files: list[Path], opts: IngestOptions, progress: Progr
         except BaseException:
             job.discard()
             raise
+        finally:
+            job.existing.close()
+            job.seen.close()
 
 
 def parse_mapping(text: str | None, option: str) -> dict[str, str]:
@@ -173,14 +177,78 @@ def text_pair_id(text_a: str, text_b: str) -> int:
 
 
 class IdSet:
-    """A set of int64 ids as sorted numpy runs, merged like a binary counter.
+    """A set of int64 ids whose memory stays flat as it grows.
 
-    8 bytes per id (a Python set of ints costs ~70), vectorised lookups, amortised
-    O(n log n) inserts: flat enough for corpora of tens of millions of rows.
+    The ids go to disk in sorted runs of ``RUN_IDS`` (a temporary folder outside the store,
+    removed by ``close``). In memory: the ids of the run being filled (at most ``RUN_IDS``: 8 MB)
+    and one Bloom filter per run (8 bits per id, ~2% false positives). A lookup asks each run's
+    filter; only its positives (the real duplicates, and ~2% of the rest) are searched in that run,
+    memory-mapped for the search alone, so the pages it touches are not kept. At 10M ids that is
+    ~10 MB of filters where a set in memory takes 80 MB (8 bytes per id) and grows with the corpus.
     """
+
+    RUN_IDS = 1 << 20
+
+    def __init__(self) -> None:
+        self.filters: list[_Bloom] = []  # filters[j] holds the ids of runs[j]; the last one, with no run yet: pending
+        self.pending = _SortedRuns()  # ids of the run being filled
+        self.runs: list[Path] = []
+        self.folder: Path | None = None
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        hit = np.zeros(len(ids), dtype=bool)
+        h1, h2 = _Bloom.hashes(ids)
+        for j, f in enumerate(self.filters):
+            at = np.flatnonzero(f.contains(h1, h2) & ~hit)
+            if not len(at):
+                continue
+            candidates = ids[at]
+            if j < len(self.runs):
+                run = np.load(self.runs[j], mmap_mode="r")
+                pos = np.minimum(np.searchsorted(run, candidates), len(run) - 1)
+                hit[at] = np.asarray(run[pos]) == candidates
+                del run  # unmapped: the pages the search touched leave this process
+            else:
+                hit[at] = self.pending.contains(candidates)
+        return hit
+
+    def add(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        h1, h2 = _Bloom.hashes(ids)
+        start = 0
+        while start < len(ids):
+            if len(self.filters) == len(self.runs):  # a new run begins
+                self.filters.append(_Bloom(self.RUN_IDS))
+            end = start + min(len(ids) - start, self.RUN_IDS - self.pending.count)
+            self.filters[-1].add(h1[start:end], h2[start:end])
+            self.pending.add(ids[start:end])
+            start = end
+            if self.pending.count >= self.RUN_IDS:
+                self._write_run()
+
+    def _write_run(self) -> None:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="tmkd-ingest-ids-"))
+        path = self.folder / f"run-{len(self.runs):05d}.npy"
+        np.save(path, self.pending.merged())
+        self.runs.append(path)
+        self.pending = _SortedRuns()
+
+    def close(self) -> None:
+        """Remove the runs on disk."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder, self.runs = None, []
+
+
+class _SortedRuns:
+    """The ids of the run being filled: sorted numpy runs merged like a binary counter (vectorised lookups,
+    amortised O(n log n) inserts)."""
 
     def __init__(self) -> None:
         self.runs: list[np.ndarray] = []
+        self.count = 0
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(ids), dtype=bool)
@@ -190,11 +258,53 @@ class IdSet:
         return hit
 
     def add(self, ids: np.ndarray) -> None:
-        run = np.sort(np.asarray(ids, dtype=np.int64))
+        run = np.sort(ids)
+        self.count += len(run)
         while self.runs and len(self.runs[-1]) <= len(run):
             run = np.sort(np.concatenate([self.runs.pop(), run]), kind="mergesort")
         if len(run):
             self.runs.append(run)
+
+    def merged(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.runs)) if self.runs else np.zeros(0, np.int64)
+
+
+class _Bloom:
+    """A Bloom filter for ``capacity`` int64 ids at a ~2% false-positive rate (8 bits and 5 probes per id)."""
+
+    PROBES = 5
+    BITS_PER_ID = 8
+
+    def __init__(self, capacity: int) -> None:
+        self.size = capacity * self.BITS_PER_ID
+        self.words = np.zeros((self.size + 63) // 64, dtype=np.uint64)
+
+    @staticmethod
+    def hashes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Two 64-bit hashes per id (splitmix64 finalizers), so that sequential ids spread over the bits."""
+        def mix(x):
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return x ^ (x >> np.uint64(31))
+        with np.errstate(over="ignore"):
+            x = ids.view(np.uint64)
+            return mix(x + np.uint64(0x9E3779B97F4A7C15)), mix(x ^ np.uint64(0xD6E8FEB86659FD93)) | np.uint64(1)
+
+    def _positions(self, h1: np.ndarray, h2: np.ndarray):
+        with np.errstate(over="ignore"):
+            for i in range(self.PROBES):
+                pos = (h1 + np.uint64(i) * h2) % np.uint64(self.size)
+                yield pos >> np.uint64(6), np.uint64(1) << (pos & np.uint64(63))
+
+    def contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        out = np.ones(len(h1), dtype=bool)
+        for word, bit in self._positions(h1, h2):
+            out &= (self.words[word] & bit) != 0
+        return out
+
+    def add(self, h1: np.ndarray, h2: np.ndarray) -> None:
+        for word, bit in self._positions(h1, h2):
+            np.bitwise_or.at(self.words, word, bit)
 
 
 # ---- labels ------------------------------------------------------------------------------------
@@ -263,8 +373,12 @@ class _Ingest:
             m = store.corpus(opts.corpus)
             self._set_label_names(m.label_names, f"corpus {opts.corpus!r} in the store")
             self.declared = m.positive_label
-            for part in m.parts:
-                self.existing.add(store.read_corpus_part(part, ["id"]).column("id").to_numpy())
+            try:
+                for part in m.parts:
+                    self.existing.add(store.read_corpus_part(part, ["id"]).column("id").to_numpy())
+            except BaseException:
+                self.existing.close()
+                raise
         self.seen = IdSet()
         self.dirs_before = {d: d.exists() for d in self._dirs()}
         self.writer = _PartWriter(store, opts.corpus, store.next_part_number(opts.corpus), opts.part_rows)

@@ -628,3 +628,57 @@ def test_parquet_read_by_arrow_gives_the_same_corpus_as_row_by_row(tmp_path, mon
            [p.path.read_bytes() for p in Store(tmp_path / "slow").corpus("c").parts]
     assert (fast.rows_written, fast.rows_labelled, fast.bad) == (slow.rows_written, slow.rows_labelled, slow.bad)
     assert sum(fast.bad.values()) == (3 if dirty else 0)  # the missing label is an unlabeled row, not a bad one
+
+
+def test_the_id_set_answers_like_a_python_set_with_its_ids_on_disk(monkeypatch):
+    """Flat memory for the duplicate check: Bloom filters in memory, the ids in sorted runs on disk. Small
+    runs here (1,000 ids) so that lookups go through many runs and several filters; answers must be exact."""
+    from tmkd.data.ingest import IdSet
+
+    monkeypatch.setattr(IdSet, "RUN_IDS", 1000)
+    rng = np.random.default_rng(0)
+    ids, reference = IdSet(), set()
+    for step in range(40):
+        batch = np.concatenate([rng.integers(-2**63, 2**63 - 1, 300, dtype=np.int64),  # random (text hashes)
+                                np.arange(step * 200, step * 200 + 200, dtype=np.int64),  # sequential source ids
+                                rng.choice(np.fromiter(reference, np.int64), 50) if reference else np.zeros(0, np.int64)])
+        expect = np.array([int(x) in reference for x in batch])
+        np.testing.assert_array_equal(ids.contains(batch), expect)
+        new = np.unique(batch[~expect])
+        ids.add(new)
+        reference.update(int(x) for x in new)
+    assert len(ids.runs) >= 10 and len(ids.filters) - len(ids.runs) in (0, 1)  # it did spill: a filter per run
+    probe = rng.integers(-2**63, 2**63 - 1, 20000, dtype=np.int64)
+    np.testing.assert_array_equal(ids.contains(probe), [int(x) in reference for x in probe])
+    folder = ids.folder
+    assert folder.is_dir() and not folder.is_relative_to(Path.cwd())
+    ids.close()
+    assert not folder.exists()  # nothing left behind
+
+
+def test_duplicates_are_found_across_runs_on_disk_and_the_runs_are_removed(tmp_path, monkeypatch):
+    """The same ingest as always, with the id set writing a run every 64 ids: a row repeating one from
+    hundreds of rows earlier (in a run on disk, not in memory) is still quarantined, and no run is left."""
+    import tempfile as tf
+
+    from tmkd.data.ingest import IdSet
+
+    monkeypatch.setattr(IdSet, "RUN_IDS", 64)
+    monkeypatch.setattr(tf, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    src = tmp_path / "pairs.jsonl"
+    rows_ = [{"id": i, "text_a": f"q {i}", "text_b": f"a {i}", "label": i % 2} for i in range(1000)]
+    rows_ += [rows_[3], rows_[500], {"id": 1000, "text_a": "new", "text_b": "pair", "label": 0}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    store = tmp_path / "store"
+    s = ingest(Store.create(store), [src], IngestOptions("jsonl", "c", label_names=["0", "1"], part_rows=300))
+    assert s.bad == {"duplicate id": 2} and s.rows_written == 1001
+    entries = [json.loads(line) for line in s.quarantine.read_text().splitlines()]
+    assert [e["line"] for e in entries] == [1001, 1002]
+    # appending checks the corpus already in the store the same way (its ids in runs too)
+    again = tmp_path / "again.jsonl"
+    again.write_text(json.dumps(rows_[700]) + "\n" + json.dumps({"id": 5000, "text_a": "x", "text_b": "y",
+                                                                  "label": 1}) + "\n")
+    s = ingest(Store(store), [again], IngestOptions("jsonl", "c"))
+    assert s.bad == {"duplicate id": 1} and s.rows_written == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
