@@ -83,8 +83,11 @@ def _client(bucket_url: str):
     environment; an http:// endpoint (a local MinIO or test server) must be allowed explicitly."""
     from obstore.store import from_url
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    plain_http = bucket_url.startswith("s3://") and endpoint.startswith("http://")
+    if bucket_url.startswith("gs://"):
+        endpoint = os.environ.get("GOOGLE_BASE_URL", "")
+    else:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    plain_http = endpoint.startswith("http://")
     return from_url(bucket_url, client_options={"allow_http": True} if plain_http else None)
 
 
@@ -300,8 +303,13 @@ def version_tag(meta: dict) -> dict:
 def _arrow_filesystem(bucket_url: str):
     import pyarrow.fs as pafs
 
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     try:
-        fs, _ = pafs.FileSystem.from_uri(bucket_url)
+        if bucket_url.startswith("gs://") and emulator:  # a local GCS API (the Google SDKs' variable)
+            scheme, _, host = emulator.rpartition("://")
+            fs = pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=host.rstrip("/"))
+        else:
+            fs, _ = pafs.FileSystem.from_uri(bucket_url)
     except (OSError, ValueError) as e:
         raise ObjectStoreError(f"{bucket_url}: {str(e).strip().splitlines()[0][:300]}") from None
     return fs

@@ -83,6 +83,41 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def gcs_endpoint(tmp_path_factory):
+    """A GCS API on 127.0.0.1 (fake-gcs-server and a front for obstore's writes: tests/gcs_front.py), found the
+    way tmkd finds any GCS emulator: STORAGE_EMULATOR_HOST, GOOGLE_BASE_URL, GOOGLE_BEARER_TOKEN."""
+    from gcs_front import FakeGCS, environment
+
+    gcs = FakeGCS(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log").start()
+    env = environment(gcs)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield gcs
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    gcs.stop()
+
+
+@pytest.fixture
+def gs_store(gcs_endpoint) -> str:
+    """A fresh bucket for one test; returns the store's URI, gs://<bucket>/store."""
+    import uuid
+
+    bucket = f"tmkd-{uuid.uuid4().hex[:12]}"
+    gcs_endpoint.create_bucket(bucket)
+    return f"gs://{bucket}/store"
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket_store(request) -> str:
+    """The same test on S3 (moto) and on GCS (fake-gcs-server)."""
+    return request.getfixturevalue(f"{request.param}_store")
+
+
 @pytest.fixture
 def s3_store(s3_endpoint) -> str:
     """A fresh bucket for one test; returns the store's URI, s3://<bucket>/store."""

@@ -1,7 +1,8 @@
 """The store on an object store: the same commands and guarantees against a real S3 API.
 
 moto's S3 server runs on 127.0.0.1 (tests/conftest.py); tmkd finds it through AWS_ENDPOINT_URL,
-as it would find MinIO or S3 itself. What runs here runs locally too (tests/test_label.py,
+as it would find MinIO or S3 itself. The tests marked with ``bucket_store`` run on gs:// too, against
+fake-gcs-server (tests/gcs_front.py: its conditional writes are modelled by a small front). What runs here runs locally too (tests/test_label.py,
 test_store_trust.py); these tests check that the object store gives the same bytes and the same
 answers, with commits made by conditional PUTs instead of renames.
 """
@@ -61,8 +62,9 @@ def test_an_unsupported_uri_is_refused_and_nothing_is_written(tmp_path, monkeypa
     assert sorted(tmp_path.iterdir()) == before  # no folder named ftp: or anything else
 
 
-def test_ingest_run_verify_query_on_s3_equal_the_local_store_bit_for_bit(tmp_path, s3_store, wikiqa_sample,
-                                                                         tiny_teachers):
+def test_ingest_run_verify_query_on_a_bucket_equal_the_local_store_bit_for_bit(tmp_path, bucket_store,
+                                                                              wikiqa_sample, tiny_teachers):
+    s3_store = bucket_store  # s3:// (moto) and gs:// (fake-gcs-server)
     local = tmp_path / "local"
     teachers = write_teachers(tmp_path / "t.toml", {k: tiny_teachers[k] for k in ("t1", "t2")})
     for store in (local, s3_store):
@@ -86,7 +88,8 @@ def test_ingest_run_verify_query_on_s3_equal_the_local_store_bit_for_bit(tmp_pat
     assert bad.exit_code == 1 and not ObjectPath(*s3_store.split("/store")[0:1], "store/x.parquet").is_file()
 
 
-def test_a_corrupted_object_is_caught_and_rescored(tmp_path, s3_store, wikiqa_sample, tiny_teachers):
+def test_a_corrupted_object_is_caught_and_rescored(tmp_path, bucket_store, wikiqa_sample, tiny_teachers):
+    s3_store = bucket_store
     teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
     cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", s3_store, "--corpus", "wq", "--part-rows", 40)
     cli("run", "--store", s3_store, "--teachers", teachers)
@@ -112,9 +115,10 @@ def _start(store: str, teachers: Path, lease: float) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_three_workers_on_s3_score_every_unit_once(tmp_path, s3_store, shared_data, tiny_teachers):
+def test_three_workers_on_a_bucket_score_every_unit_once(tmp_path, bucket_store, shared_data, tiny_teachers):
     from tiny import read_lines
 
+    s3_store = bucket_store
     source = tmp_path / "wikiqa.tsv"
     source.write_text("".join(read_lines(shared_data / "wikiqa" / "WikiQA-train.tsv.gz", 401)), newline="")
     teachers = write_teachers(tmp_path / "t.toml", {k: tiny_teachers[k] for k in ("t1", "t2")})
@@ -248,7 +252,7 @@ def test_teachers_fine_tune_from_s3_to_the_same_weights_as_from_disk(tmp_path, s
         assert local.read_bytes() == s3_made.read_bytes()
 
 
-def test_a_late_second_commit_never_touches_the_committed_bytes(tmp_path, s3_store, wikiqa_sample, tiny_teachers,
+def test_a_late_second_commit_never_touches_the_committed_bytes(tmp_path, bucket_store, wikiqa_sample, tiny_teachers,
                                                                 monkeypatch):
     """Each commit's data has a key of its own, and the record is a conditional create: a writer that looked
     before another committed (a stalled worker past its lease) is refused, and its data removed."""
@@ -256,6 +260,7 @@ def test_a_late_second_commit_never_touches_the_committed_bytes(tmp_path, s3_sto
 
     from tmkd.data.store import CommitRaceError
 
+    s3_store = bucket_store
     teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
     cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", s3_store, "--corpus", "wq", "--part-rows", 60)
     cli("run", "--store", s3_store, "--teachers", teachers)
