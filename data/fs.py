@@ -83,12 +83,17 @@ def _client(bucket_url: str):
     environment; an http:// endpoint (a local MinIO or test server) must be allowed explicitly."""
     from obstore.store import from_url
 
+    config = {}
     if bucket_url.startswith("gs://"):
-        endpoint = os.environ.get("GOOGLE_BASE_URL", "")
+        # a GCS emulator: the Google SDKs' STORAGE_EMULATOR_HOST, unless obstore's own GOOGLE_BASE_URL says otherwise,
+        # so that reads (pyarrow, below) and writes never go to two different services
+        endpoint = os.environ.get("GOOGLE_BASE_URL") or os.environ.get("STORAGE_EMULATOR_HOST", "")
+        if endpoint and not os.environ.get("GOOGLE_BASE_URL"):
+            config["base_url"] = endpoint
     else:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     plain_http = endpoint.startswith("http://")
-    return from_url(bucket_url, client_options={"allow_http": True} if plain_http else None)
+    return from_url(bucket_url, config=config or None, client_options={"allow_http": True} if plain_http else None)
 
 
 def _request(what: str, path: "ObjectPath", call, *args, **kwargs):

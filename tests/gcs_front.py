@@ -62,7 +62,11 @@ class _Front(BaseHTTPRequestHandler):
         status, h, data = self._upstream(self.command, self.path, body, headers)
         self._send(status, data, h)
 
-    do_GET = do_HEAD = do_DELETE = do_POST = _forward
+    do_GET = do_HEAD = do_POST = _forward
+
+    def do_DELETE(self):
+        with self.server.lock:  # not between a conditional PUT's check and its upload
+            self._forward()
 
     def do_PUT(self):
         url = urlsplit(self.path)

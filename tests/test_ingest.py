@@ -647,7 +647,11 @@ def test_the_id_set_answers_like_a_python_set_with_its_ids_on_disk(monkeypatch):
         new = np.unique(batch[~expect])
         ids.add(new)
         reference.update(int(x) for x in new)
-    assert len(ids.runs) >= 10 and len(ids.filters) - len(ids.runs) in (0, 1)  # it did spill: a filter per run
+    # it did spill, and merged its runs like a binary counter: few runs, sizes decreasing, a filter per run
+    sizes = [n for _, n in ids.runs]
+    assert ids._files >= 20 and 1 <= len(sizes) <= 1 + np.log2(len(reference) / 1000)
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) + ids.pending.count == len(reference)
+    assert len(ids.filters) - len(ids.runs) in (0, 1)
     probe = rng.integers(-2**63, 2**63 - 1, 20000, dtype=np.int64)
     np.testing.assert_array_equal(ids.contains(probe), [int(x) in reference for x in probe])
     folder = ids.folder

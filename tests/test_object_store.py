@@ -88,6 +88,26 @@ def test_ingest_run_verify_query_on_a_bucket_equal_the_local_store_bit_for_bit(t
     assert bad.exit_code == 1 and not ObjectPath(*s3_store.split("/store")[0:1], "store/x.parquet").is_file()
 
 
+def test_conditional_writes_refuse_a_changed_object_and_let_one_of_many_win(bucket_store):
+    """What claims and commit records rest on: create only if absent; overwrite only the version read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    obj = store_location(bucket_store) / "claims" / "x.claim"
+    assert obj.create(b"one") and not obj.create(b"two") and obj.read_bytes() == b"one"
+    _, tag = obj.read_tagged()
+    obj.put(b"one, again")  # another writer's version (S3's ETag is the content's MD5: tmkd's writes all differ)
+    assert not obj.put_if(b"three", tag) and obj.read_bytes() == b"one, again"
+    _, tag = obj.read_tagged()
+    with ThreadPoolExecutor(8) as pool:  # eight workers overwrite the version they all read: one wins
+        wins = list(pool.map(lambda i: obj.put_if(f"w{i}".encode(), tag), range(8)))
+    assert sum(wins) == 1 and obj.read_bytes() == f"w{wins.index(True)}".encode()
+    obj.unlink()
+    assert not obj.put_if(b"gone", tag) and not obj.is_file()
+    racers = store_location(bucket_store) / "claims" / "race.claim"
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(lambda i: racers.create(f"{i}".encode()), range(8))) == 1
+
+
 def test_a_corrupted_object_is_caught_and_rescored(tmp_path, bucket_store, wikiqa_sample, tiny_teachers):
     s3_store = bucket_store
     teachers = write_teachers(tmp_path / "t.toml", {"t1": tiny_teachers["t1"]})
