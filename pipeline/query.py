@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from tmkd.data.fs import ObjectPath
-from tmkd.data.store import CorruptPartError, Store, StoreError, scored_corpora
+from tmkd.data.store import PART_RE, CorruptPartError, Store, StoreError, scored_corpora
 from tmkd.pipeline.streams import CorpusView, ScoresView
 
 
@@ -211,7 +211,8 @@ def _unshown_label_files(store: Store, teachers: dict, manifests: dict, left: Le
         if f in left.checked or (cname in corpora and cname not in manifests):
             continue
         t, m = teachers.get(teacher), manifests.get(cname)
-        part = int(f.stem.split("-")[1]) if f.stem.split("-")[-1].isdigit() else -1
+        match = PART_RE.match(f.name)  # part-NNNNN.parquet, or part-NNNNN.<commit>.parquet on an object store
+        part = int(match.group(1)) if match else -1
         why = ("unknown teacher" if t is None else "unknown corpus" if m is None
                else "no such corpus part" if part not in {p.part for p in m.parts}
                else f"teacher not set to score corpus {cname!r}" if not t.scores(cname) else None)

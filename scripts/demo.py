@@ -7,7 +7,8 @@ data/samples/qnli/README.md).
 4. train the student: stage 1 on the unlabeled sample, stage 2 on the labelled one
    (student/configs/demo.toml: a 2-layer cut of the same encoder, one head per teacher);
 5. print a table: each teacher, the teacher ensemble and the student on the dev sample
-   (accuracy, F1), with the scoring speed of each measured here, one after another.
+   (accuracy, F1), with the scoring speed of each measured here, one after another;
+6. write the store's report (`tmkd-label report`): demo-out/report.html.
 
 Each step prints the command a user would type, then runs it. Re-running reuses what is done:
 ingested corpora, fine-tuned teachers, scored labels and a finished student are kept.
@@ -110,7 +111,11 @@ def main() -> None:
 
     # 5. the comparison
     print("\n" + comparison_table(store, "qnli-dev", teachers, student_dir))
-    print(f"\ndemo done in {time.time() - start:.0f} s; store: {store}; student: {student_dir}")
+
+    # 6. the report: one HTML page of the store and the student (open it in a browser)
+    sh(LABEL, "report", "--store", store, "--runs", student_dir, "--out", out / "report.html")
+    print(f"\ndemo done in {time.time() - start:.0f} s; store: {store}; student: {student_dir}; "
+          f"report: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

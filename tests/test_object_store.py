@@ -40,6 +40,17 @@ def _label_bytes(store) -> dict:
     return out
 
 
+def _close(a, b) -> bool:
+    """Equal, floats to 1e-9 (DuckDB sums in parallel: the last digits depend on the order)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return isinstance(b, float) and abs(a - b) <= 1e-9 * max(1.0, abs(a))
+    return a == b
+
+
 def _corpus_bytes(store) -> dict:
     st = Store(store)
     return {f"{c}/{p.part}": p.path.read_bytes() for c in st.corpora() for p in st.corpus(c).parts}
@@ -83,6 +94,13 @@ def test_ingest_run_verify_query_on_a_bucket_equal_the_local_store_bit_for_bit(t
     on_s3 = cli("query", "--store", s3_store, "--format", "json", sql).output
     assert json.loads(on_s3) == json.loads(cli("query", "--store", local, "--format", "json", sql).output)
     assert [r["n"] for r in json.loads(on_s3)] == [120, 120]
+    # the report: the same numbers from the bucket as from the disk
+    reports = []
+    for store in (local, s3_store):
+        cli("report", "--store", store, "--out", tmp_path / "r.html", "--top", 3)
+        data = json.loads((tmp_path / "r.json").read_text())
+        reports.append({k: v for k, v in data.items() if k not in ("store", "seconds")})
+    assert _close(reports[0], reports[1]) and reports[0]["corpora"]["wq"]["ranking"]["t1"]["groups"] > 0
     # a query cannot write to the bucket either
     bad = cli("query", "--store", s3_store, f"COPY labels TO '{s3_store}/x.parquet'", ok=False)
     assert bad.exit_code == 1 and not ObjectPath(*s3_store.split("/store")[0:1], "store/x.parquet").is_file()
