@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,21 @@ def encoder(tiny_teachers):
     return tiny_teachers["t1"]
 
 
+@contextmanager
+def environment(env: dict[str, str]):
+    """Set these environment variables (subprocesses inherit them), and put back what was there."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API (moto's server) on 127.0.0.1, a free port; tmkd finds it the standard way:
@@ -72,14 +88,8 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment(env):
+        yield env["AWS_ENDPOINT_URL"]
     server.stop()
 
 
@@ -87,18 +97,11 @@ def s3_endpoint():
 def gcs_endpoint(tmp_path_factory):
     """A GCS API on 127.0.0.1 (fake-gcs-server and a front for obstore's writes: tests/gcs_front.py), found the
     way tmkd finds any GCS emulator: STORAGE_EMULATOR_HOST, GOOGLE_BASE_URL, GOOGLE_BEARER_TOKEN."""
-    from gcs_front import FakeGCS, environment
+    import gcs_front
 
-    gcs = FakeGCS(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log").start()
-    env = environment(gcs)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield gcs
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    gcs = gcs_front.FakeGCS(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log").start()
+    with environment(gcs_front.environment(gcs)):
+        yield gcs
     gcs.stop()
 
 
