@@ -29,7 +29,6 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO

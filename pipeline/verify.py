@@ -12,7 +12,6 @@ Nothing here writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

@@ -9,7 +9,6 @@ answers, with commits made by conditional PUTs instead of renames.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
