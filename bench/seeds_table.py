@@ -1,0 +1,74 @@
+"""Quality over seeds: a runs JSON (one object per run) -> the RESULTS.md tables, mean ± std and n.
+
+    python bench/seeds_table.py bench/results/wikiqa-seeds.json [--metric test_map] [--compare tmkd mkd-matched]
+
+The JSON is a list of {"variant", "seed", "dev_map", "test_map", "test_mrr", "test_accuracy"} (null where a
+metric does not apply, e.g. MAP on QNLI). Per variant: mean ± sample standard deviation and n of each metric.
+``--compare A B``: the difference A − B paired by seed (the same seeds in both), its mean, the standard error of
+that mean, and whether the mean exceeds twice it (the bar issue #14 sets).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+METRICS = ("dev_map", "test_map", "test_mrr", "test_accuracy")
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """variant -> metric -> (mean, sample std, n), over the runs where the metric is not null."""
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        values = {m: [r[m] for r in runs if r["variant"] == variant and r.get(m) is not None] for m in METRICS}
+        out[variant] = {m: _mean_std(v) for m, v in values.items() if v}
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std, n
+
+
+def paired_difference(runs: list[dict], a: str, b: str, metric: str) -> dict:
+    """A − B on the seeds both have: mean, standard error of the mean, and whether mean > 2 SE."""
+    by_seed = {(r["variant"], r["seed"]): r[metric] for r in runs if r.get(metric) is not None}
+    seeds = sorted({s for v, s in by_seed if v == a} & {s for v, s in by_seed if v == b})
+    diffs = [by_seed[a, s] - by_seed[b, s] for s in seeds]
+    if len(diffs) < 2:
+        return {"seeds": seeds, "mean": diffs[0] if diffs else None, "se": None, "beyond_2se": None}
+    mean, std, n = _mean_std(diffs)
+    se = std / math.sqrt(n)
+    return {"seeds": seeds, "mean": mean, "se": se, "beyond_2se": mean > 2 * se}
+
+
+def markdown(summary: dict, metrics: tuple[str, ...] = METRICS) -> str:
+    shown = [m for m in metrics if any(m in s for s in summary.values())]
+    lines = ["| variant | " + " | ".join(shown) + " | n |", "|---|" + "---|" * (len(shown) + 1)]
+    for variant, s in summary.items():
+        cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" if m in s and s[m][2] > 1 else
+                 (f"{s[m][0]:.4f}" if m in s else "–") for m in shown]
+        n = max((s[m][2] for m in shown if m in s), default=0)
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--metric", default="test_map", help="the metric --compare uses")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), action="append", default=[])
+    args = ap.parse_args()
+    runs = json.loads(args.runs.read_text())
+    print(markdown(summarise(runs)))
+    for a, b in args.compare:
+        d = paired_difference(runs, a, b, args.metric)
+        print(f"\n{a} − {b} ({args.metric}, seeds {d['seeds']}): mean {d['mean']}, SE {d['se']}, "
+              f"beyond 2 SE: {d['beyond_2se']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""bench/seeds_table.py: the quality-over-seeds tables (mean ± std, n) and the paired comparison, checked by hand."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("seeds_table", ROOT / "bench" / "seeds_table.py")
+seeds_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seeds_table)
+
+RUNS = [
+    {"variant": "tmkd", "seed": 1, "dev_map": 0.80, "test_map": 0.75, "test_mrr": 0.76, "test_accuracy": 0.89},
+    {"variant": "tmkd", "seed": 2, "dev_map": 0.82, "test_map": 0.77, "test_mrr": 0.78, "test_accuracy": 0.90},
+    {"variant": "tmkd", "seed": 3, "dev_map": 0.81, "test_map": 0.76, "test_mrr": 0.77, "test_accuracy": 0.91},
+    {"variant": "mkd-matched", "seed": 1, "dev_map": 0.70, "test_map": 0.70, "test_mrr": 0.71, "test_accuracy": 0.88},
+    {"variant": "mkd-matched", "seed": 2, "dev_map": 0.71, "test_map": 0.73, "test_mrr": 0.74, "test_accuracy": 0.88},
+    {"variant": "mkd-matched", "seed": 4, "dev_map": 0.72, "test_map": 0.71, "test_mrr": 0.72, "test_accuracy": 0.87},
+    {"variant": "qnli-nokd", "seed": 1, "dev_map": None, "test_map": None, "test_mrr": None, "test_accuracy": 0.8},
+]
+
+
+def test_mean_std_n_per_variant_and_metric():
+    s = seeds_table.summarise(RUNS)
+    mean, std, n = s["tmkd"]["test_map"]
+    assert n == 3 and mean == pytest.approx(0.76) and std == pytest.approx(0.01)  # sample std of .75, .77, .76
+    assert "test_map" not in s["qnli-nokd"] and s["qnli-nokd"]["test_accuracy"][2] == 1
+    table = seeds_table.markdown(s)
+    assert "| tmkd | 0.8100 ± 0.0100 | 0.7600 ± 0.0100 | 0.7700 ± 0.0100 | 0.9000 ± 0.0100 | 3 |" in table
+    assert "| qnli-nokd | – | – | – | 0.8000 | 1 |" in table
+
+
+def test_the_paired_difference_uses_the_shared_seeds_only():
+    d = seeds_table.paired_difference(RUNS, "tmkd", "mkd-matched", "test_map")
+    assert d["seeds"] == [1, 2]  # seed 3 and 4 are in one variant only
+    diffs = [0.75 - 0.70, 0.77 - 0.73]
+    mean = sum(diffs) / 2
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 1) / math.sqrt(2)
+    assert d["mean"] == pytest.approx(mean) and d["se"] == pytest.approx(se) and d["beyond_2se"] is (mean > 2 * se)
+
+
+def test_the_command_prints_the_table_and_the_comparison(tmp_path):
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(RUNS))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), str(path), "--compare", "tmkd",
+                          "mkd-matched"], capture_output=True, text=True, check=True).stdout
+    assert "| variant | dev_map | test_map | test_mrr | test_accuracy | n |" in out
+    assert "tmkd − mkd-matched (test_map, seeds [1, 2])" in out
