@@ -227,6 +227,7 @@ def report(
     import time
 
     from tmkd.data.fs import ObjectPath
+    from tmkd.data.store import atomic_write_bytes
     from tmkd.pipeline.query import finite
     from tmkd.pipeline.report import build_report
     from tmkd.pipeline.report_html import render
@@ -249,8 +250,8 @@ def report(
             say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
     json_path = out_path.with_suffix(".json")
     try:
-        write_atomic(json_path, json.dumps(data, indent=1, default=str, allow_nan=False))
-        write_atomic(out_path, render(data))
+        atomic_write_bytes(json_path, json.dumps(data, indent=1, default=str, allow_nan=False).encode())
+        atomic_write_bytes(out_path, render(data).encode())
     except OSError as e:
         fail(e)
     pairs = sum(c["pairs_scanned"] for c in data["corpora"].values())
@@ -258,16 +259,6 @@ def report(
     say(out, f"report of {len(data['corpora'])} corpora ({pairs:,} pairs), {len(data['teachers'])} teachers, "
              f"{len(data['students'])} student runs in {seconds:.1f} s ({pairs / max(seconds, 1e-9):,.0f} pairs/s) "
              f"-> {out_path} (+ {json_path.name})")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @app.command()

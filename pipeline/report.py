@@ -180,10 +180,8 @@ def _disagreements(store: Store, corpus, top: list[dict] | None, teachers: list[
     if not top:
         return []
     parts = {p.part: p for p in corpus.parts}
-    texts = {}
-    for part in sorted({t["part"] for t in top}):
-        table = store.read_corpus_part(parts[part], ["id", "text_a", "text_b"])
-        texts[part] = table
+    texts = {part: store.read_corpus_part(parts[part], ["id", "text_a", "text_b"])
+             for part in sorted({t["part"] for t in top})}
     out = []
     for t in sorted(top, key=lambda t: (-t["spread"], t["part"], t["row"])):
         table = texts[t["part"]]

@@ -44,7 +44,7 @@ class CheckedStream:
         self.store, self.parts, self.left = store, parts, left
         self.damaged: set[tuple[str, str, int]] = set()  # (teacher, corpus, part) label parts left out as invalid
         self.damaged_corpus: set[tuple[str, int]] = set()  # (corpus, part) corpus parts left out
-        self.seen: dict = {}
+        self.seen: dict[tuple[str, str, int], str] = {}  # (teacher, corpus, part) -> label digest the first scan read
 
     def __arrow_c_schema__(self):
         return self.schema.__arrow_c_schema__()
@@ -130,7 +130,6 @@ class ScoresView(CheckedStream):
             if problem:
                 raise StoreError(f"the scores view cannot show this store's teachers: {problem}; use the labels view")
         self.schema = pa.schema(list(KEYS) + [pa.field(n, LOGITS) for n in self.teachers])
-        self.seen: dict[tuple[str, str, int], str] = {}  # (teacher, corpus, part) -> digest read by the first scan
 
     def _check_part(self, name: str, part) -> tuple[pa.RecordBatch | None, list[tuple]]:
         """One corpus part and its teachers' label parts, checked; the wide batch and what was left out."""

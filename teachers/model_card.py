@@ -9,10 +9,11 @@ hashes (weights, config.json, tokenizer), so writing it changes no identity.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import yaml
+
+from tmkd.data.store import atomic_write_bytes
 
 USAGE = '''from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import torch
@@ -73,12 +74,7 @@ def write_model_card(folder: Path, *, kind: str, name: str, base_model: str, lab
              "## Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
     path = folder / "README.md"
-    tmp = folder / f".README.md.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, text.encode())
     return path
 
 
