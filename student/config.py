@@ -46,6 +46,8 @@ Schema (every table and key; defaults in brackets)::
     name = "stage1"
     corpora = ["unlabeled"]
     epochs = 1
+    max_steps = 0                   # stop the stage after this many optimizer steps, within its last epoch
+                                    #   [0: every epoch in full]; e.g. to match another recipe's compute
     batch_size = 32
     lr = 5e-5
     schedule = "linear"             # linear | cosine | constant
@@ -56,6 +58,10 @@ Schema (every table and key; defaults in brackets)::
     soft = "mse"                    # mse (on logits) | kl (at temperature T, scaled by T^2)
     temperature = 1.0
     alpha = 0.5                     # weight of the soft part on rows with a gold label
+    listwise = 0.0                  # weight of a listwise term added to the loss [0: none]: per head, KL
+                                    #   between the teacher's and the student's softmax over each group's
+                                    #   candidates (log-odds of the positive class, at `temperature`);
+                                    #   the stage then streams rows grouped (student/data.py)
 
 Types are checked: a wrong one is an error naming the file (or the ``--set``), the field
 (``stages.1.lr``, stages counted from 0 as in ``--set``) and the expected type. A list of
@@ -83,6 +89,7 @@ class LossConfig:
     soft: str = "mse"
     temperature: float = 1.0
     alpha: float = 0.5
+    listwise: float = 0.0
 
 
 @dataclass
@@ -90,6 +97,7 @@ class StageConfig:
     corpora: list[str] = field(default_factory=list)
     name: str = ""
     epochs: int = 1
+    max_steps: int = 0
     batch_size: int = 32
     lr: float = 5e-5
     schedule: str = "linear"
@@ -213,8 +221,8 @@ class TrainConfig:
             where = f"stages.{i}" + (f" ({s.name})" if s.name else "")
             if not s.corpora:
                 problems.append(f"{where}: `corpora` is empty")
-            if s.epochs < 1 or s.batch_size < 1 or s.lr <= 0:
-                problems.append(f"{where}: epochs and batch_size must be >= 1 and lr > 0")
+            if s.epochs < 1 or s.batch_size < 1 or s.lr <= 0 or s.max_steps < 0:
+                problems.append(f"{where}: epochs and batch_size must be >= 1, lr > 0 and max_steps >= 0")
             if s.schedule not in ("linear", "cosine", "constant"):
                 problems.append(f"{where}: schedule must be linear, cosine or constant, not {s.schedule!r}")
             if not 0.0 <= s.warmup_ratio < 1.0:
@@ -225,6 +233,8 @@ class TrainConfig:
                 problems.append(f"{where}: loss.temperature must be > 0")
             if not 0.0 <= s.loss.alpha <= 1.0:
                 problems.append(f"{where}: loss.alpha must be in [0, 1]")
+            if s.loss.listwise < 0 or (s.loss.listwise > 0 and not self.teachers):
+                problems.append(f"{where}: loss.listwise must be >= 0, and > 0 needs teachers (it distills their ranking)")
             if not self.teachers and not s.gold:
                 problems.append(f"{where}: gold = false needs teachers (no-KD learns from gold labels only)")
             if not s.name:

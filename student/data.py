@@ -13,6 +13,11 @@ Memory per worker is bounded by two parts (the one being read, and the next, rea
 thread so an object store's latency hides behind training) plus the shuffle buffer, whatever the
 corpus size.
 
+A stage with a listwise loss streams *grouped*: the rows of one group (question) stay together. Each
+part's groups are put in a seeded order and their rows cut into batches in that order (carried from
+part to part, so the count is still ceil(rows / batch_size)); a group that a cut falls in is split in
+two lists. The shuffle buffer is not used then: rows mix by the parts' order and each part's group order.
+
 A resumed run seeks: ``set_epoch(epoch, skip)`` starts the stream at the rank's batch ``skip``.
 The buffer's shuffles depend only on row counts, so the stream replays them on index arrays
 (no reading, no tokenizing) up to the position, then reads only the rows still ahead of it.
@@ -37,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tmkd.data.store import CorpusPart, Store, TeacherRecord
 from tmkd.teachers.scoring import Encoded, encode_pairs, pad_batch
 
-TEXT_COLUMNS = ["text_a", "text_b", "label"]
+TEXT_COLUMNS = ["text_a", "text_b", "label", "group"]
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the model's inputs in a batch
 
 
@@ -100,11 +105,16 @@ def encode(tokenizer, text_a: np.ndarray, text_b: np.ndarray, max_length: int) -
     return encode_pairs(tokenizer, text_a.tolist(), text_b.tolist(), max_length, "longest_first")
 
 
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, labels, logits, ids) -> dict:
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, labels, logits, ids, groups=None) -> dict:
     """A batch: tensors for the model and the loss; ``weight`` (1.0, or 0.0 for a padding batch) and
     ``id_sum`` (the rows' ids, summed mod 2^64, for the resume check) as plain Python numbers, so the
-    loop reads them without a host sync once the tensors are on a GPU."""
+    loop reads them without a host sync once the tensors are on a GPU. With ``groups`` (a grouped
+    stream): ``group_index`` (0..G-1 per row), ``num_groups`` and ``num_lists`` (groups of 2+ rows)."""
     batch = pad_batch(enc, idx, pad_id)
+    if groups is not None:
+        _, index, sizes = np.unique(groups[idx], return_inverse=True, return_counts=True)
+        batch["group_index"] = torch.from_numpy(index.reshape(-1).astype(np.int64))
+        batch["num_groups"], batch["num_lists"] = len(sizes), int((sizes > 1).sum())
     batch["labels"] = torch.from_numpy(labels[idx].astype(np.int64))
     batch["teacher_logits"] = torch.from_numpy(np.ascontiguousarray(logits[idx], dtype=np.float32))
     batch["ids"] = torch.from_numpy(ids[idx].astype(np.int64))
@@ -118,7 +128,7 @@ def dummy_batch(tokenizer, num_teachers: int, num_labels: int) -> dict[str, torc
     enc = encode(tokenizer, np.array(["."], dtype=object), np.array(["."], dtype=object), 8)
     idx = np.zeros(1, dtype=np.int64)
     b = collate(enc, idx, tokenizer.pad_token_id or 0, np.full(1, -1), np.zeros((1, num_teachers, num_labels)),
-                np.full(1, -1))
+                np.full(1, -1), np.array(["."], dtype=object))
     b["weight"] = 0.0
     return b
 
@@ -130,6 +140,7 @@ class _Rows:
     text_b: np.ndarray
     labels: np.ndarray
     logits: np.ndarray
+    groups: np.ndarray  # str per row; a row without a group has a name of its own ("\0" + its id)
 
     def __len__(self):
         return len(self.ids)
@@ -138,15 +149,16 @@ class _Rows:
     def empty(num_teachers: int, num_labels: int) -> "_Rows":
         text = np.empty(0, dtype=object)
         return _Rows(np.empty(0, np.int64), text, text, np.empty(0, np.int64),
-                     np.empty((0, num_teachers, num_labels), np.float32))
+                     np.empty((0, num_teachers, num_labels), np.float32), text)
 
     def take(self, idx) -> "_Rows":
-        return _Rows(self.ids[idx], self.text_a[idx], self.text_b[idx], self.labels[idx], self.logits[idx])
+        return _Rows(self.ids[idx], self.text_a[idx], self.text_b[idx], self.labels[idx], self.logits[idx],
+                     self.groups[idx])
 
     @staticmethod
     def concat(chunks: list["_Rows"]) -> "_Rows":
         return _Rows(*(np.concatenate([getattr(c, f) for c in chunks]) for f in
-                       ("ids", "text_a", "text_b", "labels", "logits")))
+                       ("ids", "text_a", "text_b", "labels", "logits", "groups")))
 
 
 def read_rows(store: Store, part: CorpusPart, teachers: list[TeacherRecord], num_labels: int) -> _Rows:
@@ -155,13 +167,27 @@ def read_rows(store: Store, part: CorpusPart, teachers: list[TeacherRecord], num
         logits = np.zeros((table.num_rows, 0, num_labels), np.float32)
     elif logits.shape[2] != num_labels:
         raise ValueError(f"{part.path}: teachers give {logits.shape[2]} logits per row, the student has {num_labels}")
+    import pyarrow.compute as pc
+
+    ids = table.column("id")
+    own = pc.binary_join_element_wise("\0", pc.cast(ids, "string"), "")  # a group of its own per ungrouped row
     return _Rows(
-        table.column("id").to_numpy(),
+        ids.to_numpy(),
         table.column("text_a").to_numpy(zero_copy_only=False),
         table.column("text_b").to_numpy(zero_copy_only=False),
         table.column("label").fill_null(-1).to_numpy().astype(np.int64),
         logits,
+        pc.coalesce(table.column("group"), own).to_numpy(zero_copy_only=False),
     )
+
+
+def group_order(groups: np.ndarray, rng) -> np.ndarray:
+    """Row order that keeps each group's rows together (in their order), the groups in a seeded order."""
+    _, index = np.unique(groups, return_inverse=True)
+    index = index.reshape(-1)
+    rank = np.empty(int(index.max(initial=-1)) + 1, np.int64)
+    rank[rng.permutation(len(rank))] = np.arange(len(rank))
+    return np.argsort(rank[index], kind="stable")
 
 
 def epoch_batches(stream: "DistillStream", epoch: int, skip: int = 0):
@@ -197,6 +223,7 @@ class DistillStream(IterableDataset):
         num_workers: int = 0,
         shuffle_buffer: int = 10000,
         bucket_batches: int = 50,
+        grouped: bool = False,
     ):
         self.store_root, self.parts, self.teachers = store_root, list(parts), list(teachers)
         self.tokenizer_path, self.num_labels = tokenizer_path, num_labels
@@ -204,6 +231,7 @@ class DistillStream(IterableDataset):
         self.rank, self.world, self.num_workers = rank, world, num_workers
         self.pool_rows = bucket_batches * batch_size
         self.buffer_rows = max(shuffle_buffer, self.pool_rows)
+        self.grouped = grouped
         self.epoch, self.skip = 0, 0
         self._tok = None
 
@@ -301,6 +329,29 @@ class DistillStream(IterableDataset):
             return _Rows.empty(len(self.teachers), self.num_labels)
         return _Rows.concat(chunks).take(np.argsort(np.concatenate(placed), kind="stable"))
 
+    def _grouped_batches(self, parts: list[CorpusPart], rng, skip: int = 0):
+        """A grouped stream (see the module docstring), from batch ``skip`` on: the parts before the
+        position are read for their groups (their seeded order), not tokenized."""
+        store, tok = Store(self.store_root), self.tokenizer
+
+        def cuts():
+            carry = _Rows.empty(len(self.teachers), self.num_labels)
+            for part in parts:
+                rows = read_rows(store, part, self.teachers, self.num_labels)
+                rows = _Rows.concat([carry, rows.take(group_order(rows.groups, rng))])
+                full = len(rows) // self.batch_size * self.batch_size
+                for start in range(0, full, self.batch_size):
+                    yield rows.take(slice(start, start + self.batch_size))
+                carry = rows.take(slice(full, None))
+            if len(carry):
+                yield carry
+
+        for i, rows in enumerate(cuts()):
+            if i >= skip:
+                enc = encode(tok, rows.text_a, rows.text_b, self.max_length)
+                yield collate(enc, np.arange(len(rows)), tok.pad_token_id or 0, rows.labels, rows.logits, rows.ids,
+                              rows.groups)
+
     def _batches(self, pool: _Rows, batch_order: np.ndarray):
         tok = self.tokenizer
         enc = encode(tok, pool.text_a, pool.text_b, self.max_length)
@@ -316,6 +367,9 @@ class DistillStream(IterableDataset):
             raise RuntimeError(f"DistillStream planned for {self.num_workers} workers, DataLoader has {workers}")
         parts = assign(self.parts, self.seed, self.epoch, self.rank, self.world, worker, workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        if self.grouped:
+            yield from self._grouped_batches(parts, rng, self.turn_start()[0][worker])
+            return
         for pool, batch_order in self._pools(parts, rng, self.turn_start()[0][worker]):
             yield from self._batches(pool, batch_order)
 

@@ -103,14 +103,20 @@ def start_stage(optimizer, schedule: StageSchedule, stage: StagePlan) -> None:
 
 
 def batch_loss(s: Session, stage: StagePlan, batch: dict, weights: torch.Tensor) -> torch.Tensor:
-    from tmkd.student.losses import distill_loss
+    from tmkd.student.losses import distill_loss, listwise_distill_loss
 
     dev, cfg = s.accelerator.device, stage.config
     with s.accelerator.autocast():
         logits = s.model(**{k: batch[k].to(dev) for k in INPUTS if k in batch})
-    return distill_loss(logits, batch["teacher_logits"].to(dev), batch["labels"].to(dev), weights=weights,
+    teacher_logits = batch["teacher_logits"].to(dev)
+    loss = distill_loss(logits, teacher_logits, batch["labels"].to(dev), weights=weights,
                         ensemble=s.plan.ensemble, soft=cfg.loss.soft, temperature=cfg.loss.temperature,
                         alpha=cfg.loss.alpha, use_gold=cfg.gold)
+    if cfg.loss.listwise > 0:
+        loss = loss + cfg.loss.listwise * listwise_distill_loss(
+            logits, teacher_logits, batch["group_index"].to(dev), batch["num_groups"], batch["num_lists"],
+            weights=weights, ensemble=s.plan.ensemble, positive=s.plan.positive, temperature=cfg.loss.temperature)
+    return loss
 
 
 def window_divisors(rows: list[int]) -> list[float]:

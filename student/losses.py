@@ -10,6 +10,14 @@ Per head k and row i::
 
 soft = MSE on logits (mean over classes), or KL(softmax(t/T) || softmax(s/T)) * T^2.
 Without teachers (no-KD) the loss is the mean CE over rows that have a gold label.
+
+With ``loss.listwise = lambda > 0`` the stage adds lambda * the listwise term: per head, for each group g
+of the batch (a question's candidates), with s_i the log-odds of the positive class (how the teachers
+rank) ::
+
+    KL(softmax_{i in g}(t_i / T) || softmax_{i in g}(s_i / T)) * T^2
+
+averaged over the batch's groups of two or more rows (a lone row ranks nothing), then weighted by w_k.
 Every batch carries a ``weight`` (1, or 0 for the padding batches that keep ranks in step),
 which multiplies the loss.
 """
@@ -44,6 +52,41 @@ def soft_targets(teacher_logits: torch.Tensor, weights: torch.Tensor, ensemble: 
     if ensemble:
         return (teacher_logits * weights.view(1, -1, 1)).sum(dim=1, keepdim=True)
     return teacher_logits
+
+
+def group_log_softmax(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """log_softmax of [B, H] scores within each group (``groups``: 0..num_groups-1 per row), vectorised."""
+    idx = groups.unsqueeze(1).expand_as(x)
+    top = x.new_full((num_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
+    shifted = x - top.gather(0, idx)
+    total = x.new_zeros((num_groups, x.shape[1])).index_add(0, groups, shifted.exp())
+    return shifted - total.log().gather(0, idx)
+
+
+def listwise_kl(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                num_lists: int, temperature: float) -> torch.Tensor:
+    """[B, H] student and teacher scores -> [H]: the mean over lists (groups of 2+ rows) of
+    KL(teacher || student) of their softmax over the group at ``temperature``, times T^2."""
+    t = temperature
+    log_p_t = group_log_softmax(teacher / t, groups, num_groups)
+    log_p_s = group_log_softmax(student / t, groups, num_groups)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=0)  # a lone row adds 0: both log-probs are 0
+    return kl * (t * t) / max(1, num_lists)
+
+
+def listwise_distill_loss(student: torch.Tensor, teacher_logits: torch.Tensor, groups: torch.Tensor,
+                          num_groups: int, num_lists: int, *, weights: torch.Tensor, ensemble: bool, positive: int,
+                          temperature: float) -> torch.Tensor:
+    """The listwise term of one batch (module docstring): ``student`` [B, H, C], ``teacher_logits`` [B, K, C]."""
+    from tmkd.teachers.ranking import relevance_scores
+
+    student = student.float()
+    target = soft_targets(teacher_logits.float(), weights, ensemble)  # [B, H, C]
+    b, h, c = student.shape
+    s = relevance_scores(student.reshape(b * h, c), positive).view(b, h)
+    t = relevance_scores(target.reshape(b * h, c), positive).view(b, h)
+    head_w = torch.ones(1, device=student.device) if ensemble else weights
+    return (listwise_kl(s, t, groups, num_groups, num_lists, temperature) * head_w).sum()
 
 
 def distill_loss(

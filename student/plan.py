@@ -128,6 +128,25 @@ def check_labels(store, cfg: TrainConfig, teachers, corpora: Manifests | None = 
         )
 
 
+def cap_batches(batches: list[int], max_steps: int, ga: int, where: str) -> list[int]:
+    """Per-epoch batch counts cut so that the stage runs exactly ``max_steps`` optimizer steps (windows of
+    ``ga`` batches, which also end at an epoch's end): the last epoch stops early. A budget met before
+    the last epoch, or never met, is a config error: epochs would be empty, or steps asked for not run."""
+    capped, left = [], max_steps
+    for n in batches:
+        steps = min(math.ceil(n / ga), left)
+        capped.append(min(n, steps * ga))
+        left -= steps
+    if left > 0:
+        raise TrainError(f"{where}: max_steps = {max_steps} is more than its {len(batches)} epoch(s) hold "
+                         f"({max_steps - left} steps); raise epochs")
+    if 0 in capped:
+        used = capped.index(0)
+        raise TrainError(f"{where}: max_steps = {max_steps} is reached in epoch {used} of {len(batches)}; "
+                         f"set epochs = {used}")
+    return capped
+
+
 # ---- the plan ---------------------------------------------------------------------------------
 @dataclass
 class StagePlan:
@@ -196,13 +215,18 @@ def resolve(cfg: TrainConfig, world: int, num_workers: int) -> Plan:
     label_names = label_space(cfg, store, teachers, corpora)
     positive = positive_class(cfg, store, label_names, corpora)
     check_labels(store, cfg, teachers, corpora)
+    if positive is None and any(s.loss.listwise > 0 for s in cfg.stages):
+        raise TrainError("loss.listwise ranks candidates by the positive class's log-odds: set eval.corpus "
+                         "(and eval.positive_label if the corpus does not declare one)")
     ensemble = cfg.soft_target == "ensemble"
     ga = cfg.train.gradient_accumulation_steps
     stages = []
-    for stage in cfg.stages:
+    for i, stage in enumerate(cfg.stages):
         parts = [p for c in stage.corpora for p in corpora[c].parts]
         batches = [max(plan_batches(parts, cfg.seed, e, world, num_workers, stage.batch_size))
                    for e in range(stage.epochs)]
+        if stage.max_steps:
+            batches = cap_batches(batches, stage.max_steps, ga, f"stages.{i} ({stage.name})")
         stages.append(StagePlan(stage, parts, batches, sum(math.ceil(n / ga) for n in batches)))
     return Plan(cfg, store, teachers, corpora, label_names, positive, cfg.normalised_weights() or [1.0], ensemble,
                 1 if (ensemble or not teachers) else len(teachers), world, num_workers, stages)

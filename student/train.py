@@ -173,6 +173,7 @@ def make_stream(plan: Plan, stage, rank: int):
         num_labels=plan.num_labels, batch_size=stage.config.batch_size, max_length=cfg.student.max_length,
         seed=cfg.seed, rank=rank, world=plan.world, num_workers=plan.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, bucket_batches=cfg.data.bucket_batches,
+        grouped=stage.config.loss.listwise > 0,
     )
 
 

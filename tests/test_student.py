@@ -17,7 +17,7 @@ from tmkd.data.store import StaleLabelsError, Store
 import toy
 from tmkd.student.config import ConfigError, config_from_dict, load_config
 from tmkd.student.data import DistillStream, data_workers, epoch_batches, plan_batches
-from tmkd.student.losses import distill_loss
+from tmkd.student.losses import distill_loss, listwise_distill_loss, listwise_kl
 from tmkd.teachers.metrics import evaluate_predictions, map_mrr
 
 
@@ -31,7 +31,8 @@ def toy_config(*args, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("student-store")
-    toy.build_store(root, teachers=("t1", "t2", "t3"))
+    store = toy.build_store(root, teachers=("t1", "t2", "t3"))
+    toy.add_corpus(store, "ranked", [72, 56], ["t1", "t2", "t3"], group_size=4, seed=4, id_offset=300_000)
     return root
 
 
@@ -126,6 +127,36 @@ def test_loss_formula_by_hand():
     assert got == pytest.approx(float(torch.nn.functional.cross_entropy(s[:1, 0], labels[:1])))
 
 
+def test_listwise_loss_by_hand():
+    """Per head: KL of the teacher's and the student's softmax over each group's log-odds, at T, times T^2,
+    averaged over the groups of 2+ rows; a lone row ranks nothing."""
+    torch.manual_seed(0)
+    s, t = torch.randn(7, 2, 2, requires_grad=True), torch.randn(7, 2, 2)  # [B, K, C]
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 0])  # group 2 is a lone row
+    w, temp = torch.tensor([0.25, 0.75]), 2.0
+    got = listwise_distill_loss(s, t, groups, 3, 2, weights=w, ensemble=False, positive=1, temperature=temp)
+    want = 0.0
+    for k in range(2):
+        kls = []
+        for g in (0, 1):
+            m = groups == g
+            pt = torch.softmax((t[m, k, 1] - t[m, k, 0]) / temp, 0)
+            ps = torch.softmax((s[m, k, 1] - s[m, k, 0]) / temp, 0)
+            kls.append((pt * (pt.log() - ps.log())).sum().detach() * temp**2)
+        want += float(w[k]) * float(torch.stack(kls).mean())
+    assert float(got.detach()) == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert s.grad[5].abs().sum() == 0 and s.grad[0].abs().sum() > 0  # the lone row gets no gradient
+    # the positive class's log-odds: with 0 as the positive class the ranking (and the KL) flips sign
+    flipped = listwise_distill_loss(s.flip(-1), t.flip(-1), groups, 3, 2, weights=w, ensemble=False, positive=0,
+                                    temperature=temp)
+    assert float(flipped.detach()) == pytest.approx(want, rel=1e-5)
+    # a student that ranks as its teacher: 0, whatever shift each group's scores have
+    x = torch.randn(6, 1)
+    same = listwise_kl(x, x + torch.tensor([[3.0]] * 3 + [[-1.0]] * 3), torch.tensor([0, 0, 0, 1, 1, 1]), 2, 2, 1.0)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+
+
 # ---- streaming --------------------------------------------------------------------------------
 def test_stream_every_row_once_per_epoch_across_ranks_and_workers(store_dir, encoder):
     store = Store(store_dir)
@@ -153,6 +184,52 @@ def test_stream_every_row_once_per_epoch_across_ranks_and_workers(store_dir, enc
         orders.append(order)
     assert orders[0] != orders[1]  # reshuffled each epoch
     assert plan_batches(parts, 5, 0, 2, 2, 8) != [0, 0]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_a_grouped_stream_keeps_each_group_in_one_batch_or_two(store_dir, encoder, world, workers):
+    """A listwise stage's stream: every row once per epoch, the planned batch count, each group's rows
+    together (a batch cut splits a group in two at most), group_index naming them within the batch; and
+    a resumed grouped stream seeks to its batch."""
+    store = Store(store_dir)
+    parts = store.corpus("ranked").parts  # 128 rows, groups of 4
+    teachers = [store.teacher("t1")]
+    groups_of = {}
+    for p in parts:
+        t = store.read_corpus_part(p, ["id", "group"])
+        groups_of.update(zip(t.column("id").to_pylist(), t.column("group").to_pylist()))
+
+    def stream(rank, epoch, skip=0):
+        ds = DistillStream(str(store_dir), parts, teachers, str(encoder), num_labels=2, batch_size=6, max_length=32,
+                           seed=5, rank=rank, world=world, num_workers=workers, grouped=True)
+        return list(epoch_batches(ds, epoch, skip)), ds.planned_batches()
+
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            batches, planned = stream(rank, epoch)
+            assert len(batches) == planned
+            for b in batches:
+                names = [groups_of[int(i)] for i in b["ids"]]
+                assert len(set(names)) == b["num_groups"] and b["num_lists"] <= b["num_groups"]
+                for n in names:  # rows of a group are next to each other
+                    at = [i for i, x in enumerate(names) if x == n]
+                    assert at == list(range(at[0], at[-1] + 1))
+                pairs = set(zip(names, b["group_index"].tolist()))  # group_index tells the groups apart
+                assert len(pairs) == len(set(names)) == len({g for _, g in pairs})
+            seen += [int(i) for b in batches for i in b["ids"]]
+            pieces = {}
+            for b in batches:
+                for n in {groups_of[int(i)] for i in b["ids"]}:
+                    pieces[n] = pieces.get(n, 0) + 1
+            assert max(pieces.values()) <= 2 and sum(v == 1 for v in pieces.values()) > len(pieces) // 2
+        assert sorted(seen) == sorted(groups_of)
+        orders.append(seen)
+    assert orders[0] != orders[1]  # the groups' order is reshuffled each epoch
+    full, _ = stream(0, 1)
+    for skip in (1, len(full) // 2, len(full)):
+        assert [b["ids"].tolist() for b in stream(0, 1, skip)[0]] == [b["ids"].tolist() for b in full[skip:]]
 
 
 def test_misaligned_and_stale_label_parts_are_refused(tmp_path, encoder):
@@ -246,9 +323,9 @@ def test_exported_model_equals_multi_head_mean(arch, tmp_path, encoder, tiny_tok
 
 
 # ---- every variant trains ---------------------------------------------------------------------
-def _stage(name, corpora, gold=True, soft="mse", epochs=4, lr=1e-2, alpha=0.5, temperature=1.0):
+def _stage(name, corpora, gold=True, soft="mse", epochs=4, lr=1e-2, alpha=0.5, temperature=1.0, listwise=0.0):
     return {"name": name, "corpora": corpora, "epochs": epochs, "batch_size": 16, "lr": lr, "schedule": "constant",
-            "gold": gold, "loss": {"soft": soft, "alpha": alpha, "temperature": temperature}}
+            "gold": gold, "loss": {"soft": soft, "alpha": alpha, "temperature": temperature, "listwise": listwise}}
 
 
 VARIANTS = {
@@ -259,6 +336,7 @@ VARIANTS = {
     "tmkd": dict(teachers=["t1", "t2"], stages=[_stage("stage1", ["unlabeled"], gold=False, epochs=3),
                                                _stage("stage2", ["train"], epochs=3)]),
     "ensemble": dict(teachers=["t1", "t2", "t3"], soft_target="ensemble", stages=[_stage("task", ["train"])]),
+    "mkd-listwise": dict(teachers=["t1", "t2", "t3"], stages=[_stage("task", ["ranked"], listwise=1.0)]),
 }
 
 
@@ -284,13 +362,31 @@ def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encode
     assert record["status"] == "done" and record["variant"] == cfg.variant
     assert [t["name"] for t in record["teachers"]] == cfg.teachers
     assert all(t["fingerprint"] == f"toy:{t['name']}" for t in record["teachers"])
-    assert record["corpora"]["train"]["parts"][0]["digest"].startswith("sha256:")
+    assert record["corpora"][cfg.stages[-1].corpora[0]]["parts"][0]["digest"].startswith("sha256:")
     assert result.best["metric"] == "map"
     # the export is a stock model with the task's labels
     cfgjson = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfgjson["id2label"] == {"0": "neg", "1": "pos"}
     # it learnt the task, not just the loss (chance: accuracy 0.52, MAP ~0.8)
     assert max(x["eval_accuracy"] for x in lines) >= 0.9 and result.best["value"] >= 0.9, lines
+
+
+def test_max_steps_stops_the_stage_within_its_last_epoch(tmp_path, store_dir, encoder):
+    """max_steps matches another recipe's compute: the stage runs exactly that many optimizer steps, the last
+    epoch cut short; a budget met before the last epoch, or beyond the epochs, is refused before training."""
+    from tmkd.student.plan import TrainError
+    from tmkd.student.train import run
+
+    stage = dict(_stage("task", ["train"], epochs=2), max_steps=11)  # train: 128 rows, 8 batches of 16 per epoch
+    result = run(config_from_dict(toy_config(store_dir, encoder, tmp_path / "out", stages=[stage])))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["examples"]) for x in lines] == [(8, 128), (11, 48)]
+    assert result.steps == 11
+    for epochs, max_steps, message in ((3, 11, "reached in epoch 2 of 3; set epochs = 2"),
+                                       (1, 11, "more than its 1 epoch(s) hold (8 steps)")):
+        bad = dict(_stage("task", ["train"], epochs=epochs), max_steps=max_steps)
+        with pytest.raises(TrainError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run(config_from_dict(toy_config(store_dir, encoder, tmp_path / f"bad{epochs}", stages=[bad])))
 
 
 def test_the_export_is_scored_on_the_test_corpus_and_described_by_its_model_card(tmp_path, store_dir, encoder):
