@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # The paper's comparison on WikiQA: 3 fine-tuned all-MiniLM-L6-v2 teachers, a stage-1 unlabeled
 # Q&A corpus, and 3-layer students (no-KD, TKD, MKD, ensemble-label KD, TMKD), reported on WikiQA
-# test (filtered 237 questions). Every step is cached or checkpointed: run it again to resume.
+# test (filtered 237 questions), every student once per seed with the teachers fixed. Every step is
+# cached or checkpointed: run it again to resume.
 #
-#   bash bench/wikiqa.sh                 # OUT=runs/wikiqa DATA=../shared/data by default
+#   bash bench/wikiqa.sh                 # OUT=runs/wikiqa DATA=../shared/data SEEDS="1 2 3" by default
 #   nohup bash bench/wikiqa.sh > runs/wikiqa.log 2>&1 &
+#   SEEDS="1" VARIANTS="tmkd tmkd-listwise" bash bench/wikiqa.sh   # some variants (bench/configs/wikiqa-V.toml)
+#
+# Outputs: $OUT/results.{json,md} (the table, one row per student run) and $OUT/wikiqa-seeds.json (one
+# object per run: variant, seed, dev/test MAP, MRR, accuracy), which bench/seeds_table.py turns into
+# RESULTS.md's mean ± std, n tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/wikiqa}
 DATA=${DATA:-../shared/data}
 TEACHERS_CONFIG=${TEACHERS_CONFIG:-teachers/configs/wikiqa-minilm.toml}
-VARIANTS=${VARIANTS:-"nokd tkd mkd ensemble tmkd"}
+VARIANTS=${VARIANTS:-"nokd tkd mkd ensemble tmkd mkd-matched"}
+SEEDS=${SEEDS:-"1 2 3"}
 STUDENT_ARGS=${STUDENT_ARGS:-}   # extra arguments for every student run, e.g. "--set student.num_layers=1"
 STORE=$OUT/store
 PY=.venv/bin/python
@@ -55,23 +62,26 @@ print(json.dumps(names).replace(" ", ""), json.dumps([best]))
 PYEOF
 )
 STUDENTS=()
-for v in $VARIANTS; do
-  dir="$OUT/students/$v"
-  case $v in tkd) teachers=$BEST ;; nokd) teachers='[]' ;; *) teachers=$ALL ;; esac
-  if [ -f "$dir/run.json" ] && grep -q '"status": "done"' "$dir/run.json"; then
-    log "student $v: done"
-  else
-    resume=(); [ -d "$dir/checkpoints" ] && resume=(--resume)
-    log "student $v: training (teachers $teachers)"
-    $PY student/train.py --config "bench/configs/wikiqa-$v.toml" --output "$dir" "${resume[@]}" ${STUDENT_ARGS:-} \
-      --set "store=\"$STORE\"" --set "student.encoder=\"$ENCODER\"" --set "teachers=$teachers"
-  fi
-  STUDENTS+=("$v=$dir")
+for seed in $SEEDS; do
+  for v in $VARIANTS; do
+    dir="$OUT/students/$v-seed$seed"
+    case $v in tkd*) teachers=$BEST ;; nokd*) teachers='[]' ;; *) teachers=$ALL ;; esac
+    if [ -f "$dir/run.json" ] && grep -q '"status": "done"' "$dir/run.json"; then
+      log "student $v seed $seed: done"
+    else
+      resume=(); [ -d "$dir/checkpoints" ] && resume=(--resume)
+      log "student $v seed $seed: training (teachers $teachers)"
+      $PY student/train.py --config "bench/configs/wikiqa-$v.toml" --output "$dir" "${resume[@]}" ${STUDENT_ARGS:-} \
+        --set "store=\"$STORE\"" --set "student.encoder=\"$ENCODER\"" --set "teachers=$teachers" --set "seed=$seed"
+    fi
+    STUDENTS+=("$v@$seed=$dir")
+  done
 done
 log "students ready (${SECONDS}s)"
 
 # 5. The table: every teacher, the ensemble and every student on WikiQA test.
 $PY bench/wikiqa_eval.py --store "$STORE" --ref "$DATA/wikiqa/WikiQA-test-filtered.ref" \
   --teachers $($PY -c "import json,sys; print(' '.join(json.loads(sys.argv[1])))" "$ALL") \
-  --students "${STUDENTS[@]}" --out "$OUT/results.json" | tee "$OUT/results.md"
+  --students "${STUDENTS[@]}" --out "$OUT/results.json" --runs-out "$OUT/wikiqa-seeds.json" | tee "$OUT/results.md"
+$PY bench/seeds_table.py "$OUT/wikiqa-seeds.json" | tee -a "$OUT/results.md"
 log "done in ${SECONDS}s; results: $OUT/results.md"

@@ -9,6 +9,11 @@
   is the mean of the teachers' logits. Students are scored here from their exported folders.
 - Speed: pairs/s of one teacher, the ensemble (every teacher) and each student, scoring the
   test pairs with the same length-batched bf16 scorer, measured in this run, one after another.
+- ``--runs-out``: every run as one object {"variant", "seed", "dev_map", "test_map", "test_mrr",
+  "test_accuracy"} (bench/seeds_table.py's input). A student named ``VARIANT@SEED`` is one seed of a
+  variant; its dev MAP is the one that chose its exported checkpoint (run.json "best"). The teachers
+  and the ensemble have no student seed (null); their dev MAP is computed here from the stored dev
+  logits, over the dev corpus's groups, as the trainer computes a student's.
 """
 from __future__ import annotations
 
@@ -65,6 +70,37 @@ def metrics(logits: np.ndarray, gold: np.ndarray, positions, ref) -> dict:
             "accuracy": float((logits.argmax(1) == gold).mean())}
 
 
+def dev_maps(store: Store, records, corpus: str) -> dict[str, float]:
+    """Dev MAP of each teacher and of their mean, from the stored logits, ranked by log-odds of label 1
+    over the corpus's groups (a group counts with a correct and a wrong candidate), as the trainer
+    ranks a student's dev set."""
+    tables, logits = [], []
+    for part in store.corpus(corpus).parts:
+        table, lg = store.read_aligned(part, records, ["label", "group"])
+        tables.append(table)
+        logits.append(lg)
+    gold = np.concatenate([t.column("label").to_numpy() for t in tables])
+    groups = [g for t in tables for g in t.column("group").to_pylist()]
+    lg = np.concatenate(logits)
+    out = {rec.name: map_mrr(lg[:, i, 1] - lg[:, i, 0], gold == 1, groups)["map"] for i, rec in enumerate(records)}
+    mean = lg.mean(1)
+    out["teacher-ensemble"] = map_mrr(mean[:, 1] - mean[:, 0], gold == 1, groups)["map"]
+    return out
+
+
+def run_record(name: str, row: dict, dev: dict[str, float], folders: dict[str, str]) -> dict:
+    """One run for bench/seeds_table.py: ``VARIANT@SEED`` students carry their seed and their own dev MAP."""
+    if row["kind"] == "student":
+        variant, _, seed = name.partition("@")
+        best = json.loads((Path(folders[name]) / "run.json").read_text())["best"]
+        dev_map = best["value"] if best and best["metric"] == "map" else None
+        seed = int(seed) if seed else None
+    else:
+        variant, seed, dev_map = name, None, dev[name]
+    return {"variant": variant, "seed": seed, "dev_map": dev_map, "test_map": row["map"], "test_mrr": row["mrr"],
+            "test_accuracy": row["accuracy"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True)
@@ -74,6 +110,8 @@ def main() -> None:
     ap.add_argument("--students", nargs="*", default=[], help="NAME=FOLDER of exported students")
     ap.add_argument("--dtype", default="bfloat16", help="scoring dtype for the speed figures")
     ap.add_argument("--out", type=Path, required=True, help="results JSON")
+    ap.add_argument("--dev-corpus", default="wikiqa-dev", help="for the teachers' dev MAP in --runs-out")
+    ap.add_argument("--runs-out", type=Path, help="one object per run (variant, seed, dev and test metrics)")
     args = ap.parse_args()
 
     store = Store(args.store)
@@ -117,6 +155,10 @@ def main() -> None:
         else:
             r["pairs_per_s"] = speeds[name]
     args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(a), "dtype": args.dtype, "rows": rows}, indent=2))
+    if args.runs_out:
+        dev = dev_maps(store, records, args.dev_corpus)
+        runs = [run_record(name, r, dev, dict(s.split("=", 1) for s in args.students)) for name, r in rows.items()]
+        args.runs_out.write_text(json.dumps(runs, indent=1) + "\n")
 
     print(f"| model | kind | test MAP | test MRR | pair accuracy | pairs/s ({args.dtype}) |")
     print("|---|---|---|---|---|---|")
