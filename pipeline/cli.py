@@ -335,6 +335,41 @@ def ingest(
     out.print(t)
 
 
+@app.command()
+def mine(
+    store: str = typer.Option(..., "--store", "-s", help="The label store, created if missing: a folder or a URI."),
+    corpus: str = typer.Option(..., "--corpus", "-c", help="The unlabeled corpus to write (or append to)."),
+    questions: list[Path] = typer.Option(..., "--questions", exists=True, dir_okay=False,
+                                         help="Questions: .txt (a line each), .jsonl, .csv, .tsv or .parquet; repeat."),
+    passages: list[Path] = typer.Option(..., "--passages", exists=True, dir_okay=False,
+                                        help="The passage pool, in the same formats; repeat."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Passages kept per question (score > 0 only)."),
+    question_field: str = typer.Option("question", "--question-field", help="The questions' key or column."),
+    passage_field: str = typer.Option("text", "--passage-field", help="The passages' key or column."),
+    exclude: list[str] = typer.Option([], "--exclude", help="A corpus of the store whose questions (text_a) are "
+                                                            "left out, e.g. dev and test; repeat."),
+    label_names: Optional[str] = typer.Option(None, "--label-names", help="The teachers' label space, e.g. 0,1."),
+    part_rows: int = typer.Option(50_000, "--part-rows", help="Rows per corpus part."),
+):
+    """Pair questions with their top-k passages by BM25 into an unlabeled stage-1 corpus (bm25s)."""
+    from tmkd.data.ingest import IngestError, parse_names
+    from tmkd.data.mine import MineOptions, mine as mine_pairs
+
+    try:
+        opts = MineOptions(corpus, top_k, question_field, passage_field, list(exclude), parse_names(label_names),
+                           part_rows)
+        with err.status("mining: indexing the passages, ranking them for every question"):
+            s = mine_pairs(Store.create(store), list(questions), list(passages), opts)
+    except (IngestError, StoreError, OSError) as e:
+        fail(e)
+    for reason, n in sorted({**s.skipped, **{f"bad pair: {r}": n for r, n in s.ingest.bad.items()}}.items()):
+        say(err, f"{n:,} {reason}", "yellow", "skipped: ")
+    say(out, f"mined {s.found:,} pairs ({s.pairs:,} new) for {s.questions - s.unmatched:,} of {s.questions:,} questions "
+             f"({s.unmatched:,} share no term with any passage) from {s.passages:,} passages, top {top_k}, in "
+             f"{s.seconds:.1f} s ({s.questions / max(s.seconds, 1e-9):,.0f} questions/s) -> corpus {corpus!r} "
+             f"of {store}, parts {s.ingest.parts}")
+
+
 def main() -> None:
     """`tmkd-label`: the app, then a plain exit without the interpreter's teardown, where a C++
     library's thread aborted an exit now and then (SIGABRT after the work was done: `verify` once

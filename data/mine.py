@@ -1,0 +1,168 @@
+"""Mining a stage-1 corpus: questions paired with the passages BM25 ranks highest for them.
+
+TMKD's stage 1 distills on a large unlabeled set of question/passage pairs (the paper's came from a
+search engine's logs). A user with questions and documents but no pairs gets them here: every
+passage of the pool is indexed by BM25 (the ``bm25s`` package: sparse-matrix scoring, no Python loop
+per document), each question takes its ``top_k`` passages with a score above 0, and the pairs are
+ingested as an unlabeled corpus through ``data.ingest``: the same checks, ids (a hash of the text
+pair), parts and all-or-nothing commit as ``tmkd-label ingest``. A pair's group is its question, so a
+listwise loss can rank a question's mined passages.
+
+Input files: ``.txt`` (one text per line), ``.jsonl``, ``.csv``, ``.tsv`` (with a header) or
+``.parquet``, gzip allowed for the text formats; ``field`` names the text's key or column. Empty
+texts and repeats (after whitespace normalisation) are skipped and counted. Questions that appear in
+an ``exclude`` corpus of the store (its ``text_a``, e.g. the dev and test sets; compared after
+normalisation and case-folding) are left out and counted, so stage 1 never sees an evaluation question.
+
+The index holds the whole pool in memory (bm25s's sparse matrix: ~12 bytes per distinct token of a
+passage); the questions are retrieved in blocks.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tmkd.data.ingest import IngestError, IngestOptions, IngestSummary, ingest, normalise
+from tmkd.data.store import Store
+
+QUESTION_BLOCK = 4096  # questions retrieved at a time
+
+
+@dataclass
+class MineOptions:
+    corpus: str
+    top_k: int = 5
+    question_field: str = "question"
+    passage_field: str = "text"
+    exclude: list[str] = field(default_factory=list)  # store corpora whose questions (text_a) are left out
+    label_names: list[str] | None = None  # the label space the teachers will score (optional)
+    part_rows: int = 50_000
+
+
+@dataclass
+class MineSummary:
+    questions: int  # distinct, non-empty questions read
+    passages: int  # distinct, non-empty passages indexed
+    skipped: dict[str, int]  # reason -> count (empty, repeated, in an excluded corpus)
+    unmatched: int  # questions with no passage sharing a term
+    found: int  # pairs retrieved
+    pairs: int  # pairs written (new to the corpus)
+    seconds: float
+    ingest: IngestSummary
+
+
+def read_texts(path: Path, text_field: str) -> list[str]:
+    """The texts of one input file (see the module docstring), in file order."""
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+
+    name = path.name.lower().removesuffix(".gz")
+    try:
+        if name.endswith(".txt"):
+            with (gzip.open(path, "rt", encoding="utf-8") if _is_gzip(path) else open(path, encoding="utf-8")) as f:
+                return [line.rstrip("\r\n") for line in f]
+        if name.endswith(".jsonl"):
+            table = pjson.read_json(path)
+        elif name.endswith((".csv", ".tsv")):
+            table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ","),
+                                  convert_options=pcsv.ConvertOptions(column_types={text_field: "string"}))
+        elif name.endswith(".parquet"):
+            table = pq.read_table(path)
+        else:
+            raise IngestError(f"{path}: unknown file type; use .txt, .jsonl, .csv, .tsv or .parquet")
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise IngestError(f"{path}: cannot read it: {e}") from None
+    if text_field not in table.column_names:
+        raise IngestError(f"{path}: no field {text_field!r} (it has {', '.join(table.column_names)})")
+    return [t if isinstance(t, str) else "" for t in table.column(text_field).to_pylist()]
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def distinct(texts: list[str], skipped: dict[str, int], what: str) -> list[str]:
+    """Normalised texts, empty ones and repeats dropped (and counted in ``skipped``), first seen first."""
+    out = list(dict.fromkeys(t for t in map(normalise, texts) if t))
+    empty = sum(1 for t in texts if not t.strip())
+    if empty:
+        skipped[f"empty {what}"] = empty
+    if len(texts) - empty - len(out):
+        skipped[f"repeated {what}"] = len(texts) - empty - len(out)
+    return out
+
+
+def excluded_questions(store: Store, corpora: list[str]) -> set[str]:
+    """text_a of every row of these corpora (read with the store's checks), normalised and case-folded: a
+    question held out is held out in any case."""
+    out: set[str] = set()
+    for name in corpora:
+        for part in store.corpus(name).parts:
+            texts = store.read_corpus_part(part, ["text_a"]).column("text_a").to_pylist()
+            out.update(normalise(t).casefold() for t in texts)
+    return out
+
+
+def retrieve(questions: list[str], passages: list[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(question index, passage index) of every pair: each question's ``top_k`` passages by BM25, best
+    first, those with a score of 0 (no shared term) left out."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
+    k = min(top_k, len(passages))
+    qs, ps = [], []
+    for start in range(0, len(questions), QUESTION_BLOCK):
+        block = questions[start : start + QUESTION_BLOCK]
+        # the questions' tokens are mapped onto the index's vocabulary; unknown words are dropped
+        tokens = bm25s.tokenize(block, stopwords="en", show_progress=False, return_ids=False)
+        docs, scores = retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        hit = scores > 0
+        qs.append(np.nonzero(hit)[0] + start)
+        ps.append(docs[hit])
+    return (np.concatenate(qs) if qs else np.zeros(0, np.int64)), (np.concatenate(ps) if ps else np.zeros(0, np.int64))
+
+
+def group_name(question: str) -> str:
+    return "q:" + hashlib.blake2b(question.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def mine(store: Store, question_files: list[Path], passage_files: list[Path], opts: MineOptions) -> MineSummary:
+    """Mine the pairs and ingest them into corpus ``opts.corpus`` (all or nothing)."""
+    if opts.top_k < 1:
+        raise IngestError(f"--top-k must be >= 1, not {opts.top_k}")
+    t0 = time.time()
+    skipped: dict[str, int] = {}
+    questions = distinct([t for p in question_files for t in read_texts(p, opts.question_field)], skipped, "questions")
+    passages = distinct([t for p in passage_files for t in read_texts(p, opts.passage_field)], skipped, "passages")
+    if opts.exclude:
+        held_out = excluded_questions(store, opts.exclude)
+        kept = [q for q in questions if q.casefold() not in held_out]
+        if len(kept) < len(questions):
+            skipped["questions in an excluded corpus"] = len(questions) - len(kept)
+        questions = kept
+    if not questions or not passages:
+        raise IngestError(f"nothing to mine: {len(questions)} questions and {len(passages)} passages left "
+                          f"(skipped: {skipped or 'none'})")
+    q_idx, p_idx = retrieve(questions, passages, opts.top_k)
+    unmatched = len(questions) - len(np.unique(q_idx))
+    q_text = pa.array(questions, pa.string())
+    table = pa.table({"question": q_text.take(q_idx), "passage": pa.array(passages, pa.string()).take(p_idx),
+                      "group": pa.array([group_name(q) for q in questions], pa.string()).take(q_idx)})
+    with tempfile.TemporaryDirectory(prefix="tmkd-mine-") as tmp:  # outside the store; removed at the end
+        pairs = Path(tmp) / f"{opts.corpus}.parquet"
+        pq.write_table(table, pairs)
+        summary = ingest(store, [pairs], IngestOptions(
+            "parquet", opts.corpus, {"text_a": "question", "text_b": "passage", "group": "group"},
+            label_names=opts.label_names, unlabeled=True, part_rows=opts.part_rows, ids="text"))
+    return MineSummary(len(questions), len(passages), skipped, unmatched, len(q_idx), summary.rows_written,
+                       time.time() - t0, summary)
