@@ -14,6 +14,7 @@ Schema (every table and key; defaults in brackets)::
     encoder = "path/to/hf-folder"   # any AutoModelForSequenceClassification-loadable folder (required)
     tokenizer = ""                  # [the encoder folder]
     num_layers = 3                  # keep only the first N encoder layers [all]
+    layers = [0, 2, 4]              # or keep these encoder layers, in order [[]: see num_layers]
     max_length = 128
 
     [data]
@@ -112,6 +113,7 @@ class StudentConfig:
     encoder: str = ""
     tokenizer: str = ""
     num_layers: int = 0
+    layers: list[int] = field(default_factory=list)
     max_length: int = 128
 
 
@@ -203,6 +205,10 @@ class TrainConfig:
             problems.append("teacher_weights must be >= 0 and not all 0")
         if self.student.num_layers < 0 or self.student.max_length < 2:
             problems.append("student.num_layers must be >= 0 and student.max_length >= 2")
+        lay = self.student.layers
+        if lay and (min(lay) < 0 or len(set(lay)) != len(lay) or self.student.num_layers not in (0, len(lay))):
+            problems.append(f"student.layers must be distinct layer numbers >= 0, and num_layers 0 or their count "
+                            f"(layers = {lay}, num_layers = {self.student.num_layers})")
         if self.eval.positive_label == "":  # `--set eval.positive_label=""`: back to the default
             self.eval.positive_label = None
         if self.eval.metric not in ("accuracy", "f1", "map", "mrr"):

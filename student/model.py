@@ -88,8 +88,10 @@ class MultiHeadStudent(nn.Module):
         return hf
 
 
-def load_student(encoder: str, num_labels: int, num_heads: int, num_layers: int = 0, label_names=None):
-    """Load the encoder as a sequence classifier with C labels, optionally truncated to N layers."""
+def load_student(encoder: str, num_labels: int, num_heads: int, num_layers: int = 0, label_names=None,
+                 layers: list[int] | None = None):
+    """Load the encoder as a sequence classifier with C labels, optionally truncated to its first N layers,
+    or cut to the given ``layers`` (e.g. [0, 2, 4]: every other layer of a 6-layer encoder)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kw = {"num_labels": num_labels}
@@ -97,6 +99,11 @@ def load_student(encoder: str, num_labels: int, num_heads: int, num_layers: int 
         kw["id2label"] = dict(enumerate(label_names))
         kw["label2id"] = {n: i for i, n in enumerate(label_names)}
     config = AutoConfig.from_pretrained(encoder, **kw)
+    if layers:
+        have = getattr(config, "num_hidden_layers", 0)
+        if max(layers) >= have:
+            raise ValueError(f"{encoder}: layers={layers} but the encoder has only {have} layers (0..{have - 1})")
+        num_layers = max(layers) + 1  # load what the cut needs, then keep the chosen ones
     if num_layers:
         have = getattr(config, "num_hidden_layers", None)
         if have is None:
@@ -113,7 +120,23 @@ def load_student(encoder: str, num_labels: int, num_heads: int, num_layers: int 
         hf = AutoModelForSequenceClassification.from_pretrained(encoder, config=config)
     finally:
         hf_logging.set_verbosity(level)
+    if layers:
+        keep_layers(hf, layers)
     return MultiHeadStudent(hf, num_heads)
+
+
+def keep_layers(hf: nn.Module, layers: list[int]) -> None:
+    """Keep only the encoder layers ``layers`` (in that order): the model's one ModuleList of
+    ``num_hidden_layers`` blocks is replaced, and the config says the new depth, so the export is a stock
+    model of that depth."""
+    n = hf.config.num_hidden_layers
+    stacks = [(name, m) for name, m in hf.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n
+              and name.rsplit(".", 1)[-1] in ("layer", "layers")]
+    if len(stacks) != 1:
+        raise ValueError(f"{type(hf).__name__}: cannot find its encoder layers to keep {layers}")
+    name, stack = stacks[0]
+    _set_module(hf, name, nn.ModuleList([stack[i] for i in layers]))
+    hf.config.num_hidden_layers = len(layers)
 
 
 def export(student: MultiHeadStudent, tokenizer, path: str | Path) -> Path:

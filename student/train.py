@@ -147,7 +147,7 @@ def load_model(plan: Plan):
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.encoder)
         student = load_student(cfg.student.encoder, plan.num_labels, plan.heads, cfg.student.num_layers,
-                               plan.label_names)
+                               plan.label_names, cfg.student.layers)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the student encoder {cfg.student.encoder!r}: {e}") from None
     return tokenizer, student
@@ -253,7 +253,8 @@ def write_card(plan: Plan, record: dict, metrics: dict, out: Path) -> None:
                      corpora={c: {"role": role(c), "rows": v["rows"], "parts": v["parts"]}
                               for c, v in record["corpora"].items()},
                      teachers=record["teachers"], metrics=metrics,
-                     method=f"{cfg.variant}, {cfg.student.num_layers or 'all'} layers")
+                     method=f"{cfg.variant}, " + (f"encoder layers {cfg.student.layers}" if cfg.student.layers
+                                                   else f"{cfg.student.num_layers or 'all'} layers"))
 
 
 # ---- command line -----------------------------------------------------------------------------

@@ -322,6 +322,41 @@ def test_exported_model_equals_multi_head_mean(arch, tmp_path, encoder, tiny_tok
     assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.num_hidden_layers == 1
 
 
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_student_layers_keeps_the_chosen_encoder_layers(arch, tmp_path, encoder, tiny_tokenizer):
+    """student.layers = [1] of a 2-layer encoder: the student's one layer is the encoder's second, and the
+    export is a stock 1-layer model that scores as the student does."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tmkd.student.model import export, load_student
+
+    if arch == "mpnet":
+        encoder = _tiny_mpnet(tmp_path / "mpnet", tiny_tokenizer)
+    full = AutoModel.from_pretrained(encoder)
+    student = load_student(str(encoder), num_labels=2, num_heads=2, label_names=["neg", "pos"], layers=[1])
+    base = getattr(student.hf, arch)
+    assert len(base.encoder.layer) == 1 and student.hf.config.num_hidden_layers == 1
+    for (name, got), (_, want) in zip(base.encoder.layer[0].state_dict().items(),
+                                      full.encoder.layer[1].state_dict().items()):
+        torch.testing.assert_close(got, want, msg=name)
+    student.eval()
+    export(student, AutoTokenizer.from_pretrained(encoder), tmp_path / "exported")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
+    enc = AutoTokenizer.from_pretrained(encoder)(["the river city"], ["good water"], return_tensors="pt")
+    with torch.no_grad():
+        heads = student(**enc)
+        if arch == "mpnet":
+            enc.pop("token_type_ids")
+        torch.testing.assert_close(model(**enc).logits, heads.mean(dim=1), rtol=1e-5, atol=1e-5)
+    assert model.config.num_hidden_layers == 1
+    with pytest.raises(ValueError, match="only 2 layers"):
+        load_student(str(encoder), num_labels=2, num_heads=1, layers=[0, 2])
+    with pytest.raises(ConfigError, match="student.layers"):
+        raw = toy.config(tmp_path, encoder, tmp_path / "o")
+        raw["student"]["layers"] = [1, 1]
+        config_from_dict(raw)
+
+
 # ---- every variant trains ---------------------------------------------------------------------
 def _stage(name, corpora, gold=True, soft="mse", epochs=4, lr=1e-2, alpha=0.5, temperature=1.0, listwise=0.0):
     return {"name": name, "corpora": corpora, "epochs": epochs, "batch_size": 16, "lr": lr, "schedule": "constant",
