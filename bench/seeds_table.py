@@ -45,6 +45,34 @@ def paired_difference(runs: list[dict], a: str, b: str, metric: str) -> dict:
     return {"seeds": seeds, "mean": mean, "se": se, "beyond_2se": mean > 2 * se}
 
 
+ORDER = ("tmkd", "mkd", "tkd", "nokd")  # the paper's order, best first
+
+
+def bars(runs: list[dict], metric: str = "test_map") -> list[tuple[str, bool | None, str]]:
+    """The quality bars of issue #14, as (claim, held, the numbers): TMKD's mean >= the teacher ensemble's;
+    TMKD − MKD-matched, paired by seed, beyond twice its standard error; TMKD >= MKD >= TKD >= no-KD on the
+    means. ``held`` is None where a variant is missing."""
+    summary = summarise(runs)
+    mean = {v: s[metric][0] for v, s in summary.items() if metric in s}
+    n = {v: s[metric][2] for v, s in summary.items() if metric in s}
+    out: list[tuple[str, bool | None, str]] = []
+    if "tmkd" in mean and "teacher-ensemble" in mean:
+        out.append(("TMKD mean >= teacher ensemble", mean["tmkd"] >= mean["teacher-ensemble"],
+                    f"{mean['tmkd']:.4f} (n={n['tmkd']}) vs {mean['teacher-ensemble']:.4f}"))
+    else:
+        out.append(("TMKD mean >= teacher ensemble", None, "missing"))
+    d = paired_difference(runs, "tmkd", "mkd-matched", metric)
+    if d["se"] is not None:
+        out.append(("TMKD − MKD-matched > 2 SE", d["beyond_2se"],
+                    f"{d['mean']:+.4f} ± {d['se']:.4f} SE over seeds {d['seeds']}"))
+    else:
+        out.append(("TMKD − MKD-matched > 2 SE", None, f"{len(d['seeds'])} shared seeds"))
+    have = [v for v in ORDER if v in mean]
+    held = None if len(have) < len(ORDER) else all(mean[a] >= mean[b] for a, b in zip(ORDER, ORDER[1:]))
+    out.append(("TMKD >= MKD >= TKD >= no-KD (means)", held, " >= ".join(f"{v} {mean[v]:.4f}" for v in have)))
+    return out
+
+
 def markdown(summary: dict, metrics: tuple[str, ...] = METRICS) -> str:
     shown = [m for m in metrics if any(m in s for s in summary.values())]
     lines = ["| variant | " + " | ".join(shown) + " | n |", "|---|" + "---|" * (len(shown) + 1)]
@@ -61,6 +89,8 @@ def main() -> None:
     ap.add_argument("runs", type=Path)
     ap.add_argument("--metric", default="test_map", help="the metric --compare uses")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), action="append", default=[])
+    ap.add_argument("--bars", action="store_true", help="check the quality bars (TMKD vs the ensemble, MKD-matched, "
+                                                        "and the paper's order) on --metric")
     args = ap.parse_args()
     runs = json.loads(args.runs.read_text())
     print(markdown(summarise(runs)))
@@ -68,6 +98,10 @@ def main() -> None:
         d = paired_difference(runs, a, b, args.metric)
         print(f"\n{a} − {b} ({args.metric}, seeds {d['seeds']}): mean {d['mean']}, SE {d['se']}, "
               f"beyond 2 SE: {d['beyond_2se']}")
+    if args.bars:
+        print(f"\n| claim ({args.metric}) | held | numbers |\n|---|---|---|")
+        for claim, held, detail in bars(runs, args.metric):
+            print(f"| {claim} | {'yes' if held else 'no' if held is False else 'n/a'} | {detail} |")
 
 
 if __name__ == "__main__":

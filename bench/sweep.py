@@ -20,7 +20,6 @@ from pathlib import Path
 
 SETTINGS: dict[str, list[str]] = {
     "mse, alpha 0.5 (the bench's)": [],
-    "mse, alpha 0.2": ["stages.0.loss.alpha=0.2"],
     "mse, alpha 0.8": ["stages.0.loss.alpha=0.8"],
     "kl T=2, alpha 0.5": ['stages.0.loss.soft="kl"', "stages.0.loss.temperature=2.0"],
     "mse + listwise 1.0 (T=1)": ["stages.0.loss.listwise=1.0"],
@@ -42,6 +41,9 @@ def main() -> None:
     ap.add_argument("--base", default="bench/configs/wikiqa-mkd.toml")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="setting names (default: all)")
+    ap.add_argument("--baseline", type=Path, help="a finished run of the base config at this seed (bench/wikiqa.sh's "
+                                                  "students/mkd-seedN): the first setting's row, not trained again")
+    ap.add_argument("--threads", type=int, default=0, help="train.num_threads of every run (0: torch's default)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -54,14 +56,14 @@ def main() -> None:
     for name, sets in SETTINGS.items():
         if args.only and name not in args.only:
             continue
-        folder = args.out / slug(name)
+        folder = args.baseline if (args.baseline and not sets) else args.out / slug(name)
         run_json = folder / "run.json"
         done = run_json.exists() and json.loads(run_json.read_text())["status"] == "done"
         if not done:
             print(f"[{time.strftime('%T')}] {name}: training", flush=True)
             cmd = [sys.executable, "student/train.py", "--config", args.base, "--output", str(folder)]
             cmd += ["--resume"] if (folder / "checkpoints").is_dir() else []
-            for s in common + sets:
+            for s in common + sets + ([f"train.num_threads={args.threads}"] if args.threads else []):
                 cmd += ["--set", s]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         record = json.loads(run_json.read_text())

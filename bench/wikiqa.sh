@@ -83,5 +83,5 @@ log "students ready (${SECONDS}s)"
 $PY bench/wikiqa_eval.py --store "$STORE" --ref "$DATA/wikiqa/WikiQA-test-filtered.ref" \
   --teachers $($PY -c "import json,sys; print(' '.join(json.loads(sys.argv[1])))" "$ALL") \
   --students "${STUDENTS[@]}" --out "$OUT/results.json" --runs-out "$OUT/wikiqa-seeds.json" | tee "$OUT/results.md"
-$PY bench/seeds_table.py "$OUT/wikiqa-seeds.json" | tee -a "$OUT/results.md"
+$PY bench/seeds_table.py "$OUT/wikiqa-seeds.json" --bars --compare tmkd mkd-matched | tee -a "$OUT/results.md"
 log "done in ${SECONDS}s; results: $OUT/results.md"

@@ -52,3 +52,22 @@ def test_the_command_prints_the_table_and_the_comparison(tmp_path):
                           "mkd-matched"], capture_output=True, text=True, check=True).stdout
     assert "| variant | dev_map | test_map | test_mrr | test_accuracy | n |" in out
     assert "tmkd − mkd-matched (test_map, seeds [1, 2])" in out
+
+
+def test_the_bars_say_which_claims_held():
+    runs = RUNS + [
+        {"variant": "teacher-ensemble", "seed": None, "dev_map": 0.8, "test_map": 0.765, "test_mrr": 0.78,
+         "test_accuracy": 0.89},
+        *[{"variant": v, "seed": s, "dev_map": None, "test_map": m + 0.001 * s, "test_mrr": None,
+           "test_accuracy": None} for v, m in (("mkd", 0.70), ("tkd", 0.69), ("nokd", 0.71)) for s in (1, 2)],
+    ]
+    got = {claim: (held, detail) for claim, held, detail in seeds_table.bars(runs)}
+    assert got["TMKD mean >= teacher ensemble"] == (False, "0.7600 (n=3) vs 0.7650")
+    d = seeds_table.paired_difference(runs, "tmkd", "mkd-matched", "test_map")
+    assert got["TMKD − MKD-matched > 2 SE"][0] is d["beyond_2se"]
+    assert got["TMKD >= MKD >= TKD >= no-KD (means)"][0] is False  # no-KD's 0.7115 beats TKD's 0.6915
+    without = [r for r in runs if r["variant"] != "nokd"]
+    assert seeds_table.bars(without)[2][1] is None  # a missing variant: not judged
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), "--bars", "/dev/stdin"],
+                         input=json.dumps(runs), capture_output=True, text=True, check=True).stdout
+    assert "| TMKD mean >= teacher ensemble | no | 0.7600 (n=3) vs 0.7650 |" in out
