@@ -9,7 +9,8 @@ WikiQA has no such corpus, so we make one from real questions and sentences (lab
 3. the QNLI pairs in shared/data/qnli (train samples and the official dev set: 15,463
    question/Wikipedia-sentence pairs from SQuAD): other questions, other writers.
 
-Nothing from WikiQA dev or test goes in. The output is JSONL (question, sentence, source) for
+Nothing from WikiQA dev or test goes in. ``--pools DIR`` writes instead the same sources' questions and
+sentences, unpaired (DIR/questions.txt, DIR/passages.txt), for ``tmkd-label mine`` to pair by BM25. The output is JSONL (question, sentence, source) for
 `tmkd-label ingest --format jsonl --unlabeled`; it stays outside the repository (WikiQA's
 licence is research-only).
 """
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="output JSONL file")
     ap.add_argument("--repairs-per-question", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pools", action="store_true", help="--out is a folder: write questions.txt and passages.txt")
     args = ap.parse_args()
     rng = random.Random(args.seed)
 
@@ -64,6 +66,13 @@ def main() -> None:
         next(reader)
         out += [{"question": r[1], "sentence": r[2], "source": "qnli-dev"} for r in reader]
 
+    if args.pools:  # one text per line: tabs and newlines inside a text become spaces
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, key in (("questions.txt", "question"), ("passages.txt", "sentence")):
+            texts = dict.fromkeys(" ".join(r[key].split()) for r in out if r["source"] != "wikiqa-repaired")
+            (args.out / name).write_text("\n".join(texts) + "\n", encoding="utf-8")
+            print(f"wrote {len(texts):,} distinct {key}s to {args.out / name}")
+        return
     rng.shuffle(out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

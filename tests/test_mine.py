@@ -113,3 +113,29 @@ def test_mine_errors_name_the_file_and_write_nothing(tmp_path):
     bad = cli("mine", "--store", store, "--corpus", "m", "--questions", nothing, "--passages", p, ok=False)
     assert bad.exit_code == 1 and "nothing to mine: 0 questions" in bad.output
     assert not (store / "corpus" / "m").exists()
+
+
+def test_block_scores_equal_bm25s_per_question_and_the_top_k_is_theirs():
+    """The vectorised scoring of a block of questions gives bm25s's own per-question scores; the pairs are
+    each question's k best, best first, ties to the earlier passage, zero scores left out."""
+    import bm25s
+    import numpy as np
+
+    from tmkd.data.mine import _top_k, block_scores, retrieve
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(60)]
+    passages = [" ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(300)]
+    questions = [" ".join(rng.choice(words + ["unknown"], rng.integers(1, 5))) for _ in range(80)] + ["nothing here"]
+    r = bm25s.BM25()
+    r.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
+    tokens = bm25s.tokenize(questions, stopwords="en", show_progress=False, return_ids=False)
+    got = block_scores(r.scores, r.vocab_dict, tokens, len(passages))
+    want = np.stack([r.get_scores(t) if t else np.zeros(len(passages)) for t in tokens])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    top = _top_k(got, 4)
+    for i, row in enumerate(got):
+        assert top[i].tolist() == np.argsort(-row, kind="stable")[:4].tolist()
+    q, p = retrieve(questions, passages, 4)
+    assert (got[q, p] > 0).all() and len(set(q.tolist())) == sum((row > 0).any() for row in got)
+    assert len(questions) - 1 not in q  # "nothing here" shares no term
