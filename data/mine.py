@@ -71,9 +71,11 @@ def read_texts(path: Path, text_field: str) -> list[str]:
                 return [line.rstrip("\r\n") for line in f]
         if name.endswith(".jsonl"):
             table = pjson.read_json(path)
-        elif name.endswith((".csv", ".tsv")):
-            table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ","),
+        elif name.endswith(".tsv"):  # split on tabs with no quoting, as `ingest` reads TSV (texts hold quotes)
+            table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False),
                                   convert_options=pcsv.ConvertOptions(column_types={text_field: "string"}))
+        elif name.endswith(".csv"):  # CSV quoting, as `ingest` reads CSV
+            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={text_field: "string"}))
         elif name.endswith(".parquet"):
             table = pq.read_table(path)
         else:
@@ -82,7 +84,10 @@ def read_texts(path: Path, text_field: str) -> list[str]:
         raise IngestError(f"{path}: cannot read it: {e}") from None
     if text_field not in table.column_names:
         raise IngestError(f"{path}: no field {text_field!r} (it has {', '.join(table.column_names)})")
-    return [t if isinstance(t, str) else "" for t in table.column(text_field).to_pylist()]
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise IngestError(f"{path}: field {text_field!r} is {column.type}, not text")
+    return [t if t is not None else "" for t in column.to_pylist()]
 
 
 def _is_gzip(path: Path) -> bool:
@@ -123,8 +128,11 @@ def retrieve(questions: list[str], passages: list[str], top_k: int) -> tuple[np.
     """
     import bm25s
 
+    tokens = bm25s.tokenize(passages, stopwords="en", show_progress=False)
+    if not any(t for t in tokens.vocab):  # every passage is stopwords only: bm25s cannot index that
+        raise IngestError(f"no passage of the {len(passages):,} has a word BM25 can index (all are stopwords)")
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
+    retriever.index(tokens, show_progress=False)
     index = retriever.scores
     n = int(index["num_docs"])
     k = min(top_k, n)
@@ -160,12 +168,14 @@ def block_scores(index: dict, vocab: dict, tokens: list[list[str]], n: int) -> n
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of each row's k highest scores, best first; equal scores in column order."""
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    # a tie at the k-th score may have been cut arbitrarily: take every column scoring at least that much
+    # a tie at a k-th score above 0 may have been cut arbitrarily: such rows (rare) are sorted in full. A tie at
+    # 0 needs nothing: every positive score is in ``part``, and the zeros are left out by the caller.
     kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
+    tied = ((scores >= kth).sum(axis=1) > k) & (kth[:, 0] > 0)
     out = np.empty((len(scores), k), np.int64)
-    for i in np.nonzero((scores >= kth).sum(axis=1) > k)[0]:  # rows with such a tie (rare): in full
+    for i in np.nonzero(tied)[0]:
         out[i] = np.argsort(-scores[i], kind="stable")[:k]
-    plain = (scores >= kth).sum(axis=1) <= k
+    plain = ~tied
     rows = part[plain]
     order = np.lexsort((rows, -np.take_along_axis(scores[plain], rows, axis=1)), axis=1)
     out[plain] = np.take_along_axis(rows, order, axis=1)

@@ -15,8 +15,8 @@ corpus size.
 
 A stage with a listwise loss streams *grouped*: the rows of one group (question) stay together. Each
 part's groups are put in a seeded order and their rows cut into batches in that order (carried from
-part to part, so the count is still ceil(rows / batch_size)); a group that a cut falls in is split in
-two lists. The shuffle buffer is not used then: rows mix by the parts' order and each part's group order.
+part to part, so the count is still ceil(rows / batch_size)); a group that a cut falls in is split into
+two lists (more, if it is longer than a batch, or if its rows lie in several parts). The shuffle buffer is not used then: rows mix by the parts' order and each part's group order.
 
 A resumed run seeks: ``set_epoch(epoch, skip)`` starts the stream at the rank's batch ``skip``.
 The buffer's shuffles depend only on row counts, so the stream replays them on index arrays

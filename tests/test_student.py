@@ -406,6 +406,15 @@ def test_variant_trains_and_lowers_its_loss(variant, tmp_path, store_dir, encode
     assert max(x["eval_accuracy"] for x in lines) >= 0.9 and result.best["value"] >= 0.9, lines
 
 
+def test_max_steps_counts_accumulation_windows_which_end_at_each_epoch():
+    from tmkd.student.plan import cap_batches
+
+    # 7 batches an epoch in windows of 2: 4 steps (2+2+2+1); 6 steps = epoch 1's 4 + 2 windows (4 batches)
+    assert cap_batches([7, 7], 6, 2, "s") == [7, 4]
+    assert cap_batches([7, 7], 8, 2, "s") == [7, 7]
+    assert cap_batches([7, 7, 7], 9, 2, "s") == [7, 7, 2]
+
+
 def test_max_steps_stops_the_stage_within_its_last_epoch(tmp_path, store_dir, encoder):
     """max_steps matches another recipe's compute: the stage runs exactly that many optimizer steps, the last
     epoch cut short; a budget met before the last epoch, or beyond the epochs, is refused before training."""
