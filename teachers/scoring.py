@@ -139,20 +139,47 @@ class LoadedTeacher:
 
     @torch.no_grad()
     def score(self, enc: Encoded, on_batch=None) -> np.ndarray:
-        """Logits [rows, labels] in float32, in the rows' original order."""
+        """Logits [rows, labels] in float32, in the rows' original order.
+
+        No host sync per batch: the logits stay on the device and come back READBACK_BATCHES batches at a
+        time (read_back), so a GPU queues the next forwards while earlier ones run."""
         out = np.empty((len(enc), self.model.config.num_labels), dtype=np.float32)
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []
         # One autocast context for all the part's batches, under no_grad rather than inference_mode: autocast
         # then caches the weights' bf16 copies until the context exits, so they are cast once per part, not
         # once per batch (under inference_mode it caches nothing). +3-10% pairs/s in bf16 on this CPU.
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             for rows in length_batches(enc.lengths, self.spec.batch_tokens):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in pad_batch(enc, rows, self.pad_id).items()}
-                logits = self.model(**batch).logits
+                pending.append((rows, self.model(**batch).logits.float()))
                 self.forward_passes += 1
-                out[rows] = logits.float().cpu().numpy()
-                if on_batch is not None:
-                    on_batch(len(rows))
+                if len(pending) == READBACK_BATCHES:
+                    read_back(pending, out, on_batch)
+            read_back(pending, out, on_batch)
         return out
+
+
+READBACK_BATCHES = 16  # batches whose logits come back to the host together (one wait for the device each time)
+
+
+def read_back(pending: list[tuple[np.ndarray, torch.Tensor]], out: np.ndarray, on_batch=None) -> None:
+    """Put the pending batches' logits into ``out`` (at their rows) and empty ``pending``. From a GPU they are
+    copied into pinned host memory without blocking, then waited for once; on a CPU they are already there."""
+    if not pending:
+        return
+    device = pending[0][1].device
+    if device.type == "cuda":
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for _, t in pending]
+        for h, (_, t) in zip(host, pending):
+            h.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+    else:
+        host = [t.cpu() for _, t in pending]  # a CPU tensor: itself
+    for (rows, _), h in zip(pending, host):
+        out[rows] = h.numpy()
+        if on_batch is not None:
+            on_batch(len(rows))
+    pending.clear()
 
 
 def load_tokenizer(folder: Path):

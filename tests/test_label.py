@@ -377,3 +377,36 @@ def test_nli_store_with_two_and_three_class_teachers(tmp_path, shared_data, rte_
     toml.write_text(f'[[teacher]]\nname = "nli-t"\npath = "{nli}"\ncorpora = ["rte"]\n')
     res = cli("run", "--store", store, "--teachers", toml, ok=False)
     assert res.exit_code == 1 and "'nli-t' has 3 labels" in res.output and "'rte'" in res.output
+
+
+def test_scoring_reads_logits_back_in_groups_of_batches_not_per_batch(tiny_teachers, monkeypatch):
+    """No host sync per batch: the logits of READBACK_BATCHES batches come back together, and the result equals
+    scoring each batch on its own (put back in the rows' order)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import tmkd.teachers.scoring as scoring
+    from tmkd.teachers.spec import TeacherSpec
+
+    folder = next(iter(tiny_teachers.values()))
+    tok = scoring.load_tokenizer(folder)
+    spec = TeacherSpec(name="t", path=str(folder), max_length=32, dtype="float32", batch_tokens=64)
+    teacher = scoring.LoadedTeacher(spec, None, folder, torch.device("cpu"), tok)
+    rng = np.random.default_rng(0)
+    words = "the city river water year state school music film team world people".split()
+    a = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(150)]
+    b = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(150)]
+    enc = scoring.encode_pairs(tok, a, b, 32, "longest_first")
+    sizes, done = [], []
+    real = scoring.read_back
+    monkeypatch.setattr(scoring, "read_back", lambda pending, *r: sizes.append(len(pending)) or real(pending, *r))
+    got = teacher.score(enc, on_batch=done.append)
+    n = teacher.forward_passes
+    assert n > 2 * scoring.READBACK_BATCHES and sum(done) == len(a)
+    assert sizes == [scoring.READBACK_BATCHES] * (n // scoring.READBACK_BATCHES) + [n % scoring.READBACK_BATCHES]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        for rows in scoring.length_batches(enc.lengths, 64):
+            want = model(**scoring.pad_batch(enc, rows, tok.pad_token_id)).logits.numpy()
+            np.testing.assert_allclose(got[rows], want, rtol=1e-5, atol=1e-5)
