@@ -15,6 +15,8 @@ Schema (every table and key; defaults in brackets)::
     tokenizer = ""                  # [the encoder folder]
     num_layers = 3                  # keep only the first N encoder layers [all]
     layers = [0, 2, 4]              # or keep these encoder layers, in order [[]: see num_layers]
+    init = ""                       # start from the weights of another run's checkpoint (OUT/checkpoints/step-N,
+                                    #   same encoder cut and heads), e.g. one stage 1 shared by several stage 2s
     max_length = 128
 
     [data]
@@ -114,6 +116,7 @@ class StudentConfig:
     tokenizer: str = ""
     num_layers: int = 0
     layers: list[int] = field(default_factory=list)
+    init: str = ""
     max_length: int = 128
 
 

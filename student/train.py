@@ -150,7 +150,29 @@ def load_model(plan: Plan):
                                plan.label_names, cfg.student.layers)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the student encoder {cfg.student.encoder!r}: {e}") from None
+    if cfg.student.init:
+        init_weights(student, Path(cfg.student.init))
     return tokenizer, student
+
+
+def init_weights(student, folder: Path) -> None:
+    """Load another run's checkpoint weights (its model.safetensors: the multi-head student) into ``student``;
+    every tensor must be there with the same shape, or nothing starts."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    try:
+        state = load_file(path)
+    except (OSError, ValueError) as e:  # missing, unreadable or not safetensors
+        raise TrainError(f"student.init: cannot read {path}: {e}") from None
+    own = student.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} (want {tuple(own[k].shape)})" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        raise TrainError(f"student.init: {path} does not fit this student (encoder cut, heads, labels): "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}")
+    student.load_state_dict(state)
 
 
 def start_outputs(plan: Plan, accelerator, out: Path, history: list[dict]) -> None:

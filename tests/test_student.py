@@ -587,3 +587,34 @@ def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path, encoder, caps
     assert main(["--config", str(tmp_path / "c.toml")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "a-file" in err and "Traceback" not in err
+
+
+def test_student_init_starts_from_another_runs_checkpoint(tmp_path, store_dir, encoder):
+    """student.init = a run's checkpoint: the new run starts from exactly those weights (with a learning rate too
+    small to move them, its export scores as the first run's); a checkpoint of another shape is refused."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tmkd.student.plan import TrainError
+    from tmkd.student.train import run
+
+    first = toy_config(store_dir, encoder, tmp_path / "a", stages=[_stage("task", ["train"], epochs=1)])
+    run(config_from_dict(first))
+    step = next((tmp_path / "a" / "checkpoints").glob("step-*"))
+    second = toy_config(store_dir, encoder, tmp_path / "b", stages=[_stage("task", ["train"], epochs=1, lr=1e-12)])
+    second["student"]["init"] = str(step)
+    run(config_from_dict(second))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    enc = tok(["the river city", "a film"], ["good water", "bad king"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = (AutoModelForSequenceClassification.from_pretrained(tmp_path / x).eval()(**enc).logits for x in "ab")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    fresh = toy_config(store_dir, encoder, tmp_path / "c", stages=[_stage("task", ["train"], epochs=1, lr=1e-12)])
+    run(config_from_dict(fresh))
+    with torch.no_grad():
+        c = AutoModelForSequenceClassification.from_pretrained(tmp_path / "c").eval()(**enc).logits
+    assert not torch.allclose(a, c, atol=1e-3)  # without init the run starts elsewhere
+    other = toy_config(store_dir, encoder, tmp_path / "d", teachers=["t1"],
+                       stages=[_stage("task", ["train"], epochs=1)])
+    other["student"]["init"] = str(step)  # 2 heads saved, 1 wanted
+    with pytest.raises(TrainError, match="does not fit this student.*wrong shape"):
+        run(config_from_dict(other))
