@@ -71,3 +71,6 @@ def test_the_bars_say_which_claims_held():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), "--bars", "/dev/stdin"],
                          input=json.dumps(runs), capture_output=True, text=True, check=True).stdout
     assert "| TMKD mean >= teacher ensemble | no | 0.7600 (n=3) vs 0.7650 |" in out
+    lever = [dict(r, variant="tmkd-x", test_map=r["test_map"] + 0.01) for r in runs if r["variant"] == "tmkd"]
+    got = {claim: held for claim, held, _ in seeds_table.bars(runs + lever, tmkd="tmkd-x")}
+    assert got["TMKD (tmkd-x) mean >= teacher ensemble"] is True  # 0.77 >= 0.765
