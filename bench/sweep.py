@@ -23,7 +23,6 @@ SETTINGS: dict[str, list[str]] = {
     "mse, alpha 0.8": ["stages.0.loss.alpha=0.8"],
     "kl T=2, alpha 0.5": ['stages.0.loss.soft="kl"', "stages.0.loss.temperature=2.0"],
     "mse + listwise 1.0 (T=1)": ["stages.0.loss.listwise=1.0"],
-    "mse + listwise 1.0 (T=2)": ["stages.0.loss.listwise=1.0", "stages.0.loss.temperature=2.0"],
     "layers 0,2,4": ["student.layers=[0,2,4]"],
     "layers 1,3,5": ["student.layers=[1,3,5]"],
 }
