@@ -618,3 +618,26 @@ def test_student_init_starts_from_another_runs_checkpoint(tmp_path, store_dir, e
     other["student"]["init"] = str(step)  # 2 heads saved, 1 wanted
     with pytest.raises(TrainError, match="does not fit this student.*wrong shape"):
         run(config_from_dict(other))
+
+
+def test_bench_export_checkpoint_equals_the_trainers_export_of_that_step(tmp_path, store_dir, encoder):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tmkd.student.train import run
+
+    run(config_from_dict(toy_config(store_dir, encoder, tmp_path / "a", stages=[_stage("task", ["train"], epochs=1)])))
+    step = next((tmp_path / "a" / "checkpoints").glob("step-*"))
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "bench" / "export_checkpoint.py"), str(tmp_path / "a"), str(step),
+                    str(tmp_path / "x")], check=True, capture_output=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "x")
+    enc = tok(["the river city"], ["good water"], return_tensors="pt")
+    with torch.no_grad():
+        a, x = (AutoModelForSequenceClassification.from_pretrained(tmp_path / f).eval()(**enc).logits for f in "ax")
+    torch.testing.assert_close(a, x, rtol=1e-5, atol=1e-5)  # one epoch: the trainer exported this very step
+    record = json.loads((tmp_path / "x" / "run.json").read_text())
+    best = json.loads((tmp_path / "a" / "run.json").read_text())["best"]
+    assert record["best"]["value"] == best["value"] and record["best"]["step"] == best["step"]
