@@ -92,6 +92,7 @@ def run_record(name: str, row: dict, dev: dict[str, float], folders: dict[str, s
     """One run for bench/seeds_table.py: ``VARIANT@SEED`` students carry their seed and their own dev MAP."""
     if row["kind"] == "student":
         variant, _, seed = name.partition("@")
+        variant = {"ensemble": "ensemble-label"}.get(variant, variant)  # bench/configs/wikiqa-ensemble.toml
         best = json.loads((Path(folders[name]) / "run.json").read_text())["best"]
         dev_map = best["value"] if best and best["metric"] == "map" else None
         seed = int(seed) if seed else None
