@@ -30,7 +30,8 @@ def main() -> None:
 
     record = json.loads((args.run / "run.json").read_text())
     cfg = record["config"]
-    labels = record["teachers"][0]["label_names"] if record["teachers"] else None
+    labels = (record["teachers"][0]["label_names"] if record["teachers"]  # no-KD: its corpora's
+              else next(c["label_names"] for c in record["corpora"].values() if c["label_names"]))
     heads = 1 if (cfg["soft_target"] == "ensemble" or not record["teachers"]) else len(record["teachers"])
     student = load_student(cfg["student"]["encoder"], len(labels), heads, cfg["student"]["num_layers"], labels,
                            cfg["student"].get("layers") or None)

@@ -142,7 +142,7 @@ def retrieve(questions: list[str], passages: list[str], top_k: int) -> tuple[np.
         tokens = bm25s.tokenize(questions[start : start + block], stopwords="en", show_progress=False,
                                 return_ids=False)
         scores = block_scores(index, retriever.vocab_dict, tokens, n)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k] if n <= k * 4 else _top_k(scores, k)
+        top = _top_k(scores, k)
         best = np.take_along_axis(scores, top, axis=1)
         hit = best > 0
         qs.append(np.nonzero(hit)[0] + start)
