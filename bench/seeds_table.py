@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-METRICS = ("dev_map", "test_map", "test_mrr", "test_accuracy")
+METRICS = ("dev_map", "test_map", "test_mrr", "test_accuracy", "dev_accuracy")
 
 
 def summarise(runs: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:

@@ -4,7 +4,7 @@
 # test (filtered 237 questions), every student once per seed with the teachers fixed. Every step is
 # cached or checkpointed: run it again to resume.
 #
-#   bash bench/wikiqa.sh                 # OUT=runs/wikiqa DATA=../shared/data SEEDS="1 2 3" by default
+#   bash bench/wikiqa.sh                 # OUT=runs/wikiqa DATA=../shared/data SEEDS="1 2 3" JOBS=2 by default
 #   nohup bash bench/wikiqa.sh > runs/wikiqa.log 2>&1 &
 #   SEEDS="1" VARIANTS="tmkd tmkd-listwise" bash bench/wikiqa.sh   # some variants (bench/configs/wikiqa-V.toml)
 #
@@ -19,11 +19,13 @@ TEACHERS_CONFIG=${TEACHERS_CONFIG:-teachers/configs/wikiqa-minilm.toml}
 VARIANTS=${VARIANTS:-"nokd tkd mkd ensemble tmkd mkd-matched"}
 SEEDS=${SEEDS:-"1 2 3"}
 STUDENT_ARGS=${STUDENT_ARGS:-}   # extra arguments for every student run, e.g. "--set student.num_layers=1"
+JOBS=${JOBS:-2}                  # students trained side by side (bench/students.sh)
 STORE=$OUT/store
 PY=.venv/bin/python
 LABEL=.venv/bin/tmkd-label
 mkdir -p "$OUT"
 log() { echo "[$(date +%T)] $*"; }
+source bench/students.sh
 SECONDS=0
 
 # 1. Corpora: WikiQA train/dev/test, and the stage-1 unlabeled Q&A corpus built from real text.
@@ -61,22 +63,7 @@ best = max(teachers, key=lambda t: t["dev"]["map"])["name"]
 print(json.dumps(names).replace(" ", ""), json.dumps([best]))
 PYEOF
 )
-STUDENTS=()
-for seed in $SEEDS; do
-  for v in $VARIANTS; do
-    dir="$OUT/students/$v-seed$seed"
-    case $v in tkd*) teachers=$BEST ;; nokd*) teachers='[]' ;; *) teachers=$ALL ;; esac
-    if [ -f "$dir/run.json" ] && grep -q '"status": "done"' "$dir/run.json"; then
-      log "student $v seed $seed: done"
-    else
-      resume=(); [ -d "$dir/checkpoints" ] && resume=(--resume)
-      log "student $v seed $seed: training (teachers $teachers)"
-      $PY student/train.py --config "bench/configs/wikiqa-$v.toml" --output "$dir" "${resume[@]}" ${STUDENT_ARGS:-} \
-        --set "store=\"$STORE\"" --set "student.encoder=\"$ENCODER\"" --set "teachers=$teachers" --set "seed=$seed"
-    fi
-    STUDENTS+=("$v@$seed=$dir")
-  done
-done
+train_students wikiqa "$STORE" "$OUT" "$ENCODER" "$ALL" "$BEST"
 log "students ready (${SECONDS}s)"
 
 # 5. The table: every teacher, the ensemble and every student on WikiQA test.

