@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from tmkd.data.ingest import IngestOptions, ingest  # noqa: E402
 from tmkd.pipeline.run import RunOptions, run
 from tmkd.data.store import Store
-from tmkd.teachers.scoring import autocast_dtype, encode_pairs, length_batches, pad_batch
+from tmkd.teachers.device import DeviceInfo, autocast_dtype
+from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 
 
 def gemm_peak(dtype=torch.float32, n: int = 4096, repeats: int = 5) -> float:
@@ -99,7 +100,7 @@ def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 4096) -> tupl
     context, as the labeler: autocast then casts the weights once)."""
     enc = encode_pairs(tok, a, b, 128, "longest_first")
     batches = [pad_batch(enc, rows, tok.pad_token_id) for rows in length_batches(enc.lengths, batch_tokens)]
-    amp = autocast_dtype(dtype, torch.device("cpu"))
+    amp = autocast_dtype(dtype, DeviceInfo("cpu"))
     with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         model(**batches[0])  # warm-up
         t = time.perf_counter()
@@ -110,7 +111,7 @@ def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 4096) -> tupl
 
 def fixed_padding(model, tok, a, b, dtype: str) -> float:
     """The common naive loop: batches of 32 in file order, padded to 128."""
-    amp = autocast_dtype(dtype, torch.device("cpu"))
+    amp = autocast_dtype(dtype, DeviceInfo("cpu"))
     t = time.perf_counter()
     with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         for i in range(0, len(a), 32):

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from tmkd.data.store import TeacherRecord
+from tmkd.teachers.device import describe, scoring_settings
 from tmkd.teachers.spec import TeacherError, TeacherSpec
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Encoded:
@@ -86,23 +84,6 @@ def pad_batch(enc: Encoded, rows: np.ndarray, pad_id: int) -> dict[str, torch.Te
     return batch
 
 
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype to use, or None for plain float32.
-
-    float16 on a CPU falls back to float32 with a warning: CPUs here run fp16 matmuls at
-    1-3 GFLOP/s (shared/ENVIRONMENT.md); the label metadata records the dtype really used.
-    """
-    if dtype == "float32":
-        return None
-    if device.type == "cpu" and dtype == "float16":
-        warnings.warn("float16 is not usable on this CPU; scoring in float32 (use bfloat16 for speed)")
-        return None
-    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bfloat16; scoring in float16")
-        return torch.float16
-    return TORCH_DTYPES[dtype]
-
-
 def check_compiler(spec: TeacherSpec) -> None:
     """torch.compile builds C/C++ at the first forward (its CPU kernels; Triton's launchers on a GPU): say so up
     front if there is no compiler, rather than fail with a traceback in the middle of scoring."""
@@ -119,21 +100,34 @@ def check_compiler(spec: TeacherSpec) -> None:
                            "machine for torch.compile; install one or set compile = false")
 
 
+def load_scoring_model(folder: Path, attention: str = "sdpa"):
+    """The sequence-classification model in ``folder`` (safetensors when it has them), with fused attention when
+    its architecture offers it (else transformers' default)."""
+    from transformers import AutoModelForSequenceClassification
+
+    use_st = any(folder.glob("*.safetensors")) or None
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=use_st,
+                                                                  attn_implementation=attention)
+    except (ValueError, ImportError):  # this architecture has no such attention implementation
+        return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=use_st)
+
+
 class LoadedTeacher:
-    """A teacher model ready to score: weights on the device, eval mode, its compute dtype."""
+    """A teacher model ready to score: weights on the device, eval mode, and the settings the device calls for
+    (compute dtype, tokens and rows per batch: tmkd.teachers.device)."""
 
     def __init__(self, spec: TeacherSpec, record: TeacherRecord, folder: Path, device: torch.device, tokenizer):
-        from transformers import AutoModelForSequenceClassification
-
         self.spec, self.record, self.device, self.tokenizer = spec, record, device, tokenizer
-        use_st = any(folder.glob("*.safetensors"))
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=use_st or None)
+        self.model = load_scoring_model(folder)
         self.model.to(device).eval()
+        self.settings = scoring_settings(describe(device), self.model.config, spec.dtype, spec.max_length,
+                                         spec.batch_tokens)
         if spec.compile:  # dynamic shapes: one compile serves every batch length (BENCHMARKS.md, section 1-4)
             check_compiler(spec)
             self.model = torch.compile(self.model, dynamic=True)
-        self.amp = autocast_dtype(spec.dtype, device)
-        self.compute_dtype = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.amp]
+        self.amp = self.settings.autocast
+        self.compute_dtype = self.settings.compute_dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.forward_passes = 0
 
@@ -149,7 +143,7 @@ class LoadedTeacher:
         # then caches the weights' bf16 copies until the context exits, so they are cast once per part, not
         # once per batch (under inference_mode it caches nothing). +3-10% pairs/s in bf16 on this CPU.
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            for rows in length_batches(enc.lengths, self.spec.batch_tokens):
+            for rows in length_batches(enc.lengths, self.settings.batch_tokens, self.settings.max_rows):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in pad_batch(enc, rows, self.pad_id).items()}
                 pending.append((rows, self.model(**batch).logits.float()))
                 self.forward_passes += 1

@@ -7,7 +7,8 @@
     path = "teachers/minilm-a"   # a Hugging Face folder (relative to this file) or a hub id
     max_length = 128
     dtype = "bfloat16"           # float32 | bfloat16 | float16: the compute dtype (autocast)
-    batch_tokens = 4096          # optional: padded tokens per forward batch (4096 suits CPUs; raise it on a GPU)
+    batch_tokens = 4096          # optional: padded tokens per forward batch (default: from the device: 4,096 on
+                                 #   a CPU, a share of the free memory on a GPU; tmkd.teachers.device)
     labels = ["0", "1"]          # optional: label names in logit order (default: the model's id2label)
     corpora = ["wikiqa-train"]   # optional: only these corpora (default: every corpus in the store)
     compile = true               # optional: torch.compile the forward (one compile for all batch shapes).
@@ -54,7 +55,7 @@ class TeacherSpec:
     path: str
     max_length: int = 128
     dtype: str = "float32"
-    batch_tokens: int = 4096  # measured best on this CPU (BENCHMARKS.md); GPUs want far more
+    batch_tokens: int | None = None  # None: chosen from the device (tmkd.teachers.device.token_budget)
     labels: list[str] | None = None
     corpora: list[str] | None = None
     truncation: str = "longest_first"
@@ -68,7 +69,7 @@ class TeacherSpec:
             raise TeacherError(f"teacher {self.name!r}: max_length {self.max_length} out of range 8..8192")
         if not isinstance(self.compile, bool):
             raise TeacherError(f"teacher {self.name!r}: compile must be true or false, not {self.compile!r}")
-        if int(self.batch_tokens) < self.max_length:
+        if self.batch_tokens is not None and int(self.batch_tokens) < self.max_length:
             raise TeacherError(
                 f"teacher {self.name!r}: batch_tokens {self.batch_tokens} must be at least max_length {self.max_length}"
             )

@@ -1,0 +1,98 @@
+"""How a teacher scores on a given device: compute dtype, tokens per batch, rows per batch, attention.
+
+The choices are plain functions of a ``DeviceInfo`` (what kind of device, how much memory is free, whether it
+has bf16), so they are tested on a CPU for any device, and the scorer only asks ``describe(device)`` once.
+
+- dtype: bf16 autocast where the device has it; fp16 on a GPU without bf16; fp16 on a CPU falls back to fp32
+  (CPUs run fp16 matmuls at a few GFLOP/s).
+- tokens per batch: on a GPU, a share of the free memory over an estimate of the activation bytes per token
+  (inference: no gradients are kept); on a CPU, 4,096 (measured best on this project's CPUs, BENCHMARKS.md:
+  bigger batches stop paying once the matmuls are large enough to use the cores). ``batch_tokens`` in
+  teachers.toml overrides either.
+- attention: PyTorch's fused scaled-dot-product attention (``sdpa``) on every device: transformers' BERT uses it
+  when asked, and it is what reaches the flash / memory-efficient kernels on a GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+CPU_BATCH_TOKENS = 4096
+CPU_MAX_ROWS = 512
+GPU_MAX_ROWS = 8192
+GPU_MAX_BATCH_TOKENS = 1 << 20  # past this a batch only adds latency: the GPU is full long before
+GPU_MEMORY_SHARE = 0.5  # of the free memory, for activations; the rest is headroom (allocator, other teachers)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What scoring needs to know about a device."""
+
+    type: str  # "cpu", "cuda", "mps", ...
+    free_bytes: int | None = None  # free accelerator memory; None on a CPU
+    bf16: bool = True  # bf16 matmuls supported (CUDA: compute capability 8.0+)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    autocast: torch.dtype | None  # None: plain float32
+    batch_tokens: int  # padded tokens per forward batch
+    max_rows: int  # rows per forward batch, whatever their length
+    attention: str  # transformers' attn_implementation
+
+    @property
+    def compute_dtype(self) -> str:
+        return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.autocast]
+
+
+def describe(device: torch.device) -> DeviceInfo:
+    """The ``DeviceInfo`` of a torch device on this machine (queries CUDA for free memory and bf16)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return DeviceInfo("cuda", int(free), bool(torch.cuda.is_bf16_supported()))
+    return DeviceInfo(device.type)
+
+
+def autocast_dtype(dtype: str, info: DeviceInfo) -> torch.dtype | None:
+    """The autocast dtype for a requested compute ``dtype`` on this device, or None for plain float32."""
+    if dtype == "float32":
+        return None
+    if info.type == "cpu" and dtype == "float16":
+        warnings.warn("float16 is not usable on this CPU; scoring in float32 (use bfloat16 for speed)")
+        return None
+    if info.type == "cuda" and dtype == "bfloat16" and not info.bf16:
+        warnings.warn("this GPU has no bfloat16; scoring in float16")
+        return torch.float16
+    return TORCH_DTYPES[dtype]
+
+
+def activation_bytes_per_token(config, max_length: int, dtype_bytes: int) -> int:
+    """A generous estimate of the activation memory one token needs at the peak of an inference forward: the
+    hidden states and their residual copies, the Q/K/V projections, the feed-forward's inner layer, and a row of
+    attention scores per head (in case the attention kernel materialises them), times 2 for the allocator."""
+    hidden = int(getattr(config, "hidden_size", 768))
+    inner = int(getattr(config, "intermediate_size", 4 * hidden))
+    heads = int(getattr(config, "num_attention_heads", 12))
+    per_token = 6 * hidden + inner + heads * max_length
+    return 2 * per_token * dtype_bytes
+
+
+def token_budget(info: DeviceInfo, config, max_length: int, autocast: torch.dtype | None) -> int:
+    """Padded tokens per batch for this device when teachers.toml sets none (see the module docstring)."""
+    if info.type != "cuda" or not info.free_bytes:
+        return max(CPU_BATCH_TOKENS, max_length)
+    dtype_bytes = 4 if autocast is None else 2
+    tokens = int(GPU_MEMORY_SHARE * info.free_bytes) // activation_bytes_per_token(config, max_length, dtype_bytes)
+    tokens = min(tokens, GPU_MAX_BATCH_TOKENS) // max_length * max_length  # whole rows of the longest length
+    return max(tokens, max_length)
+
+
+def scoring_settings(info: DeviceInfo, config, dtype: str, max_length: int,
+                     batch_tokens: int | None = None) -> ScoringSettings:
+    """Everything the scorer decides from the device; ``batch_tokens`` (teachers.toml) wins when given."""
+    amp = autocast_dtype(dtype, info)
+    tokens = batch_tokens or token_budget(info, config, max_length, amp)
+    return ScoringSettings(amp, tokens, GPU_MAX_ROWS if info.type == "cuda" else CPU_MAX_ROWS, "sdpa")

@@ -1,0 +1,70 @@
+"""The scorer's settings follow the device it runs on (tmkd.teachers.device): checked on a CPU for any device."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from tmkd.teachers.device import (CPU_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS, DeviceInfo, activation_bytes_per_token,
+                                  scoring_settings)
+
+MINILM = BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12, num_hidden_layers=6)
+GB = 1 << 30
+
+
+def test_cpu_gets_bf16_and_the_measured_cpu_batch():
+    s = scoring_settings(DeviceInfo("cpu"), MINILM, "bfloat16", 128)
+    assert (s.autocast, s.compute_dtype, s.batch_tokens, s.max_rows, s.attention) == \
+           (torch.bfloat16, "bfloat16", CPU_BATCH_TOKENS, 512, "sdpa")
+    assert scoring_settings(DeviceInfo("cpu"), MINILM, "float32", 128).autocast is None
+
+
+def test_fp16_on_a_cpu_falls_back_to_fp32_with_a_warning():
+    with pytest.warns(UserWarning, match="float16 is not usable on this CPU"):
+        s = scoring_settings(DeviceInfo("cpu"), MINILM, "float16", 128)
+    assert s.autocast is None and s.compute_dtype == "float32"
+
+
+def test_a_gpu_without_bf16_scores_in_fp16():
+    with pytest.warns(UserWarning, match="no bfloat16"):
+        s = scoring_settings(DeviceInfo("cuda", 16 * GB, bf16=False), MINILM, "bfloat16", 128)
+    assert s.autocast is torch.float16
+
+
+def test_gpu_token_budget_follows_free_memory():
+    """More free memory, bigger batches (whole rows of max_length), up to a cap; fp32 needs twice the bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a GPU with bf16 asked for bf16: nothing to warn about
+        small = scoring_settings(DeviceInfo("cuda", 2 * GB), MINILM, "bfloat16", 128)
+        big = scoring_settings(DeviceInfo("cuda", 139 * GB), MINILM, "bfloat16", 128)
+        fp32 = scoring_settings(DeviceInfo("cuda", 2 * GB), MINILM, "float32", 128)
+    assert small.batch_tokens % 128 == 0 and small.batch_tokens > CPU_BATCH_TOKENS
+    # half the free memory over the activation bytes of a token, within one row of 128
+    per_token = activation_bytes_per_token(MINILM, 128, 2)
+    assert small.batch_tokens <= GB // per_token < small.batch_tokens + 128
+    assert big.batch_tokens == GPU_MAX_BATCH_TOKENS and big.max_rows == 8192
+    assert fp32.batch_tokens < small.batch_tokens and abs(fp32.batch_tokens * 2 - small.batch_tokens) <= 256
+    tiny = scoring_settings(DeviceInfo("cuda", 1 << 20), MINILM, "bfloat16", 128)
+    assert tiny.batch_tokens == 128  # never below one row of the longest length
+
+
+def test_batch_tokens_from_teachers_toml_wins_on_any_device():
+    for info in (DeviceInfo("cpu"), DeviceInfo("cuda", 80 * GB)):
+        assert scoring_settings(info, MINILM, "bfloat16", 128, batch_tokens=2048).batch_tokens == 2048
+
+
+def test_loaded_teacher_uses_fused_attention_and_the_device_budget(tiny_teachers):
+    from tmkd.teachers.scoring import LoadedTeacher, load_tokenizer
+    from tmkd.teachers.spec import TeacherSpec
+
+    folder = next(iter(tiny_teachers.values()))
+    tok = load_tokenizer(folder)
+    auto = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, dtype="bfloat16"), None, folder,
+                         torch.device("cpu"), tok)
+    assert auto.model.config._attn_implementation == "sdpa"
+    assert (auto.settings.batch_tokens, auto.compute_dtype) == (CPU_BATCH_TOKENS, "bfloat16")
+    given = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, batch_tokens=64), None, folder,
+                          torch.device("cpu"), tok)
+    assert given.settings.batch_tokens == 64 and given.compute_dtype == "float32"
