@@ -68,6 +68,7 @@ import torch
 from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
+from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
@@ -470,6 +471,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
                       data.positive)
         epochs.append({"epoch": epoch, "train_loss": round(loss, 6), "dev": dev, "seconds": round(time.time() - t0, 1)})
         accelerator.print(f"  {spec.name} epoch {epoch}: loss {loss:.4f}  dev {_fmt(dev)}  {time.time() - t0:.0f}s")
+        release_free_memory()  # the epoch's freed batches and evaluation outputs go back to the OS
         key, score = selection_score(dev)
         if best is None or score > best[1]:
             best = (epoch, score, key)
@@ -488,6 +490,8 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     if accelerator.is_main_process:
         write_teacher_card(cfg, spec, folder, entry, data)
     accelerator.free_memory()  # drop the accelerator's references to this teacher's model and optimizer
+    del model, optimizer, scheduler, best_state
+    release_free_memory()
     entry.update(path=str(folder), seconds=round(time.time() - started, 1))
     test = f" | test {_fmt(entry['test'])}" if "test" in entry else ""
     accelerator.print(f"[{spec.name}] best epoch {best[0]}/{spec.epochs} by dev {best[2]}: dev {_fmt(entry['dev'])}"
@@ -586,6 +590,9 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     except ImportError:
         pass
     console = console or Console(stderr=True)
+    # Length batching makes many batch shapes: unbounded, oneDNN's per-shape kernel cache and glibc's arenas kept
+    # growing, to 7 GB over three teachers (BENCHMARKS.md, teacher fine-tuning memory). Before the first kernel.
+    bound_cpu_caches()
     encoder = resolve_encoder(cfg.encoder)
     check_depth(encoder, cfg.teacher)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up

@@ -245,3 +245,19 @@ def test_head_lr_applies_to_the_new_head_and_pooler_only(tiny_teachers):
     assert lr_of[id(named["bert.pooler.dense.bias"])] == (1e-3, 0.0)
     assert lr_of[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == (1e-5, 0.01)
     assert lr_of[id(named["bert.embeddings.LayerNorm.weight"])] == (1e-5, 0.0)
+
+
+def test_finetune_bounds_the_cpu_caches_before_training(tmp_path, toy_store, tiny_teachers, monkeypatch):
+    """Unbounded, oneDNN's per-shape kernel cache and glibc's arenas grew fine-tuning to 7 GB over three teachers
+    (BENCHMARKS.md): the job bounds them before its first model is loaded, and gives freed memory back after every
+    epoch and teacher."""
+    import tmkd.teachers.finetune as ft
+
+    calls = []
+    load_model = ft.load_model
+    monkeypatch.setattr(ft, "bound_cpu_caches", lambda: calls.append("bound"))
+    monkeypatch.setattr(ft, "release_free_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(ft, "load_model", lambda *a: calls.append("load") or load_model(*a))
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+    ft.run(ft.load_config(cfg, sets=["defaults.epochs=2"]))
+    assert calls == ["bound"] + ["load", "release", "release", "release"] * 2  # 2 teachers: 2 epochs, then the end
