@@ -8,7 +8,9 @@ and batches). For each precision this times, ``--rounds`` times in turn (the ord
 - CrossEncoder: a Python process that loads ``CrossEncoder(teacher, max_length=128)`` (bf16: the weights in
                 bf16, as its docs suggest), reads the same pairs from a Parquet file, predicts them (batch 32, the
                 default), and saves the logits;
-- optionally (``--onnx``, fp32 only) the same with ``backend="onnx"`` (needs optimum[onnxruntime]).
+- optionally (``--onnx``, fp32 only) the same with ``backend="onnx"`` (needs optimum-onnx[onnxruntime], which
+  pins transformers below 4.58: give it its own environment with ``--onnx-python``; the model is exported to ONNX
+  once, before the timed runs).
 
 It prints the median wall seconds and the median of the per-round ratios CrossEncoder / tmkd (so > 1 means tmkd
 is faster), and checks that the two agree: predicted classes on >= 99.5% of pairs and logits within tolerance
@@ -89,6 +91,21 @@ def setup(args) -> tuple[Path, Path, np.ndarray]:
     return base, pairs, lengths
 
 
+def model_folder(args, backend: str) -> Path:
+    """The teacher's folder for a CrossEncoder backend: for ONNX, a copy with the model exported to onnx/ (once,
+    untimed: a user exports once and scores many times)."""
+    if backend != "onnx":
+        return args.teacher
+    folder = args.out / "teacher-onnx"
+    if not (folder / "onnx" / "model.onnx").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(args.teacher, folder)
+        export = ("import sys; from sentence_transformers import CrossEncoder; "
+                  "CrossEncoder(sys.argv[1], backend='onnx', device='cpu').save_pretrained(sys.argv[1])")
+        subprocess.run([args.onnx_python, "-c", export, folder], check=True, cwd=ROOT)
+    return folder
+
+
 def tmkd_logits(store_path: Path) -> np.ndarray:
     from tmkd.data.store import Store
 
@@ -112,6 +129,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--rounds", type=int, default=3, help="pairs of runs per precision (>= 3 for the bench)")
     ap.add_argument("--onnx", action="store_true", help="add CrossEncoder(backend='onnx') in float32")
+    ap.add_argument("--onnx-python", default=sys.executable, help="the Python that has optimum-onnx[onnxruntime]")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.teacher = args.teacher.resolve()
@@ -148,8 +166,9 @@ def main() -> None:
                     scoring.append(scoring_seconds(store))
                 else:
                     out = args.out / f"{who}-{dtype}.npy"
-                    walls[who].append(timed([sys.executable, "-c", CROSS_ENCODER, args.teacher, pairs, dtype,
-                                             contenders[who], out], log))
+                    python = args.onnx_python if contenders[who] == "onnx" else sys.executable
+                    walls[who].append(timed([python, "-c", CROSS_ENCODER, model_folder(args, contenders[who]), pairs,
+                                             dtype, contenders[who], out], log))
             print(f"{dtype} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
         ours = tmkd_logits(args.out / f"store-{dtype}")
         amp = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

