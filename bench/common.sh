@@ -22,7 +22,16 @@ ingest() {
 
 teachers_and_labels() {
   local metric=$1
-  if [ ! -f "$OUT/teachers/teachers.toml" ]; then
+  # Done when the report lists every teacher of the config (finetune.py writes teachers.toml and the report after
+  # each teacher, so that a crash keeps the finished ones usable: their presence alone proves nothing).
+  if ! $PY - "$TEACHERS_CONFIG" "$OUT/teachers/finetune-report.json" <<'PYEOF'
+import json, sys, tomllib
+from pathlib import Path
+wanted = {t["name"] for t in tomllib.loads(Path(sys.argv[1]).read_text())["teacher"]}
+report = Path(sys.argv[2])
+sys.exit(0 if report.exists() and wanted <= {t["name"] for t in json.loads(report.read_text())["teachers"]} else 1)
+PYEOF
+  then
     $PY teachers/finetune.py --config "$TEACHERS_CONFIG" --store "$STORE" --out "$OUT/teachers"
   fi
   log "teachers ready (${SECONDS}s)"
@@ -43,6 +52,9 @@ train_students() {
   local task=$1 store=$STORE out=$OUT encoder=$ENCODER all=$ALL best=$BEST
   local jobs=${JOBS:-2} threads seed v dir teachers failed=0
   threads=$(( $(nproc) / jobs )); [ "$threads" -ge 1 ] || threads=1
+  # Background jobs of a script ignore Ctrl-C: stop them with the bench, or a re-run would train a folder twice.
+  trap 'kill $(jobs -p) 2>/dev/null; wait; exit 1' INT TERM
+  trap 'kill $(jobs -p) 2>/dev/null' EXIT
   STUDENTS=()
   for seed in $SEEDS; do
     for v in $VARIANTS; do
@@ -70,6 +82,7 @@ train_students() {
     done
   done
   wait
+  trap - EXIT INT TERM
   for spec in "${STUDENTS[@]}"; do
     dir=${spec#*=}
     if ! { [ -f "$dir/run.json" ] && grep -q '"status": "done"' "$dir/run.json"; }; then

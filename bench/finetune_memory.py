@@ -1,5 +1,5 @@
 """Resident memory of teacher fine-tuning over epochs and teachers (goal: < 2 GB, flat: <= +10% from the
-first teacher's epoch 1 to the last teacher's end).
+first teacher's first epoch to the last teacher's last, epoch end against epoch end).
 
 Runs `teachers/finetune.py` (bench/wikiqa.sh's three WikiQA teachers, in one process, as the bench runs them)
 as a child process, samples its RSS from /proc every 0.2 s, and notes the RSS at each epoch's end and each
@@ -77,20 +77,27 @@ def main() -> None:
     sampler.join()
     if child.returncode:
         raise SystemExit(f"finetune.py exited with {child.returncode}")
-    first = next(m for m in marks if m["at"] == "epoch end")
-    last = marks[-1]
+    epochs = [m for m in marks if m["at"] == "epoch end"]
+    ends = [m for m in marks if m["at"] == "teacher end"]
+    first, last = epochs[0], epochs[-1]
     peak = max(r for _, r in samples)
+    # like with like: epoch end against epoch end (during training), teacher end against teacher end (after the
+    # teacher is saved and its memory handed back)
     result = {"command": cmd, "env": args.env, "marks": marks, "peak_rss_mb": round(peak),
-              "first_epoch_rss_mb": first["rss_mb"], "last_teacher_end_rss_mb": last["rss_mb"],
-              "growth": round(last["rss_mb"] / first["rss_mb"], 3), "seconds": round(time.perf_counter() - start),
+              "first_epoch_rss_mb": first["rss_mb"], "last_epoch_rss_mb": last["rss_mb"],
+              "growth": round(last["rss_mb"] / first["rss_mb"], 3),
+              "teacher_end_growth": round(ends[-1]["rss_mb"] / ends[0]["rss_mb"], 3),
+              "seconds": round(time.perf_counter() - start),
               "samples": [(round(t, 1), round(r)) for t, r in samples[::5]]}
     (args.out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n| teacher | at | RSS MB | s |\n|---|---|---|---|")
     for m in marks:
         print(f"| {m['teacher']} | {m['at']}{'' if m['epoch'] is None else ' ' + str(m['epoch'])} | "
               f"{m['rss_mb']:,} | {m['seconds']:.0f} |")
-    print(f"\npeak RSS {peak:,.0f} MB; first teacher's epoch 1 -> last teacher's end: {first['rss_mb']:,} -> "
-          f"{last['rss_mb']:,} MB ({result['growth']:.2f}x); {result['seconds']} s; {args.out / 'memory.json'}")
+    print(f"\npeak RSS {peak:,.0f} MB; first epoch's end -> last epoch's end: {first['rss_mb']:,} -> "
+          f"{last['rss_mb']:,} MB ({result['growth']:.2f}x); first teacher's end -> last's: {ends[0]['rss_mb']:,} -> "
+          f"{ends[-1]['rss_mb']:,} MB ({result['teacher_end_growth']:.2f}x); {result['seconds']} s; "
+          f"{args.out / 'memory.json'}")
 
 
 if __name__ == "__main__":

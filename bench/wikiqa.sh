@@ -19,7 +19,7 @@ TEACHERS_CONFIG=${TEACHERS_CONFIG:-teachers/configs/wikiqa-minilm.toml}
 VARIANTS=${VARIANTS:-"nokd tkd mkd ensemble tmkd mkd-matched"}
 SEEDS=${SEEDS:-"1 2 3"}
 STUDENT_ARGS=${STUDENT_ARGS:-}   # extra arguments for every student run, e.g. "--set student.num_layers=1"
-JOBS=${JOBS:-2}                  # students trained side by side (bench/students.sh)
+JOBS=${JOBS:-2}                  # students trained side by side (bench/common.sh)
 STORE=$OUT/store
 PY=.venv/bin/python
 LABEL=.venv/bin/tmkd-label

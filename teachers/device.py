@@ -48,11 +48,17 @@ class ScoringSettings:
         return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.autocast]
 
 
+def cuda_has_bf16(device: torch.device | None = None) -> bool:
+    """Native bf16 on this CUDA device (compute capability 8.0+). Not ``torch.cuda.is_bf16_supported()``: that also
+    says yes where bf16 is only emulated (V100, T4), which is slower than fp16 there; and it asks about GPU 0."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def describe(device: torch.device) -> DeviceInfo:
     """The ``DeviceInfo`` of a torch device on this machine (queries CUDA for free memory and bf16)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return DeviceInfo("cuda", int(free), bool(torch.cuda.is_bf16_supported()))
+        return DeviceInfo("cuda", int(free), cuda_has_bf16(device))
     return DeviceInfo(device.type)
 
 

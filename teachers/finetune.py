@@ -69,6 +69,7 @@ from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
+from tmkd.teachers.device import cuda_has_bf16
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
@@ -597,7 +598,7 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     check_depth(encoder, cfg.teacher)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
     cpu = not torch.cuda.is_available()
-    bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
+    bf16 = cfg.bf16 and (cpu or cuda_has_bf16())
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
     if cfg.threads or (cpu and accelerator.num_processes == 1):
         # `accelerate launch` sets OMP_NUM_THREADS=1 per process, which halves a lone CPU process.

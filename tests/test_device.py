@@ -55,15 +55,34 @@ def test_batch_tokens_from_teachers_toml_wins_on_any_device():
         assert scoring_settings(info, MINILM, "bfloat16", 128, batch_tokens=2048).batch_tokens == 2048
 
 
-def test_loaded_teacher_uses_fused_attention_and_the_device_budget(tiny_teachers):
+def test_describe_asks_the_gpu_it_is_given(monkeypatch):
+    """Free memory and native bf16 of that device (compute capability 8.0+; emulated bf16 on a V100/T4 is not bf16)."""
+    from tmkd.teachers import device as dev
+
+    asked = []
+    monkeypatch.setattr(dev.torch.cuda, "mem_get_info", lambda d=None: asked.append(d) or (40 * GB, 80 * GB))
+    for capability, bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(dev.torch.cuda, "get_device_capability", lambda d=None, c=capability: asked.append(d) or c)
+        assert dev.describe(torch.device("cuda", 1)) == DeviceInfo("cuda", 40 * GB, bf16)
+    assert set(asked) == {torch.device("cuda", 1)}
+    assert dev.describe(torch.device("cpu")) == DeviceInfo("cpu")
+
+
+def test_loaded_teacher_asks_for_fused_attention_and_the_device_budget(tiny_teachers, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
     from tmkd.teachers.scoring import LoadedTeacher, load_tokenizer
     from tmkd.teachers.spec import TeacherSpec
 
     folder = next(iter(tiny_teachers.values()))
     tok = load_tokenizer(folder)
+    asked = []
+    real = AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: asked.append(k.get("attn_implementation")) or real(*a, **k))
     auto = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, dtype="bfloat16"), None, folder,
                          torch.device("cpu"), tok)
-    assert auto.model.config._attn_implementation == "sdpa"
+    assert asked == ["sdpa"] and auto.model.config._attn_implementation == "sdpa"
     assert (auto.settings.batch_tokens, auto.compute_dtype) == (CPU_BATCH_TOKENS, "bfloat16")
     given = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, batch_tokens=64), None, folder,
                           torch.device("cpu"), tok)
