@@ -9,6 +9,7 @@
 #
 #   bash bench/qnli.sh                   # OUT=runs/qnli DATA=../shared/data SEEDS="1 2 3" JOBS=2 by default
 #   nohup bash bench/qnli.sh > runs/qnli.log 2>&1 &
+#   SEEDS="1" VARIANTS="mkd-matched" bash bench/qnli.sh    # more variants (bench/configs/qnli-V.toml)
 #
 # The stage-1 corpus: every question of the labelled train sample paired with its top 5 sentences of the
 # sample's sentence pool by BM25, unlabeled; questions that are also in qnli-heldout or qnli-dev are left
