@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tmkd.teachers.ranking import group_log_softmax, relevance_scores
+
 
 def soft_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
     """[B, K, C] x [B, K, C] -> [B, K]."""
@@ -54,15 +56,6 @@ def soft_targets(teacher_logits: torch.Tensor, weights: torch.Tensor, ensemble: 
     return teacher_logits
 
 
-def group_log_softmax(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """log_softmax of [B, H] scores within each group (``groups``: 0..num_groups-1 per row), vectorised."""
-    idx = groups.unsqueeze(1).expand_as(x)
-    top = x.new_full((num_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
-    shifted = x - top.gather(0, idx)
-    total = x.new_zeros((num_groups, x.shape[1])).index_add(0, groups, shifted.exp())
-    return shifted - total.log().gather(0, idx)
-
-
 def listwise_kl(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, num_groups: int,
                 num_lists: int, temperature: float) -> torch.Tensor:
     """[B, H] student and teacher scores -> [H]: the mean over lists (groups of 2+ rows) of
@@ -78,8 +71,6 @@ def listwise_distill_loss(student: torch.Tensor, teacher_logits: torch.Tensor, g
                           num_groups: int, num_lists: int, *, weights: torch.Tensor, ensemble: bool, positive: int,
                           temperature: float) -> torch.Tensor:
     """The listwise term of one batch (module docstring): ``student`` [B, H, C], ``teacher_logits`` [B, K, C]."""
-    from tmkd.teachers.ranking import relevance_scores
-
     student = student.float()
     target = soft_targets(teacher_logits.float(), weights, ensemble)  # [B, H, C]
     b, h, c = student.shape

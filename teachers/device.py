@@ -102,3 +102,11 @@ def scoring_settings(info: DeviceInfo, config, dtype: str, max_length: int,
     amp = autocast_dtype(dtype, info)
     tokens = batch_tokens or token_budget(info, config, max_length, amp)
     return ScoringSettings(amp, tokens, GPU_MAX_ROWS if info.type == "cuda" else CPU_MAX_ROWS, "sdpa")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: on CUDA it is pinned and copied non-blocking (a
+    copy from pageable memory waits for the stream to drain first); on a CPU it is the tensor itself."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -67,9 +67,9 @@ import torch
 
 from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
-from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
+from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches, pad_batch, read_back
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
-from tmkd.teachers.device import cuda_has_bf16
+from tmkd.teachers.device import cuda_has_bf16, to_device
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
@@ -274,24 +274,26 @@ def selection_score(m: dict) -> tuple[str, tuple]:
 
 @torch.no_grad()
 def predict(accelerator, model, enc, batch_tokens: int, pad_id: int) -> np.ndarray:
-    """Logits for every row, in order. Ranks score disjoint rows and gather, so any process count works."""
+    """Logits for every row, in order. Ranks score disjoint rows and gather, so any process count works.
+    The logits come back to the host a few batches at a time (read_back), not with a sync per batch."""
     from accelerate.utils import gather_object
 
     model.eval()
     mine = np.arange(accelerator.process_index, len(enc), accelerator.num_processes)
-    out = []
-    lengths = enc.lengths[mine]
-    for local in length_batches(lengths, batch_tokens):
-        rows = mine[local]
-        batch = {k: v.to(accelerator.device) for k, v in pad_batch(enc, rows, pad_id).items()}
-        with accelerator.autocast():
-            logits = model(**batch).logits.float().cpu().numpy()
-        out += list(zip(rows.tolist(), logits))
-    gathered = gather_object(out) if accelerator.num_processes > 1 else out
-    num_labels = gathered[0][1].shape[0]
-    result = np.zeros((len(enc), num_labels), dtype=np.float32)
-    for row, logit in gathered:
-        result[row] = logit
+    logits = np.empty((len(mine), accelerator.unwrap_model(model).config.num_labels), dtype=np.float32)
+    pending = []
+    with accelerator.autocast():
+        for local in length_batches(enc.lengths[mine], batch_tokens):
+            batch = {k: to_device(v, accelerator.device) for k, v in pad_batch(enc, mine[local], pad_id).items()}
+            pending.append((local, model(**batch).logits.float()))
+            if len(pending) == READBACK_BATCHES:
+                read_back(pending, logits)
+        read_back(pending, logits)
+    if accelerator.num_processes == 1:
+        return logits
+    result = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
+    for rows, part in gather_object([(mine, logits)]):
+        result[rows] = part
     return result
 
 
@@ -425,15 +427,14 @@ def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, d
     back only when the progress shows it (every log_every steps): no host sync per batch."""
     dev = accelerator.device
     weights = class_weights(data.train.labels, len(data.train.label_names)).to(dev)
-    labels_t, gids_t = torch.from_numpy(data.train.labels), torch.from_numpy(group_index(data.train.groups)[0])
+    groups = group_index(data.train.groups)[0]
     total = torch.zeros((), dtype=torch.float64, device=dev)
     model.train()
     for step, rows in enumerate(batches, 1):
-        batch = {k: v.to(dev) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
+        batch = {k: to_device(v, dev) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
         with accelerator.autocast():
             logits = model(**batch).logits
-        rows_t = torch.from_numpy(rows)
-        loss = batch_loss(spec, logits.float(), labels_t[rows_t].to(dev), gids_t[rows_t], data.positive, weights)
+        loss = batch_loss(spec, logits.float(), data.train.labels[rows], groups[rows], data.positive, weights)
         accelerator.backward(loss)
         if spec.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tmkd.teachers.device import to_device
+
 GROUP_LOSSES = ("listwise", "pairwise")
 
 
@@ -18,36 +20,73 @@ def relevance_scores(logits: torch.Tensor, positive: int) -> torch.Tensor:
     return logits[:, positive] - torch.logsumexp(others, dim=1)
 
 
-def listwise_loss(scores: torch.Tensor, relevant: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def group_log_softmax(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """log_softmax of [B, H] scores within each group (``groups``: 0..num_groups-1 per row), vectorised."""
+    idx = groups.unsqueeze(1).expand_as(x)
+    top = x.new_full((num_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
+    shifted = x - top.gather(0, idx)
+    total = x.new_zeros((num_groups, x.shape[1])).index_add(0, groups, shifted.exp())
+    return shifted - total.log().gather(0, idx)
+
+
+def rankable_groups(relevant: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per row, the index of its group among the batch's groups that rank something (at least one relevant and
+    one irrelevant candidate), else -1; and how many such groups there are.
+
+    Computed on the host from the batch's labels and groups, which the job has there anyway: the loss then needs
+    no data-dependent shapes on the device, so a GPU step never waits for the host.
+    """
+    groups = np.asarray(groups)
+    relevant = np.asarray(relevant, dtype=bool)
+    out = np.full(len(groups), -1, dtype=np.int64)
+    valid = groups >= 0
+    if not valid.any():
+        return out, 0
+    _, inv = np.unique(groups[valid], return_inverse=True)
+    rel = np.bincount(inv, weights=relevant[valid])
+    size = np.bincount(inv)
+    ok = (rel > 0) & (rel < size)
+    out[valid] = np.where(ok[inv], (np.cumsum(ok) - 1)[inv], -1)
+    return out, int(ok.sum())
+
+
+def listwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray) -> torch.Tensor:
     """Softmax cross-entropy over each group's candidates, target uniform over its relevant ones.
 
-    Mean over the groups that have at least one relevant and one irrelevant candidate (the
-    others rank nothing); 0 (with a gradient path) when there is none.
+    Mean over the groups that have at least one relevant and one irrelevant candidate (the others rank nothing);
+    0 (with a gradient path) when there is none. ``relevant`` and ``groups`` are host arrays (rankable_groups).
     """
-    losses = []
-    for g in torch.unique(groups[groups >= 0]):
-        mask = groups == g
-        rel = relevant[mask].float()
-        if rel.sum() == 0 or rel.sum() == len(rel):
-            continue
-        losses.append(-(rel / rel.sum() * F.log_softmax(scores[mask], dim=0)).sum())
-    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+    index, n = rankable_groups(relevant, groups)
+    if n == 0:
+        return scores.sum() * 0.0
+    rows = np.flatnonzero(index >= 0)
+    g = index[rows]
+    rel = np.asarray(relevant, dtype=np.float64)[rows]
+    target = rel / np.bincount(g, weights=rel)[g]  # uniform over each group's relevant candidates
+    dev = scores.device
+    g_t = to_device(torch.from_numpy(g), dev)
+    log_p = group_log_softmax(scores[to_device(torch.from_numpy(rows), dev)].unsqueeze(1), g_t, n)[:, 0]
+    target_t = to_device(torch.from_numpy(target), dev).to(scores.dtype)
+    return -scores.new_zeros(n).index_add(0, g_t, target_t * log_p).mean()
 
 
-def pairwise_loss(scores: torch.Tensor, relevant: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def pairwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray) -> torch.Tensor:
     """Logistic (RankNet) loss log(1 + exp(s_neg - s_pos)) over each group's (relevant, irrelevant) pairs.
 
-    Averaged within a group, then over groups, so a question with many candidates does not dominate.
+    Averaged within a group, then over groups, so a question with many candidates does not dominate. The pairs are
+    listed on the host (``relevant`` and ``groups`` are host arrays), the loss is one vectorised expression.
     """
-    losses = []
-    for g in torch.unique(groups[groups >= 0]):
-        mask = groups == g
-        s, rel = scores[mask], relevant[mask]
-        if rel.all() or not rel.any():
-            continue
-        diff = s[rel][:, None] - s[~rel][None, :]
-        losses.append(F.softplus(-diff).mean())
-    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+    index, n = rankable_groups(relevant, groups)
+    if n == 0:
+        return scores.sum() * 0.0
+    rel = np.asarray(relevant, dtype=bool)
+    same = (index[:, None] == index[None, :]) & (index[:, None] >= 0)
+    pos, neg = np.nonzero(same & rel[:, None] & ~rel[None, :])
+    g = index[pos]
+    weight = 1.0 / (np.bincount(g, minlength=n)[g] * n)  # mean within a group, then over groups
+    dev = scores.device
+    diff = scores[to_device(torch.from_numpy(pos), dev)] - scores[to_device(torch.from_numpy(neg), dev)]
+    return (F.softplus(-diff) * to_device(torch.from_numpy(weight), dev).to(scores.dtype)).sum()
 
 
 def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
@@ -57,10 +96,12 @@ def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def batch_loss(spec, logits, labels, groups, positive: int, weights) -> torch.Tensor:
+def batch_loss(spec, logits, labels: np.ndarray, groups: np.ndarray, positive: int, weights) -> torch.Tensor:
     """The teacher's training loss on one batch (logits in float32); ``spec`` is its TeacherConfig
-    (``loss``: pointwise | balanced | listwise | pairwise, ``pointwise_weight``)."""
-    ce = F.cross_entropy(logits, labels, weight=weights if spec.loss == "balanced" else None)
+    (``loss``: pointwise | balanced | listwise | pairwise, ``pointwise_weight``). ``labels`` and ``groups`` are
+    the batch's host arrays: the ranking losses list its groups and pairs there."""
+    target = to_device(torch.from_numpy(labels), logits.device)
+    ce = F.cross_entropy(logits, target, weight=weights if spec.loss == "balanced" else None)
     if spec.loss not in GROUP_LOSSES:
         return ce
     scores = relevance_scores(logits, positive)

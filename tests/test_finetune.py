@@ -177,8 +177,8 @@ def test_every_teacher_folder_has_a_model_card_whose_usage_runs(trained, toy_sto
 
 def test_listwise_loss_matches_hand_computation():
     scores = torch.tensor([2.0, 0.0, 1.0, 0.5, -0.5, 3.0], requires_grad=True)
-    relevant = torch.tensor([True, False, True, False, True, False])
-    groups = torch.tensor([0, 0, 0, 1, 1, 2])  # group 2 has no correct candidate: it ranks nothing
+    relevant = np.array([True, False, True, False, True, False])
+    groups = np.array([0, 0, 0, 1, 1, 2])  # group 2 has no correct candidate: it ranks nothing
     lse0 = math.log(math.exp(2) + math.exp(0) + math.exp(1))
     g0 = -(0.5 * (2 - lse0) + 0.5 * (1 - lse0))
     g1 = -(-0.5 - math.log(math.exp(0.5) + math.exp(-0.5)))
@@ -193,10 +193,104 @@ def test_listwise_loss_matches_hand_computation():
     assert ranking.pairwise_loss(scores, relevant, groups).item() == pytest.approx((p0 + p1) / 2, rel=1e-6)
 
 
+def _loop_listwise(scores, relevant, groups):
+    """The ranking losses written as a loop over groups: the reference for the vectorised ones."""
+    losses = []
+    for g in np.unique(groups[groups >= 0]):
+        m = torch.from_numpy(groups == g)
+        rel = torch.from_numpy(relevant[groups == g]).to(scores.dtype)
+        if 0 < rel.sum() < len(rel):
+            losses.append(-(rel / rel.sum() * torch.log_softmax(scores[m], dim=0)).sum())
+    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+
+
+def _loop_pairwise(scores, relevant, groups):
+    losses = []
+    for g in np.unique(groups[groups >= 0]):
+        s, rel = scores[torch.from_numpy(groups == g)], torch.from_numpy(relevant[groups == g])
+        if rel.any() and not rel.all():
+            losses.append(torch.nn.functional.softplus(-(s[rel][:, None] - s[~rel][None, :])).mean())
+    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+
+
+def test_ranking_losses_match_a_loop_over_groups_on_random_batches():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 60))
+        groups = np.sort(rng.integers(-1, 8, size=n))  # -1: rows without a group
+        rng.shuffle(groups)
+        relevant = rng.random(n) < 0.3
+        for vectorised, loop in ((ranking.listwise_loss, _loop_listwise), (ranking.pairwise_loss, _loop_pairwise)):
+            a = torch.tensor(rng.normal(size=n) * 3, requires_grad=True)
+            b = a.detach().clone().requires_grad_(True)
+            got, want = vectorised(a, relevant, groups), loop(b, relevant, groups)
+            assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12), (trial, vectorised.__name__)
+            got.backward()
+            want.backward()
+            assert torch.allclose(a.grad, b.grad, atol=1e-12), (trial, vectorised.__name__)
+
+
+def test_ranking_losses_never_read_values_from_the_device():
+    """A GPU step must not wait for the host: on the meta device (shapes, no values) any read of a device value
+    (``.item()``, ``if tensor``, data-dependent shapes) fails, so the losses must build from host arrays alone."""
+    relevant = np.array([True, False, True, False, True, False, False])
+    groups = np.array([0, 0, 0, 1, 1, 2, -1])
+    logits = torch.empty(7, 2, device="meta")
+    spec = ft.TeacherConfig(name="t", loss="listwise")
+    weights = torch.ones(2, device="meta")
+    for loss in ("listwise", "pairwise", "pointwise"):
+        spec.loss = loss
+        out = ranking.batch_loss(spec, logits, relevant.astype(np.int64), groups, 1, weights)
+        assert out.device.type == "meta" and out.shape == ()
+
+
 def test_relevance_score_is_the_positive_log_odds():
     logits = torch.tensor([[0.3, 1.5], [2.0, -1.0]])
     assert ranking.relevance_scores(logits, 1).tolist() == pytest.approx([1.2, -3.0])
     assert ranking.relevance_scores(logits, 0).tolist() == pytest.approx([-1.2, 3.0])
+
+
+class _Rank:
+    """What predict() asks of an Accelerator, for one rank of ``world``."""
+
+    def __init__(self, rank: int, world: int):
+        self.process_index, self.num_processes, self.device = rank, world, torch.device("cpu")
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_predict_returns_every_row_in_order_from_any_number_of_processes(tiny_teachers, monkeypatch):
+    import accelerate.utils
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tmkd.teachers.scoring import encode_pairs
+
+    folder = tiny_teachers["t1"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    a = [" ".join(rng.choice(WORDS, size=rng.integers(1, 12))) for _ in range(45)]
+    b = [" ".join(rng.choice(WORDS, size=rng.integers(1, 20))) for _ in range(45)]
+    enc = encode_pairs(tok, a, b, 32, "longest_first")
+    with torch.no_grad():  # one row at a time, unpadded, truncated as encode_pairs does: the reference
+        want = np.concatenate([model(**tok(x, y, truncation="longest_first", max_length=32, return_tensors="pt")).logits.numpy() for x, y in zip(a, b)])
+
+    # 64 tokens per batch: many batches of mixed lengths, more than one read-back of READBACK_BATCHES
+    one = ft.predict(_Rank(0, 1), model, enc, 64, tok.pad_token_id)
+    assert np.allclose(one, want, atol=1e-5)
+
+    shares = {}
+    def gather(objs):  # each rank's (rows, logits); rank 0 gets both
+        shares[len(shares)] = objs[0]
+        return [shares[k] for k in sorted(shares)]
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    ft.predict(_Rank(1, 2), model, enc, 64, tok.pad_token_id)  # rank 1's share first, then rank 0 gathers both
+    two = ft.predict(_Rank(0, 2), model, enc, 64, tok.pad_token_id)
+    assert np.allclose(two, want, atol=1e-5)
 
 
 def test_group_batches_keep_questions_whole():
