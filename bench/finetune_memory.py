@@ -5,8 +5,10 @@ Runs `teachers/finetune.py` (bench/wikiqa.sh's three WikiQA teachers, in one pro
 as a child process, samples its RSS from /proc every 0.2 s, and notes the RSS at each epoch's end and each
 teacher's end (from the lines the job prints). ``--env KEY=VALUE`` sets the child's environment, e.g.
 ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 MALLOC_ARENA_MAX=16`` for oneDNN's and glibc's defaults (what the job
-ran with before it bounded them: teachers/cpu.py). ``--set`` passes through, e.g. ``--set max_train_rows=6000``
-for a shorter run.
+ran with before it bounded them: teachers/cpu.py), or ``MALLOC_MMAP_THRESHOLD_=131072`` to keep glibc's mmap
+threshold from growing (BENCHMARKS.md, section 10: less memory, much slower). ``--set`` passes through, e.g.
+``--set max_train_rows=6000`` for a shorter run. Each epoch's seconds (training and its dev pass, from the job's
+epoch line) are recorded too, so two settings run side by side also give their speed ratio.
 
     python bench/finetune_memory.py --store runs/wikiqa/store --out runs/bench-ft-memory
     python bench/finetune_memory.py --store runs/wikiqa/store --out runs/bench-ft-memory-defaults \\
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCH_END = re.compile(r"^\s*(\S+) epoch (\d+): loss")
+EPOCH_END = re.compile(r"^\s*(\S+) epoch (\d+): loss.*\s(\d+)s\s*$")
 TEACHER_END = re.compile(r"^\[(\S+)\] best epoch")
 
 
@@ -72,6 +74,7 @@ def main() -> None:
         if m or t:
             marks.append({"at": "epoch end" if m else "teacher end", "teacher": (m or t).group(1),
                           "epoch": int(m.group(2)) if m else None, "seconds": round(time.perf_counter() - start, 1),
+                          "epoch_seconds": int(m.group(3)) if m else None,
                           "rss_mb": round(rss_mb(child.pid) or 0.0)})
     child.wait()
     sampler.join()
@@ -87,6 +90,9 @@ def main() -> None:
               "first_epoch_rss_mb": first["rss_mb"], "last_epoch_rss_mb": last["rss_mb"],
               "growth": round(last["rss_mb"] / first["rss_mb"], 3),
               "teacher_end_growth": round(ends[-1]["rss_mb"] / ends[0]["rss_mb"], 3),
+              # the wording: the first teacher's first epoch against the last teacher's end
+              "first_epoch_to_last_teacher_end": round(ends[-1]["rss_mb"] / first["rss_mb"], 3),
+              "epoch_seconds": sum(m["epoch_seconds"] for m in epochs),
               "seconds": round(time.perf_counter() - start),
               "samples": [(round(t, 1), round(r)) for t, r in samples[::5]]}
     (args.out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -96,7 +102,8 @@ def main() -> None:
               f"{m['rss_mb']:,} | {m['seconds']:.0f} |")
     print(f"\npeak RSS {peak:,.0f} MB; first epoch's end -> last epoch's end: {first['rss_mb']:,} -> "
           f"{last['rss_mb']:,} MB ({result['growth']:.2f}x); first teacher's end -> last's: {ends[0]['rss_mb']:,} -> "
-          f"{ends[-1]['rss_mb']:,} MB ({result['teacher_end_growth']:.2f}x); {result['seconds']} s; "
+          f"{ends[-1]['rss_mb']:,} MB ({result['teacher_end_growth']:.2f}x); first epoch's end -> last teacher's end "
+          f"{result['first_epoch_to_last_teacher_end']:.2f}x; epochs {result['epoch_seconds']} s; {result['seconds']} s; "
           f"{args.out / 'memory.json'}")
 
 
