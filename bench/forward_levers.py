@@ -96,6 +96,8 @@ def main() -> None:
                 "bf16-autocast": (fp32, base_batches, torch.bfloat16, None),
                 "bf16-weights": (bf16, base_batches, None, "bf16-autocast")}
     for t in args.tokens:
+        if args.only and not {f"fp32-tokens-{t}", f"bf16-autocast-tokens-{t}"} & set(args.only):
+            continue
         tb = batches_for(enc, pad_id, t)
         variants[f"fp32-tokens-{t}"] = (fp32, tb, None, "fp32")
         variants[f"bf16-autocast-tokens-{t}"] = (fp32, tb, torch.bfloat16, "bf16-autocast")

@@ -267,7 +267,7 @@ def test_predict_returns_every_row_in_order_from_any_number_of_processes(tiny_te
     import accelerate.utils
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tmkd.teachers.scoring import encode_pairs
+    from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches
 
     folder = tiny_teachers["t1"]
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -277,9 +277,11 @@ def test_predict_returns_every_row_in_order_from_any_number_of_processes(tiny_te
     b = [" ".join(rng.choice(WORDS, size=rng.integers(1, 20))) for _ in range(45)]
     enc = encode_pairs(tok, a, b, 32, "longest_first")
     with torch.no_grad():  # one row at a time, unpadded, truncated as encode_pairs does: the reference
-        want = np.concatenate([model(**tok(x, y, truncation="longest_first", max_length=32, return_tensors="pt")).logits.numpy() for x, y in zip(a, b)])
+        want = np.concatenate([model(**tok(x, y, truncation="longest_first", max_length=32,
+                                           return_tensors="pt")).logits.numpy() for x, y in zip(a, b)])
 
     # 64 tokens per batch: many batches of mixed lengths, more than one read-back of READBACK_BATCHES
+    assert len(length_batches(enc.lengths, 64)) > READBACK_BATCHES
     one = ft.predict(_Rank(0, 1), model, enc, 64, tok.pad_token_id)
     assert np.allclose(one, want, atol=1e-5)
 
