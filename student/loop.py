@@ -23,6 +23,7 @@ from tmkd.student import checkpoint
 from tmkd.student.checkpoint import Position, StageSchedule
 from tmkd.student.data import INPUTS
 from tmkd.student.plan import Plan, StagePlan, TrainError
+from tmkd.teachers.device import fused_adamw
 
 
 
@@ -82,10 +83,7 @@ def new_optimizer(model):
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "norm" not in n.lower()]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "norm" not in n.lower())]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # fused AdamW: ~6x faster steps on this CPU than the default foreach kernels
-        return torch.optim.AdamW(groups, lr=0.0, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=0.0)
+    return fused_adamw(groups, lr=0.0)
 
 
 def start_stage(optimizer, schedule: StageSchedule, stage: StagePlan) -> None:

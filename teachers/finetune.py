@@ -53,6 +53,7 @@ cross-entropy to keep the logits calibrated as labels: the student learns from t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -69,13 +70,14 @@ from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches, pad_batch, read_back
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
-from tmkd.teachers.device import cuda_has_bf16, to_device
+from tmkd.teachers.device import cuda_has_bf16, fused_adamw, to_device
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
-from tmkd.teachers.ranking import GROUP_LOSSES, batch_loss, class_weights
+from tmkd.teachers.ranking import GROUP_LOSSES, batch_loss, class_weights, loss_denominators
 from tmkd.teachers.spec import check_unique_names
-from tmkd.teachers.splits import FinetuneError, Split, group_batches, group_index, load_split, pair_batches
+from tmkd.teachers.splits import (FinetuneError, Split, group_batches, group_index, load_split, micro_batches,
+                                 padded_tokens, pair_batches, token_chunks)
 
 PYPI_MINILM = "pypi:all-MiniLM-L6-v2"
 LOSSES = ("pointwise", "balanced", "listwise", "pairwise")
@@ -94,6 +96,8 @@ class TeacherConfig:
     head_lr: float | None = None  # lr of the new head and the pooler it reads (default: lr); higher wakes them faster
     epochs: int = 1
     batch_size: int = 32  # pairs per step (ranking losses: whole questions, up to this many pairs)
+    micro_batch_tokens: int | None = 1024  # padded tokens per forward/backward: a step runs its batch in parts
+    # and adds up their gradients (the same step, in less memory: BENCHMARKS.md section 10); None: one pass
     warmup_ratio: float = 0.1  # linear warmup over this share of the steps, then linear decay to 0
     weight_decay: float = 0.01
     loss: str = "pointwise"  # pointwise | balanced | listwise | pairwise
@@ -117,6 +121,7 @@ class TeacherConfig:
             (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0"),
             (int(self.epochs) >= 1, "epochs must be >= 1"),
             (int(self.batch_size) >= 1, "batch_size must be >= 1"),
+            (self.micro_batch_tokens is None or int(self.micro_batch_tokens) >= 1, "micro_batch_tokens must be >= 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.pointwise_weight >= 0, "pointwise_weight must be >= 0"),
             (self.layers is None or int(self.layers) >= 1, "layers must be >= 1"),
@@ -421,27 +426,82 @@ def rank_batches(accelerator, spec: TeacherConfig, data: Prepared):
     return epoch_batches
 
 
+def rng_state(device: torch.device) -> tuple:
+    """The random state dropout draws from, to run a forward pass again with the same masks."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def backward_part(accelerator, model, data: Prepared, rows: np.ndarray, loss_of, budget: int, sync: bool):
+    """Forward and backward one part of a step's batch; returns its loss, detached.
+
+    A part within ``budget`` padded tokens runs in one pass. A bigger one (a single question with many long
+    candidates) is scored chunk by chunk without a graph; its loss is taken on those logits, and each chunk
+    runs again with its graph, with the first pass's dropout masks (the saved random state), to carry the
+    loss's gradient back. The gradient is the same; at most one chunk's activations are alive, for a second
+    forward pass over that part. DDP all-reduces the gradients on the step's last backward only (``sync``).
+    """
+    dev, lengths = accelerator.device, data.enc_train.lengths
+    inputs = lambda r: {k: to_device(v, dev) for k, v in pad_batch(data.enc_train, r, data.pad_id).items()}  # noqa: E731
+    no_sync = lambda last: contextlib.nullcontext() if sync and last else accelerator.no_sync(model)  # noqa: E731
+    if padded_tokens(rows, lengths) <= budget:
+        with no_sync(True):
+            with accelerator.autocast():
+                logits = model(**inputs(rows)).logits
+            loss = loss_of(logits.float(), rows)
+            accelerator.backward(loss)
+        return loss.detach()
+    chunks = token_chunks(rows, lengths, budget)
+    states, scored = [], []
+    with torch.no_grad(), accelerator.autocast():
+        for chunk in chunks:
+            states.append(rng_state(dev))
+            scored.append(model(**inputs(chunk)).logits.float())
+    logits = torch.cat(scored).requires_grad_()
+    loss = loss_of(logits, np.concatenate(chunks))
+    loss.backward()  # the loss's gradient on the logits alone: they are a leaf here
+    for i, (chunk, state, grad) in enumerate(zip(chunks, states, logits.grad.split([len(c) for c in chunks]))):
+        set_rng_state(state, dev)
+        with no_sync(i == len(chunks) - 1):
+            with accelerator.autocast():
+                again = model(**inputs(chunk)).logits
+            accelerator.backward(again.float(), gradient=grad)
+    return loss.detach()
+
+
 def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, data: Prepared, batches,
                 advance) -> float:
-    """One epoch over ``batches``; returns the mean train loss. The loss is summed on the device and read
-    back only when the progress shows it (every log_every steps): no host sync per batch."""
+    """One epoch over ``batches``; returns the mean train loss.
+
+    Each step runs its batch in parts of whole questions of at most ``micro_batch_tokens`` padded tokens and
+    adds up their gradients (backward_part). Every part's loss is divided by the whole batch's denominators
+    (loss_denominators), so the parts sum to the batch's loss and the step is the one a single pass would take.
+    The loss is summed on the device and read back only when the progress shows it (every log_every steps): no
+    host sync per batch."""
     dev = accelerator.device
-    weights = class_weights(data.train.labels, len(data.train.label_names)).to(dev)
+    labels, weights = data.train.labels, class_weights(data.train.labels, len(data.train.label_names))
     groups = group_index(data.train.groups)[0]
+    budget = spec.micro_batch_tokens or sys.maxsize
     total = torch.zeros((), dtype=torch.float64, device=dev)
     model.train()
     for step, rows in enumerate(batches, 1):
-        batch = {k: to_device(v, dev) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
-        with accelerator.autocast():
-            logits = model(**batch).logits
-        loss = batch_loss(spec, logits.float(), data.train.labels[rows], groups[rows], data.positive, weights)
-        accelerator.backward(loss)
+        denominators = loss_denominators(spec, labels[rows], groups[rows], data.positive, weights)
+        loss_of = lambda logits, r: batch_loss(spec, logits, labels[r], groups[r], data.positive, weights,  # noqa: E731
+                                               denominators)
+        keep_whole = groups[rows] if spec.loss in GROUP_LOSSES else np.full(len(rows), -1)  # pointwise: any split
+        parts = micro_batches(rows, keep_whole, data.enc_train.lengths, budget)
+        for i, part in enumerate(parts):
+            total += backward_part(accelerator, model, data, part, loss_of, budget, sync=i == len(parts) - 1).double()
         if spec.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        total += loss.detach().double()
         advance(step, lambda: float(total) / step)
     return float(total) / max(len(batches), 1)
 
@@ -456,7 +516,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     model = load_model(data.encoder, spec, data.train.label_names)
     epoch_batches = rank_batches(accelerator, spec, data)
     total_steps = len(epoch_batches()) * spec.epochs
-    optimizer = torch.optim.AdamW(param_groups(model, spec), lr=spec.lr)
+    optimizer = fused_adamw(param_groups(model, spec), lr=spec.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
     # The scheduler is stepped by hand, not prepared: total_steps already counts this rank's
     # steps, and a prepared scheduler would advance once per process on every step.

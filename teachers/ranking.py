@@ -50,11 +50,13 @@ def rankable_groups(relevant: np.ndarray, groups: np.ndarray) -> tuple[np.ndarra
     return out, int(ok.sum())
 
 
-def listwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray) -> torch.Tensor:
+def listwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray,
+                  over: int | None = None) -> torch.Tensor:
     """Softmax cross-entropy over each group's candidates, target uniform over its relevant ones.
 
     Mean over the groups that have at least one relevant and one irrelevant candidate (the others rank nothing);
     0 (with a gradient path) when there is none. ``relevant`` and ``groups`` are host arrays (rankable_groups).
+    ``over``: divide the sum by this many groups instead (a micro-batch's share of its whole batch's mean).
     """
     index, n = rankable_groups(relevant, groups)
     if n == 0:
@@ -67,14 +69,16 @@ def listwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray
     g_t = to_device(torch.from_numpy(g), dev)
     log_p = group_log_softmax(scores[to_device(torch.from_numpy(rows), dev)].unsqueeze(1), g_t, n)[:, 0]
     target_t = to_device(torch.from_numpy(target), dev).to(scores.dtype)
-    return -scores.new_zeros(n).index_add(0, g_t, target_t * log_p).mean()
+    return -scores.new_zeros(n).index_add(0, g_t, target_t * log_p).sum() / (over or n)
 
 
-def pairwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray) -> torch.Tensor:
+def pairwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray,
+                  over: int | None = None) -> torch.Tensor:
     """Logistic (RankNet) loss log(1 + exp(s_neg - s_pos)) over each group's (relevant, irrelevant) pairs.
 
     Averaged within a group, then over groups, so a question with many candidates does not dominate. The pairs are
     listed on the host (``relevant`` and ``groups`` are host arrays), the loss is one vectorised expression.
+    ``over``: as in listwise_loss.
     """
     index, n = rankable_groups(relevant, groups)
     if n == 0:
@@ -83,27 +87,44 @@ def pairwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray
     same = (index[:, None] == index[None, :]) & (index[:, None] >= 0)
     pos, neg = np.nonzero(same & rel[:, None] & ~rel[None, :])
     g = index[pos]
-    weight = 1.0 / (np.bincount(g, minlength=n)[g] * n)  # mean within a group, then over groups
+    weight = 1.0 / (np.bincount(g, minlength=n)[g] * (over or n))  # mean within a group, then over groups
     dev = scores.device
     diff = scores[to_device(torch.from_numpy(pos), dev)] - scores[to_device(torch.from_numpy(neg), dev)]
     return (F.softplus(-diff) * to_device(torch.from_numpy(weight), dev).to(scores.dtype)).sum()
 
 
-def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
-    """Weights inverse to class frequency, normalised so a balanced corpus gets all 1s."""
+def class_weights(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Weights inverse to class frequency, normalised so a balanced corpus gets all 1s (a host array)."""
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
+    return np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0).astype(np.float32)
 
 
-def batch_loss(spec, logits, labels: np.ndarray, groups: np.ndarray, positive: int, weights) -> torch.Tensor:
+def loss_denominators(spec, labels: np.ndarray, groups: np.ndarray, positive: int,
+                      weights: np.ndarray) -> tuple[float, int]:
+    """What batch_loss divides its sums by on this batch: the cross-entropy's total row weight (the row count,
+    or the class weights' sum for ``balanced``) and the number of groups that rank. Computed once over a whole
+    batch and passed to each of its micro-batches, the micro-batches' losses add up to the batch's loss, and so
+    do their gradients."""
+    ce = float(weights[labels].sum()) if spec.loss == "balanced" else float(len(labels))
+    ranked = rankable_groups(labels == positive, groups)[1] if spec.loss in GROUP_LOSSES else 0
+    return ce, ranked
+
+
+def batch_loss(spec, logits, labels: np.ndarray, groups: np.ndarray, positive: int, weights: np.ndarray,
+               denominators: tuple[float, int] | None = None) -> torch.Tensor:
     """The teacher's training loss on one batch (logits in float32); ``spec`` is its TeacherConfig
     (``loss``: pointwise | balanced | listwise | pairwise, ``pointwise_weight``). ``labels`` and ``groups`` are
-    the batch's host arrays: the ranking losses list its groups and pairs there."""
+    the batch's host arrays: the ranking losses list its groups and pairs there, and ``weights`` (class_weights)
+    is one too. ``denominators``: the whole batch's (loss_denominators) when these rows are one micro-batch of it;
+    default, this batch's own."""
+    if denominators is None:
+        denominators = loss_denominators(spec, labels, groups, positive, weights)
+    ce_total, groups_total = denominators
     target = to_device(torch.from_numpy(labels), logits.device)
-    ce = F.cross_entropy(logits, target, weight=weights if spec.loss == "balanced" else None)
+    weight = to_device(torch.from_numpy(weights), logits.device) if spec.loss == "balanced" else None
+    ce = F.cross_entropy(logits, target, weight=weight, reduction="sum") / ce_total
     if spec.loss not in GROUP_LOSSES:
         return ce
     scores = relevance_scores(logits, positive)
-    rank = (listwise_loss if spec.loss == "listwise" else pairwise_loss)(scores, labels == positive, groups)
-    return rank + spec.pointwise_weight * ce
+    rank_loss = listwise_loss if spec.loss == "listwise" else pairwise_loss
+    return rank_loss(scores, labels == positive, groups, over=groups_total) + spec.pointwise_weight * ce

@@ -131,3 +131,52 @@ def group_batches(
         if current:
             batches.append(np.concatenate(current))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+
+def padded_tokens(rows: np.ndarray, lengths: np.ndarray) -> int:
+    """Tokens a batch of these rows takes once padded to its longest row: what its activations scale with."""
+    return len(rows) * int(lengths[rows].max()) if len(rows) else 0
+
+
+def micro_batches(rows: np.ndarray, groups: np.ndarray, lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split one batch's ``rows`` into parts of at most ``budget`` padded tokens that keep each group whole.
+
+    ``groups`` holds each row's group id (-1: none; such rows split anywhere) and ``lengths`` every row's token
+    count. A group over the budget is a part of its own (the trainer splits its forward further, by rows:
+    token_chunks). A step that runs its batch part by part, adding up the gradients, keeps one part's
+    activations alive at a time instead of the whole batch's.
+    """
+    rows, groups = np.asarray(rows), np.asarray(groups)
+    if padded_tokens(rows, lengths) <= budget:
+        return [rows]
+    key = np.arange(len(rows))  # rows of one group share the key of its first row; a row without one, its own
+    grouped = np.flatnonzero(groups >= 0)
+    if len(grouped):
+        _, first, inverse = np.unique(groups[grouped], return_index=True, return_inverse=True)
+        key[grouped] = grouped[first][inverse]
+    order = np.argsort(key, kind="stable")
+    rows, key = rows[order], key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], len(rows)]
+    longest = np.maximum.reduceat(lengths[rows], starts)  # per group (or lone row)
+    parts, begin, width = [], 0, 0
+    for start, end, top in zip(starts.tolist(), ends.tolist(), longest.tolist()):  # per group in the batch
+        if start > begin and (end - begin) * max(width, top) > budget:
+            parts.append(rows[begin:start])
+            begin, width = start, 0
+        width = max(width, top)
+    parts.append(rows[begin:])
+    return parts
+
+
+def token_chunks(rows: np.ndarray, lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """``rows`` cut, shortest first, into chunks of at most ``budget`` padded tokens (at least one row each)."""
+    rows = np.asarray(rows)[np.argsort(lengths[rows], kind="stable")]
+    chunks, begin = [], 0
+    for end in range(1, len(rows) + 1):  # rows of one oversized group: a few dozen at most
+        if end - begin > 1 and (end - begin) * int(lengths[rows[end - 1]]) > budget:
+            chunks.append(rows[begin:end - 1])
+            begin = end - 1
+    chunks.append(rows[begin:])
+    return chunks

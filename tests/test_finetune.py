@@ -237,8 +237,8 @@ def test_ranking_losses_never_read_values_from_the_device():
     groups = np.array([0, 0, 0, 1, 1, 2, -1])
     logits = torch.empty(7, 2, device="meta")
     spec = ft.TeacherConfig(name="t", loss="listwise")
-    weights = torch.ones(2, device="meta")
-    for loss in ("listwise", "pairwise", "pointwise"):
+    weights = np.ones(2, dtype=np.float32)
+    for loss in ("listwise", "pairwise", "pointwise", "balanced"):
         spec.loss = loss
         out = ranking.batch_loss(spec, logits, relevant.astype(np.int64), groups, 1, weights)
         assert out.device.type == "meta" and out.shape == ()
@@ -306,6 +306,106 @@ def test_group_batches_keep_questions_whole():
         assert len(b) <= 16 or len(b) == 40
         for m in members:
             assert np.isin(m, b).all() or not np.isin(m, b).any()
+
+
+def test_micro_batches_keep_questions_whole_within_the_token_budget():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 60, size=1000)
+    for trial in range(50):
+        n = int(rng.integers(1, 40))
+        groups = rng.integers(-1, 6, size=n)  # -1: rows without a group; a group's rows need not be adjacent
+        rows = rng.permutation(1000)[:n]
+        budget = int(rng.integers(40, 600))
+        parts = splits.micro_batches(rows, groups, lengths, budget)
+        assert sorted(np.concatenate(parts).tolist()) == sorted(rows.tolist()), trial  # every row once
+        part_of = {r: i for i, p in enumerate(parts) for r in p.tolist()}
+        group_of = dict(zip(rows.tolist(), groups.tolist()))
+        for g in set(groups.tolist()) - {-1}:
+            assert len({part_of[r] for r in rows[groups == g].tolist()}) == 1, (trial, g)  # never split
+        for p in parts:
+            ids = {group_of[r] for r in p.tolist()}
+            # over the budget only as one question (or one lone row)
+            assert splits.padded_tokens(p, lengths) <= budget or (len(ids) == 1 and (-1 not in ids or len(p) == 1))
+    for trial in range(30):
+        rows = rng.permutation(1000)[: int(rng.integers(1, 40))]
+        budget = int(rng.integers(20, 300))
+        chunks = splits.token_chunks(rows, lengths, budget)
+        assert sorted(np.concatenate(chunks).tolist()) == sorted(rows.tolist())
+        assert all(splits.padded_tokens(c, lengths) <= budget or len(c) == 1 for c in chunks)
+
+
+def _train_three_steps(data, spec, batches, micro_tokens, dropout: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    model = ft.load_model(data.encoder, spec, data.train.label_names)
+    if not dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):  # BERT's attention dropout reads its p too
+                m.p = 0.0
+    spec.micro_batch_tokens = micro_tokens
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = ft.train_epoch(Accelerator(cpu=True), model, optimizer, scheduler, spec, data, batches, lambda *a: None)
+    return loss, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("loss", ["listwise", "pairwise", "balanced", "pointwise"])
+def test_micro_batched_steps_train_the_same_weights_as_whole_batches(loss, tmp_path, toy_store, tiny_teachers):
+    """micro_batch_tokens trades activation memory for nothing else: with dropout off, three steps run in parts
+    of whole questions (budget 100), or with every question split into chunks of rows and its loss carried
+    back chunk by chunk (budget 40), end at the weights that three whole-batch steps reach."""
+    cfg = ft.load_config(write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out"))
+    data = ft.prepare_data(cfg, tiny_teachers["t1"])
+    spec = ft.TeacherConfig(name="t", loss=loss, batch_size=8, seed=3)
+    batches = ft.batch_maker(spec, data, np.random.default_rng(0))()[:3]
+    lengths, groups = data.enc_train.lengths, ft.group_index(data.train.groups)[0]
+    whole_loss, whole = _train_three_steps(data, spec, batches, None, dropout=False)
+    before = ft.load_model(data.encoder, spec, data.train.label_names).state_dict()
+    assert max(float((whole[k] - before[k]).abs().max()) for k in whole if "classifier" not in k) > 1e-3  # it moved
+    for budget in (100, 40):  # toy batches: 2 questions, 168-176 padded tokens; a question 84-88
+        ranked = loss in ranking.GROUP_LOSSES  # whole questions; the pointwise losses split batches anywhere
+        parts = [p for b in batches for p in splits.micro_batches(b, groups[b] if ranked else -np.ones_like(b),
+                                                                   lengths, budget)]
+        assert len(parts) > len(batches)  # the batches were split
+        assert any(splits.padded_tokens(p, lengths) > budget for p in parts) == (budget == 40 and ranked)
+        parts_loss, trained = _train_three_steps(data, spec, batches, budget, dropout=False)
+        assert parts_loss == pytest.approx(whole_loss, rel=1e-5), budget
+        for k in whole:
+            assert torch.allclose(whole[k], trained[k], atol=1e-5, rtol=1e-4), (budget, k)
+
+
+def test_a_part_run_in_chunks_replays_its_dropout(tmp_path, toy_store, tiny_teachers):
+    """The chunked path scores without a graph, then runs each chunk again to carry the gradient back: its
+    dropout masks must be the first pass's, else the gradient is not the loss's. Compared, with dropout on,
+    against the same chunks run once with their graph from the same random state."""
+    from accelerate import Accelerator
+
+    cfg = ft.load_config(write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out"))
+    data = ft.prepare_data(cfg, tiny_teachers["t1"])
+    spec = ft.TeacherConfig(name="t", loss="listwise")
+    groups, weights = ft.group_index(data.train.groups)[0], ranking.class_weights(data.train.labels, 2)
+    rows = np.flatnonzero(groups == groups[0])  # one question
+    chunks = splits.token_chunks(rows, data.enc_train.lengths, 20)
+    assert len(chunks) > 1
+    denominators = ranking.loss_denominators(spec, data.train.labels[rows], groups[rows], data.positive, weights)
+    loss_of = lambda logits, r: ranking.batch_loss(spec, logits, data.train.labels[r], groups[r], data.positive,  # noqa: E731
+                                                   weights, denominators)
+    grads = []
+    for chunked in (True, False):
+        torch.manual_seed(0)
+        model = ft.load_model(data.encoder, spec, data.train.label_names).train()
+        torch.manual_seed(5)
+        if chunked:
+            ft.backward_part(Accelerator(cpu=True), model, data, rows, loss_of, 20, sync=True)
+        else:
+            logits = [model(**ft.pad_batch(data.enc_train, c, data.pad_id)).logits for c in chunks]
+            loss_of(torch.cat(logits).float(), np.concatenate(chunks)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
 def test_user_errors_are_one_line_messages(tmp_path, toy_store, tiny_teachers):
