@@ -1,4 +1,4 @@
-"""bf16 labeler speed and memory against oneDNN's kernel-cache capacity (one process per setting).
+"""bf16 labeler speed and memory against a kernel cache's capacity (one process per setting).
 
 `tmkd-label run` bounds oneDNN's kernel cache to keep memory flat as the corpus grows (teachers/cpu.py);
 the bound has a speed cost in bf16, where kernels are built per batch shape. This scores WikiQA test
@@ -6,6 +6,9 @@ the bound has a speed cost in bf16, where kernels are built per batch shape. Thi
 alternating the settings ``--rounds`` times, and prints pairs/s per pass and the process's peak RSS.
 
     python bench/kernel_cache.py --teacher runs/bench7/teacher --store runs/bench7/store-bfloat16
+
+``--variable LRU_CACHE_CAPACITY`` sweeps PyTorch's ideep cache instead of oneDNN's (the other stays at
+bound_cpu_caches()'s 8); ``--corpus`` picks the store's corpus (default: its first), whose first part is scored.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from tmkd.data.store import Store
 from tmkd.teachers.spec import TeacherSpec
 from tmkd.teachers.scoring import LoadedTeacher, encode_pairs, load_tokenizer
 folder, st = Path({teacher!r}), Store({store!r})
-part = st.corpus(st.corpora()[0]).parts[0]
+part = st.corpus({corpus!r} or st.corpora()[0]).parts[0]
 t = st.read_corpus_part(part, ["text_a", "text_b"])
 tok = load_tokenizer(folder)
 spec = TeacherSpec(name="x", path=str(folder), max_length=128, dtype="bfloat16")
@@ -46,13 +49,16 @@ def main() -> None:
     ap.add_argument("--store", default=str(ROOT / "runs" / "bench7" / "store-bfloat16"))
     ap.add_argument("--capacities", default="8,64,256,1024")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variable", default="ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                    choices=["ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"])
+    ap.add_argument("--corpus", default=None)
     args = ap.parse_args()
-    code = CHILD.format(root=str(ROOT), teacher=args.teacher, store=args.store)
+    code = CHILD.format(root=str(ROOT), teacher=args.teacher, store=args.store, corpus=args.corpus)
     for r in range(args.rounds):
         for cap in args.capacities.split(","):
-            env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=cap)
+            env = {**os.environ, args.variable: cap}
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            print(f"round {r} capacity {cap}: pairs/s per pass, peak RSS MB: {out.stdout.strip()}", flush=True)
+            print(f"round {r} {args.variable} {cap}: pairs/s per pass, peak RSS MB: {out.stdout.strip()}", flush=True)
 
 
 if __name__ == "__main__":
