@@ -15,12 +15,14 @@ has bf16), so they are tested on a CPU for any device, and the scorer only asks 
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 CPU_BATCH_TOKENS = 4096
+CPU_TRAIN_PART_TOKENS = 1024  # fine-tuning: padded tokens per forward/backward on a CPU (BENCHMARKS.md section 10)
 CPU_MAX_ROWS = 512
 GPU_MAX_ROWS = 8192
 GPU_MAX_BATCH_TOKENS = 1 << 20  # past this a batch only adds latency: the GPU is full long before
@@ -95,6 +97,22 @@ def token_budget(info: DeviceInfo, config, max_length: int, autocast: torch.dtyp
     tokens = int(GPU_MEMORY_SHARE * info.free_bytes) // activation_bytes_per_token(config, max_length, dtype_bytes)
     tokens = min(tokens, GPU_MAX_BATCH_TOKENS) // max_length * max_length  # whole rows of the longest length
     return max(tokens, max_length)
+
+
+def train_part_tokens(info: DeviceInfo, config, max_length: int, requested: int | None = None) -> int:
+    """Padded tokens per forward/backward in fine-tuning (a step runs its batch in parts this big; 0: whole batches).
+
+    ``requested`` (the teacher's ``micro_batch_tokens``) wins. On a CPU, 1,024: it kept fine-tuning under 2 GB at
+    no measurable cost. On a GPU, the memory share over the inference estimate times the layers, since training
+    keeps every layer's activations for the backward pass: whole batches unless they would not fit.
+    """
+    if requested is not None:
+        return requested or sys.maxsize
+    if info.type != "cuda" or not info.free_bytes:
+        return max(CPU_TRAIN_PART_TOKENS, max_length)
+    layers = int(getattr(config, "num_hidden_layers", 12))
+    per_token = layers * activation_bytes_per_token(config, max_length, 2 if info.bf16 else 4)
+    return max(int(GPU_MEMORY_SHARE * info.free_bytes) // per_token // max_length * max_length, max_length)
 
 
 def scoring_settings(info: DeviceInfo, config, dtype: str, max_length: int,

@@ -70,7 +70,7 @@ from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches, pad_batch, read_back
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
-from tmkd.teachers.device import cuda_has_bf16, fused_adamw, to_device
+from tmkd.teachers.device import cuda_has_bf16, describe, fused_adamw, to_device, train_part_tokens
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
@@ -96,8 +96,9 @@ class TeacherConfig:
     head_lr: float | None = None  # lr of the new head and the pooler it reads (default: lr); higher wakes them faster
     epochs: int = 1
     batch_size: int = 32  # pairs per step (ranking losses: whole questions, up to this many pairs)
-    micro_batch_tokens: int | None = 1024  # padded tokens per forward/backward: a step runs its batch in parts
-    # and adds up their gradients (the same step, in less memory: BENCHMARKS.md section 10); None: one pass
+    micro_batch_tokens: int | None = None  # padded tokens per forward/backward: a step runs its batch in parts
+    # and adds up their gradients (the same step, in less memory: BENCHMARKS.md section 10). None: from the device
+    # (CPU 1,024; GPU whole batches unless they would not fit); 0: whole batches
     warmup_ratio: float = 0.1  # linear warmup over this share of the steps, then linear decay to 0
     weight_decay: float = 0.01
     loss: str = "pointwise"  # pointwise | balanced | listwise | pairwise
@@ -121,7 +122,7 @@ class TeacherConfig:
             (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0"),
             (int(self.epochs) >= 1, "epochs must be >= 1"),
             (int(self.batch_size) >= 1, "batch_size must be >= 1"),
-            (self.micro_batch_tokens is None or int(self.micro_batch_tokens) >= 1, "micro_batch_tokens must be >= 1"),
+            (self.micro_batch_tokens is None or int(self.micro_batch_tokens) >= 0, "micro_batch_tokens must be >= 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.pointwise_weight >= 0, "pointwise_weight must be >= 0"),
             (self.layers is None or int(self.layers) >= 1, "layers must be >= 1"),
@@ -475,10 +476,10 @@ def backward_part(accelerator, model, data: Prepared, rows: np.ndarray, loss_of,
 
 
 def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, data: Prepared, batches,
-                advance) -> float:
+                advance, budget: int) -> float:
     """One epoch over ``batches``; returns the mean train loss.
 
-    Each step runs its batch in parts of whole questions of at most ``micro_batch_tokens`` padded tokens and
+    Each step runs its batch in parts of whole questions of at most ``budget`` padded tokens and
     adds up their gradients (backward_part). Every part's loss is divided by the whole batch's denominators
     (loss_denominators), so the parts sum to the batch's loss and the step is the one a single pass would take.
     The loss is summed on the device and read back only when the progress shows it (every log_every steps): no
@@ -486,7 +487,6 @@ def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, d
     dev = accelerator.device
     labels, weights = data.train.labels, class_weights(data.train.labels, len(data.train.label_names))
     groups = group_index(data.train.groups)[0]
-    budget = spec.micro_batch_tokens or sys.maxsize
     total = torch.zeros((), dtype=torch.float64, device=dev)
     model.train()
     for step, rows in enumerate(batches, 1):
@@ -521,6 +521,8 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     # The scheduler is stepped by hand, not prepared: total_steps already counts this rank's
     # steps, and a prepared scheduler would advance once per process on every step.
     model, optimizer = accelerator.prepare(model, optimizer)
+    budget = train_part_tokens(describe(accelerator.device), accelerator.unwrap_model(model).config, cfg.max_length,
+                               spec.micro_batch_tokens)
 
     epochs, best, best_state = [], None, None
     for epoch in range(1, spec.epochs + 1):
@@ -528,7 +530,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
         batches = epoch_batches()
         with _progress(console, accelerator, f"{spec.name} epoch {epoch}/{spec.epochs}", len(batches),
                        cfg.log_every) as advance:
-            loss = train_epoch(accelerator, model, optimizer, scheduler, spec, data, batches, advance)
+            loss = train_epoch(accelerator, model, optimizer, scheduler, spec, data, batches, advance, budget)
         dev = metrics(predict(accelerator, model, data.enc_dev, cfg.eval_batch_tokens, data.pad_id), data.dev,
                       data.positive)
         epochs.append({"epoch": epoch, "train_loss": round(loss, 6), "dev": dev, "seconds": round(time.time() - t0, 1)})

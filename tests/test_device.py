@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from tmkd.teachers.device import (CPU_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS, DeviceInfo, activation_bytes_per_token,
-                                  scoring_settings)
+from tmkd.teachers.device import (CPU_BATCH_TOKENS, CPU_TRAIN_PART_TOKENS, GPU_MAX_BATCH_TOKENS, DeviceInfo,
+                                  activation_bytes_per_token, scoring_settings, train_part_tokens)
 
 MINILM = BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12, num_hidden_layers=6)
 GB = 1 << 30
@@ -53,6 +53,23 @@ def test_gpu_token_budget_follows_free_memory():
 def test_batch_tokens_from_teachers_toml_wins_on_any_device():
     for info in (DeviceInfo("cpu"), DeviceInfo("cuda", 80 * GB)):
         assert scoring_settings(info, MINILM, "bfloat16", 128, batch_tokens=2048).batch_tokens == 2048
+
+
+def test_fine_tuning_parts_follow_the_device_unless_the_teacher_sets_them():
+    """Fine-tuning runs each step in parts of this many padded tokens: the measured 1,024 on a CPU; on a GPU whole
+    batches (32 rows of 128 = 4,096 tokens) unless the free memory would not hold them; the teacher's
+    micro_batch_tokens wins, and 0 means whole batches."""
+    assert train_part_tokens(DeviceInfo("cpu"), MINILM, 128) == CPU_TRAIN_PART_TOKENS == 1024
+    assert train_part_tokens(DeviceInfo("cpu"), MINILM, 2048) == 2048  # never below one row
+    big = train_part_tokens(DeviceInfo("cuda", 80 * GB), MINILM, 128)
+    small = train_part_tokens(DeviceInfo("cuda", 1 * GB), MINILM, 128)
+    fp32 = train_part_tokens(DeviceInfo("cuda", 1 * GB, bf16=False), MINILM, 128)
+    assert big > 32 * 128 and big % 128 == 0
+    assert 128 <= fp32 < small < big and small % 128 == 0
+    assert train_part_tokens(DeviceInfo("cuda", 1 << 20), MINILM, 128) == 128
+    for info in (DeviceInfo("cpu"), DeviceInfo("cuda", 80 * GB)):
+        assert train_part_tokens(info, MINILM, 128, requested=4096) == 4096
+        assert train_part_tokens(info, MINILM, 128, requested=0) > 10**9
 
 
 def test_describe_asks_the_gpu_it_is_given(monkeypatch):

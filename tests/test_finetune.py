@@ -344,10 +344,10 @@ def _train_three_steps(data, spec, batches, micro_tokens, dropout: bool):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):  # BERT's attention dropout reads its p too
                 m.p = 0.0
-    spec.micro_batch_tokens = micro_tokens
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loss = ft.train_epoch(Accelerator(cpu=True), model, optimizer, scheduler, spec, data, batches, lambda *a: None)
+    loss = ft.train_epoch(Accelerator(cpu=True), model, optimizer, scheduler, spec, data, batches, lambda *a: None,
+                          budget=micro_tokens or sys.maxsize)
     return loss, {k: v.clone() for k, v in model.state_dict().items()}
 
 
