@@ -448,29 +448,34 @@ def backward_part(accelerator, model, data: Prepared, rows: np.ndarray, loss_of,
     forward pass over that part. DDP all-reduces the gradients on the step's last backward only (``sync``).
     """
     dev, lengths = accelerator.device, data.enc_train.lengths
-    inputs = lambda r: {k: to_device(v, dev) for k, v in pad_batch(data.enc_train, r, data.pad_id).items()}  # noqa: E731
-    no_sync = lambda last: contextlib.nullcontext() if sync and last else accelerator.no_sync(model)  # noqa: E731
-    if padded_tokens(rows, lengths) <= budget:
-        with no_sync(True):
+
+    def grad_sync_if(last: bool):
+        """DDP all-reduces on this backward only if it is the step's last one."""
+        return contextlib.nullcontext() if sync and last else accelerator.no_sync(model)
+
+    if len(rows) == 1 or padded_tokens(rows, lengths) <= budget:
+        with grad_sync_if(True):
+            batch = {k: to_device(v, dev) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
             with accelerator.autocast():
-                logits = model(**inputs(rows)).logits
+                logits = model(**batch).logits
             loss = loss_of(logits.float(), rows)
             accelerator.backward(loss)
         return loss.detach()
     chunks = token_chunks(rows, lengths, budget)
+    padded = [pad_batch(data.enc_train, chunk, data.pad_id) for chunk in chunks]  # padded once, for both passes
     states, scored = [], []
     with torch.no_grad(), accelerator.autocast():
-        for chunk in chunks:
+        for batch in padded:
             states.append(rng_state(dev))
-            scored.append(model(**inputs(chunk)).logits.float())
+            scored.append(model(**{k: to_device(v, dev) for k, v in batch.items()}).logits.float())
     logits = torch.cat(scored).requires_grad_()
     loss = loss_of(logits, np.concatenate(chunks))
     loss.backward()  # the loss's gradient on the logits alone: they are a leaf here
-    for i, (chunk, state, grad) in enumerate(zip(chunks, states, logits.grad.split([len(c) for c in chunks]))):
+    for i, (batch, state, grad) in enumerate(zip(padded, states, logits.grad.split([len(c) for c in chunks]))):
         set_rng_state(state, dev)
-        with no_sync(i == len(chunks) - 1):
+        with grad_sync_if(i == len(chunks) - 1):
             with accelerator.autocast():
-                again = model(**inputs(chunk)).logits
+                again = model(**{k: to_device(v, dev) for k, v in batch.items()}).logits
             accelerator.backward(again.float(), gradient=grad)
     return loss.detach()
 
@@ -491,8 +496,10 @@ def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, d
     model.train()
     for step, rows in enumerate(batches, 1):
         denominators = loss_denominators(spec, labels[rows], groups[rows], data.positive, weights)
-        loss_of = lambda logits, r: batch_loss(spec, logits, labels[r], groups[r], data.positive, weights,  # noqa: E731
-                                               denominators)
+
+        def loss_of(logits, part, denominators=denominators):
+            return batch_loss(spec, logits, labels[part], groups[part], data.positive, weights, denominators)
+
         keep_whole = groups[rows] if spec.loss in GROUP_LOSSES else np.full(len(rows), -1)  # pointwise: any split
         parts = micro_batches(rows, keep_whole, data.enc_train.lengths, budget)
         for i, part in enumerate(parts):
@@ -641,6 +648,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer_folder: Path) -> Prepared:
 def run(cfg: FinetuneConfig, console=None) -> dict:
     """Train every teacher of ``cfg``; write folders, teachers.toml and the report; return the report."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
     from rich.console import Console
 
     from transformers.utils import logging as hf_logging
@@ -663,6 +671,8 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     cpu = not torch.cuda.is_available()
     bf16 = cfg.bf16 and (cpu or cuda_has_bf16())
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its backward() steps: per part, not per batch
+        raise FinetuneError("teachers/finetune.py does not run under DeepSpeed; use plain DDP (accelerate launch)")
     if cfg.threads or (cpu and accelerator.num_processes == 1):
         # `accelerate launch` sets OMP_NUM_THREADS=1 per process, which halves a lone CPU process.
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)

@@ -56,7 +56,8 @@ def listwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray
 
     Mean over the groups that have at least one relevant and one irrelevant candidate (the others rank nothing);
     0 (with a gradient path) when there is none. ``relevant`` and ``groups`` are host arrays (rankable_groups).
-    ``over``: divide the sum by this many groups instead (a micro-batch's share of its whole batch's mean).
+    ``over``: divide the sum by this many groups instead: the whole batch's rankable groups (at least this part's),
+    so that a part's loss is its share of the batch's mean.
     """
     index, n = rankable_groups(relevant, groups)
     if n == 0:
@@ -69,7 +70,7 @@ def listwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray
     g_t = to_device(torch.from_numpy(g), dev)
     log_p = group_log_softmax(scores[to_device(torch.from_numpy(rows), dev)].unsqueeze(1), g_t, n)[:, 0]
     target_t = to_device(torch.from_numpy(target), dev).to(scores.dtype)
-    return -scores.new_zeros(n).index_add(0, g_t, target_t * log_p).sum() / (over or n)
+    return -scores.new_zeros(n).index_add(0, g_t, target_t * log_p).sum() / (n if over is None else over)
 
 
 def pairwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray,
@@ -87,7 +88,7 @@ def pairwise_loss(scores: torch.Tensor, relevant: np.ndarray, groups: np.ndarray
     same = (index[:, None] == index[None, :]) & (index[:, None] >= 0)
     pos, neg = np.nonzero(same & rel[:, None] & ~rel[None, :])
     g = index[pos]
-    weight = 1.0 / (np.bincount(g, minlength=n)[g] * (over or n))  # mean within a group, then over groups
+    weight = 1.0 / (np.bincount(g, minlength=n)[g] * (n if over is None else over))  # mean in a group, then over groups
     dev = scores.device
     diff = scores[to_device(torch.from_numpy(pos), dev)] - scores[to_device(torch.from_numpy(neg), dev)]
     return (F.softplus(-diff) * to_device(torch.from_numpy(weight), dev).to(scores.dtype)).sum()

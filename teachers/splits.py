@@ -133,7 +133,6 @@ def group_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-
 def padded_tokens(rows: np.ndarray, lengths: np.ndarray) -> int:
     """Tokens a batch of these rows takes once padded to its longest row: what its activations scale with."""
     return len(rows) * int(lengths[rows].max()) if len(rows) else 0

@@ -6,6 +6,7 @@ seconds: in each question of 4 candidates the correct one says "yes", the others
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -326,12 +327,83 @@ def test_micro_batches_keep_questions_whole_within_the_token_budget():
             ids = {group_of[r] for r in p.tolist()}
             # over the budget only as one question (or one lone row)
             assert splits.padded_tokens(p, lengths) <= budget or (len(ids) == 1 and (-1 not in ids or len(p) == 1))
+        for p, after in zip(parts, parts[1:]):  # greedy: the next part's first question would not have fitted
+            first = after[[group_of[r] == group_of[after[0].item()] for r in after.tolist()]] \
+                if group_of[after[0].item()] >= 0 else after[:1]
+            assert splits.padded_tokens(np.concatenate([p, first]), lengths) > budget, trial
+        whole = splits.padded_tokens(rows, lengths)
+        assert len(splits.micro_batches(rows, groups, lengths, whole)) == 1  # a batch at the budget stays whole
     for trial in range(30):
         rows = rng.permutation(1000)[: int(rng.integers(1, 40))]
         budget = int(rng.integers(20, 300))
         chunks = splits.token_chunks(rows, lengths, budget)
         assert sorted(np.concatenate(chunks).tolist()) == sorted(rows.tolist())
         assert all(splits.padded_tokens(c, lengths) <= budget or len(c) == 1 for c in chunks)
+        for c, after in zip(chunks, chunks[1:]):  # greedy too
+            assert splits.padded_tokens(np.concatenate([c, after[:1]]), lengths) > budget
+
+
+def test_cross_entropy_terms_are_the_plain_and_class_weighted_means():
+    """The losses divide sums by loss_denominators; over one whole batch that must be torch's own means."""
+    rng = np.random.default_rng(2)
+    logits = torch.tensor(rng.normal(size=(40, 2)), dtype=torch.float32)
+    labels = (rng.random(40) < 0.2).astype(np.int64)
+    groups = rng.integers(-1, 5, size=40)
+    weights = ranking.class_weights(labels, 2)
+    point = ranking.batch_loss(ft.TeacherConfig(name="t", loss="pointwise"), logits, labels, groups, 1, weights)
+    balanced = ranking.batch_loss(ft.TeacherConfig(name="t", loss="balanced"), logits, labels, groups, 1, weights)
+    y = torch.from_numpy(labels)
+    assert point.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    want = torch.nn.functional.cross_entropy(logits, y, weight=torch.from_numpy(weights)).item()
+    assert balanced.item() == pytest.approx(want, rel=1e-6) and want != pytest.approx(point.item(), rel=1e-3)
+
+
+class _CountingSync:
+    """An accelerator stand-in that records, for each backward, whether DDP would all-reduce on it."""
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        self.real, self.inside, self.backwards = Accelerator(cpu=True), 0, []
+        self.device = self.real.device
+
+    @contextlib.contextmanager
+    def no_sync(self, model):
+        self.inside += 1
+        yield
+        self.inside -= 1
+
+    def autocast(self):
+        return self.real.autocast()
+
+    def backward(self, loss, **kwargs):
+        self.backwards.append(self.inside == 0)
+        loss.backward(**kwargs)
+
+
+@pytest.mark.parametrize("budget", [100, 40])
+def test_gradients_are_all_reduced_once_per_step_on_its_last_backward(budget, tmp_path, toy_store, tiny_teachers):
+    """Under DDP every backward outside no_sync all-reduces: it must be one per step, the last, whether the step
+    runs in parts (budget 100) or a question in chunks (budget 40)."""
+    cfg = ft.load_config(write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out"))
+    data = ft.prepare_data(cfg, tiny_teachers["t1"])
+    spec = ft.TeacherConfig(name="t", loss="listwise", batch_size=8)
+    batches = ft.batch_maker(spec, data, np.random.default_rng(0))()[:3]
+    model = ft.load_model(data.encoder, spec, data.train.label_names)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    acc, steps = _CountingSync(), []
+    acc.clip_grad_norm_ = lambda *a: None
+    seen = 0
+
+    def advance(step, loss):
+        nonlocal seen
+        steps.append(acc.backwards[seen:])
+        seen = len(acc.backwards)
+
+    ft.train_epoch(acc, model, optimizer, scheduler, spec, data, batches, advance, budget=budget)
+    assert len(steps) == 3 and all(len(s) > 1 for s in steps)  # several backwards per step
+    assert all(s == [False] * (len(s) - 1) + [True] for s in steps), steps
 
 
 def _train_three_steps(data, spec, batches, micro_tokens, dropout: bool):
