@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tmkd.teachers.finetune as ft  # noqa: E402
+import tmkd.teachers.finetune as ft
 
 MB = 1 << 20
 
