@@ -99,19 +99,20 @@ def token_budget(info: DeviceInfo, config, max_length: int, autocast: torch.dtyp
     return max(tokens, max_length)
 
 
-def train_part_tokens(info: DeviceInfo, config, max_length: int, requested: int | None = None) -> int:
+def train_part_tokens(info: DeviceInfo, config, max_length: int, half: bool, requested: int | None = None) -> int:
     """Padded tokens per forward/backward in fine-tuning (a step runs its batch in parts this big; 0: whole batches).
 
     ``requested`` (the teacher's ``micro_batch_tokens``) wins. On a CPU, 1,024: it kept fine-tuning under 2 GB at
     no measurable cost. On a GPU, the memory share over the inference estimate times the layers, since training
-    keeps every layer's activations for the backward pass: whole batches unless they would not fit.
+    keeps every layer's activations for the backward pass: whole batches unless they would not fit. ``half``: the
+    job computes in bf16/fp16 (2 bytes an activation), else fp32 (4).
     """
     if requested is not None:
         return requested or sys.maxsize
     if info.type != "cuda" or not info.free_bytes:
         return max(CPU_TRAIN_PART_TOKENS, max_length)
     layers = int(getattr(config, "num_hidden_layers", 12))
-    per_token = layers * activation_bytes_per_token(config, max_length, 2 if info.bf16 else 4)
+    per_token = layers * activation_bytes_per_token(config, max_length, 2 if half else 4)
     return max(int(GPU_MEMORY_SHARE * info.free_bytes) // per_token // max_length * max_length, max_length)
 
 

@@ -529,7 +529,7 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     # steps, and a prepared scheduler would advance once per process on every step.
     model, optimizer = accelerator.prepare(model, optimizer)
     budget = train_part_tokens(describe(accelerator.device), accelerator.unwrap_model(model).config, cfg.max_length,
-                               spec.micro_batch_tokens)
+                               accelerator.mixed_precision != "no", spec.micro_batch_tokens)
 
     epochs, best, best_state = [], None, None
     for epoch in range(1, spec.epochs + 1):

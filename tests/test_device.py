@@ -59,17 +59,17 @@ def test_fine_tuning_parts_follow_the_device_unless_the_teacher_sets_them():
     """Fine-tuning runs each step in parts of this many padded tokens: the measured 1,024 on a CPU; on a GPU whole
     batches (32 rows of 128 = 4,096 tokens) unless the free memory would not hold them; the teacher's
     micro_batch_tokens wins, and 0 means whole batches."""
-    assert train_part_tokens(DeviceInfo("cpu"), MINILM, 128) == CPU_TRAIN_PART_TOKENS == 1024
-    assert train_part_tokens(DeviceInfo("cpu"), MINILM, 2048) == 2048  # never below one row
-    big = train_part_tokens(DeviceInfo("cuda", 80 * GB), MINILM, 128)
-    small = train_part_tokens(DeviceInfo("cuda", 1 * GB), MINILM, 128)
-    fp32 = train_part_tokens(DeviceInfo("cuda", 1 * GB, bf16=False), MINILM, 128)
+    assert train_part_tokens(DeviceInfo("cpu"), MINILM, 128, True) == CPU_TRAIN_PART_TOKENS == 1024
+    assert train_part_tokens(DeviceInfo("cpu"), MINILM, 2048, True) == 2048  # never below one row
+    big = train_part_tokens(DeviceInfo("cuda", 80 * GB), MINILM, 128, True)
+    small = train_part_tokens(DeviceInfo("cuda", 1 * GB), MINILM, 128, True)
+    fp32 = train_part_tokens(DeviceInfo("cuda", 1 * GB), MINILM, 128, False)  # a bf16 GPU, a job in fp32
     assert big > 32 * 128 and big % 128 == 0
     assert 128 <= fp32 < small < big and small % 128 == 0
-    assert train_part_tokens(DeviceInfo("cuda", 1 << 20), MINILM, 128) == 128
+    assert train_part_tokens(DeviceInfo("cuda", 1 << 20), MINILM, 128, True) == 128
     for info in (DeviceInfo("cpu"), DeviceInfo("cuda", 80 * GB)):
-        assert train_part_tokens(info, MINILM, 128, requested=4096) == 4096
-        assert train_part_tokens(info, MINILM, 128, requested=0) > 10**9
+        assert train_part_tokens(info, MINILM, 128, True, requested=4096) == 4096
+        assert train_part_tokens(info, MINILM, 128, True, requested=0) > 10**9
 
 
 def test_describe_asks_the_gpu_it_is_given(monkeypatch):
