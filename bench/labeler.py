@@ -10,11 +10,15 @@ are context (this machine is shared and noisy). Measured, for fp32 and bf16:
    right after the labeler; their mean time is the reference);
 2. labeler pairs/s over two naive loops: HF `pipeline("text-classification")` with its defaults,
    and fixed padding to 128 in batches of 32 in file order;
-3. useful model FLOP/s (real tokens only, no padding) over the fp32 GEMM peak measured here
-   (at the start and after the fp32 measurements; the higher of the two);
+3. useful model FLOP/s (real tokens only, no padding) over the GEMM peak measured here, in fp32 and in the
+   compute dtype (fp32 at the start and after the fp32 measurements; the higher of the two);
 4. a re-run on the scored store: forward passes and wall time over the first run.
 
     python bench/labeler.py --data ../shared/data --out runs/bench   # writes runs/bench/labeler.json
+
+On a machine with a GPU everything runs there (the labeler picks it, as `tmkd-label run` does; ``--device cpu``
+forces the CPU): the batches are the labeler's own for that device (its token budget from free memory), the
+peak is a CUDA matmul, and every timing waits for the GPU to finish.
 """
 from __future__ import annotations
 
@@ -33,20 +37,30 @@ bound_cpu_caches()  # as `tmkd-label run` does, before the first kernel: every m
 import torch  # noqa: E402
 
 from tmkd.data.ingest import IngestOptions, ingest  # noqa: E402
-from tmkd.pipeline.run import RunOptions, run
+from tmkd.pipeline.run import RunOptions, pick_device, run
 from tmkd.data.store import Store
-from tmkd.teachers.device import DeviceInfo, autocast_dtype
+from tmkd.teachers.device import describe, scoring_settings
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 
 
-def gemm_peak(dtype=torch.float32, n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul, best of ``repeats`` (the machine's practical peak)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device: a CUDA kernel launch returns before the kernel has run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device | None = None, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul on ``device`` (the CPU by default), best of ``repeats`` (its practical peak)."""
+    device = device or torch.device("cpu")
+    n = 8192 if device.type == "cuda" else 4096
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     torch.matmul(a, b)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -81,13 +95,13 @@ def fresh_store(out: Path, source: Path, name: str) -> Path:
     return store
 
 
-def labeler(out: Path, source: Path, teacher: Path, dtype: str) -> dict:
+def labeler(out: Path, source: Path, teacher: Path, dtype: str, device: torch.device) -> dict:
     store = fresh_store(out, source, f"store-{dtype}")
     toml = out / f"teachers-{dtype}.toml"
     toml.write_text(f'[[teacher]]\nname = "minilm"\npath = "{teacher}"\nmax_length = 128\ndtype = "{dtype}"\n')
-    first = run(RunOptions(store, toml))
+    first = run(RunOptions(store, toml, device=str(device)))
     t = time.perf_counter()
-    again = run(RunOptions(store, toml))
+    again = run(RunOptions(store, toml, device=str(device)))
     rerun_wall = time.perf_counter() - t
     return {"pairs": first.pairs, "scoring_seconds": first.scoring_seconds, "run_seconds": first.seconds,
             "pairs_per_s": first.pairs / first.scoring_seconds, "forward_passes": first.forward_passes,
@@ -95,37 +109,43 @@ def labeler(out: Path, source: Path, teacher: Path, dtype: str) -> dict:
             "rerun_units_scored": again.units_scored}
 
 
-def bare_forward(model, tok, a, b, dtype: str, batch_tokens: int = 4096) -> tuple[float, np.ndarray]:
-    """pairs/s of the model alone on the labeler's own batches, tensors built beforehand (no_grad and one autocast
-    context, as the labeler: autocast then casts the weights once)."""
+def bare_forward(model, tok, a, b, dtype: str, device: torch.device) -> tuple[float, np.ndarray]:
+    """pairs/s of the model alone on the labeler's own batches (its token budget and row cap for this device),
+    tensors built and moved to the device beforehand (no_grad and one autocast context, as the labeler: autocast
+    then casts the weights once)."""
+    settings = scoring_settings(describe(device), model.config, dtype, 128)
     enc = encode_pairs(tok, a, b, 128, "longest_first")
-    batches = [pad_batch(enc, rows, tok.pad_token_id) for rows in length_batches(enc.lengths, batch_tokens)]
-    amp = autocast_dtype(dtype, DeviceInfo("cpu"))
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    batches = [{k: v.to(device) for k, v in pad_batch(enc, rows, tok.pad_token_id).items()}
+               for rows in length_batches(enc.lengths, settings.batch_tokens, settings.max_rows)]
+    amp = settings.autocast
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         model(**batches[0])  # warm-up
+        synchronize(device)
         t = time.perf_counter()
         for batch in batches:
             model(**batch)
+        synchronize(device)
         return len(a) / (time.perf_counter() - t), enc.lengths
 
 
-def fixed_padding(model, tok, a, b, dtype: str) -> float:
+def fixed_padding(model, tok, a, b, dtype: str, device: torch.device) -> float:
     """The common naive loop: batches of 32 in file order, padded to 128."""
-    amp = autocast_dtype(dtype, DeviceInfo("cpu"))
+    amp = scoring_settings(describe(device), model.config, dtype, 128).autocast
     t = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         for i in range(0, len(a), 32):
             batch = tok(a[i : i + 32], b[i : i + 32], padding="max_length", truncation=True, max_length=128,
                         return_tensors="pt")
-            model(**batch)
+            model(**batch.to(device))
+    synchronize(device)
     return len(a) / (time.perf_counter() - t)
 
 
-def hf_pipeline(folder: Path, a, b, limit: int) -> float:
+def hf_pipeline(folder: Path, a, b, limit: int, device: torch.device) -> float:
     """transformers' text-classification pipeline with its defaults (one pair at a time)."""
     from transformers import pipeline
 
-    clf = pipeline("text-classification", model=str(folder), device="cpu")
+    clf = pipeline("text-classification", model=str(folder), device=device)
     pairs = [{"text": x, "text_pair": y} for x, y in zip(a[:limit], b[:limit])]
     clf(pairs[:8])
     t = time.perf_counter()
@@ -138,44 +158,53 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--pipeline-pairs", type=int, default=2000, help="pairs for the (slow) HF pipeline loop")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     args = ap.parse_args()
+    device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = args.data / "wikiqa" / "WikiQA-test.tsv.gz"
     teacher = make_teacher(args.out)
     tok = AutoTokenizer.from_pretrained(teacher)
-    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval().to(device)
     cfg = model.config
     part = Store(fresh_store(args.out, source, "store-texts")).corpus("test").parts[0]
     table = Store(args.out / "store-texts").read_corpus_part(part)
     a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
 
-    results = {"pairs": len(a), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    results = {"pairs": len(a), "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
     # The peak is measured at the start and again at the end; the higher is the reference (a single
     # 2-second measurement on this shared machine came out 25% low once).
-    peak_start = gemm_peak(torch.float32)
-    results["gemm_peak_bf16_gflops"] = gemm_peak(torch.bfloat16) / 1e9
+    peak_start = gemm_peak(torch.float32, device)
     for dtype in ("float32", "bfloat16"):
         # the bare forward right before and right after the labeler: neither pays alone for first-seen shapes
-        before, lengths = bare_forward(model, tok, a, b, dtype)
-        lab = labeler(args.out, source, teacher, dtype)
-        after, _ = bare_forward(model, tok, a, b, dtype)
+        before, lengths = bare_forward(model, tok, a, b, dtype, device)
+        lab = labeler(args.out, source, teacher, dtype, device)
+        after, _ = bare_forward(model, tok, a, b, dtype, device)
         bare = 2 / (1 / before + 1 / after)  # pairs/s of the mean time
-        fixed = fixed_padding(model, tok, a, b, dtype)
+        fixed = fixed_padding(model, tok, a, b, dtype, device)
         flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
         if dtype == "float32":
-            peak_end = gemm_peak(torch.float32)  # again, right after the fp32 measurements
+            peak_end = gemm_peak(torch.float32, device)  # again, right after the fp32 measurements
             peak = max(peak_start, peak_end)
             results["gemm_peak_fp32_gflops_start_end"] = [peak_start / 1e9, peak_end / 1e9]
             results["gemm_peak_fp32_gflops"] = peak / 1e9
+        # the peak of the dtype the matmuls run in (a GPU without bf16 autocasts to fp16)
+        amp = scoring_settings(describe(device), cfg, dtype, 128).autocast
+        compute_peak = peak if amp is None else gemm_peak(amp, device)
+        if amp is not None:
+            results[f"gemm_peak_{str(amp).removeprefix('torch.')}_gflops"] = compute_peak / 1e9
         r = {"labeler": lab, "bare_forward_pairs_per_s": bare, "bare_forward_before_after": [before, after], "fixed_padding_pairs_per_s": fixed,
              "labeler_over_bare": lab["pairs_per_s"] / bare, "labeler_over_fixed_padding": lab["pairs_per_s"] / fixed,
              "useful_gflops": flops / lab["scoring_seconds"] / 1e9,
              "useful_flops_over_fp32_peak": flops / lab["scoring_seconds"] / peak,
+             "useful_flops_over_compute_dtype_peak": flops / lab["scoring_seconds"] / compute_peak,
              "rerun_over_first": lab["rerun_seconds"] / lab["run_seconds"]}
         if dtype == "float32":
-            r["hf_pipeline_pairs_per_s"] = hf_pipeline(teacher, a, b, args.pipeline_pairs)
+            r["hf_pipeline_pairs_per_s"] = hf_pipeline(teacher, a, b, args.pipeline_pairs, device)
             r["labeler_over_hf_pipeline"] = lab["pairs_per_s"] / r["hf_pipeline_pairs_per_s"]
         results[dtype] = r
         print(json.dumps({dtype: r}, indent=2), flush=True)
