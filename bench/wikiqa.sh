@@ -7,6 +7,7 @@
 #   bash bench/wikiqa.sh                 # OUT=runs/wikiqa DATA=../shared/data SEEDS="1 2 3" JOBS=2 by default
 #   nohup bash bench/wikiqa.sh > runs/wikiqa.log 2>&1 &
 #   SEEDS="1" VARIANTS="tmkd tmkd-listwise" bash bench/wikiqa.sh   # some variants (bench/configs/wikiqa-V.toml)
+#   VARIANTS="tmkd-bm25 tmkd-bm25-x3" bash bench/wikiqa.sh            # mined stage-1 corpora (tmkd-label mine)
 #
 # Outputs: $OUT/results.{json,md} (the table, one row per student run) and $OUT/wikiqa-seeds.json (one
 # object per run: variant, seed, dev/test MAP, MRR, accuracy), which bench/seeds_table.py turns into
@@ -34,6 +35,16 @@ done
 [ -f "$OUT/unlabeled.jsonl" ] || $PY bench/make_unlabeled.py --data "$DATA" --out "$OUT/unlabeled.jsonl"
 ingest wikiqa-unlabeled "$OUT/unlabeled.jsonl" --format jsonl --columns text_a=question,text_b=sentence \
   --unlabeled --label-names 0,1 --ids text --part-rows 10000
+# The mined stage-1 corpora, only for the tmkd-bm25* levers (RESULTS.md): the same questions and sentences paired by
+# BM25 (`tmkd-label mine`), top 3 (about the hand-built corpus's size) and top 9 (3x).
+case " $VARIANTS " in *" tmkd-bm25"*)
+  [ -f "$OUT/mine-pools/questions.txt" ] || $PY bench/make_unlabeled.py --data "$DATA" --out "$OUT/mine-pools" --pools
+  for mined in wikiqa-bm25:3 wikiqa-bm25-x3:9; do
+    [ -f "$STORE/corpus/${mined%:*}/manifest.json" ] || $LABEL mine --store "$STORE" --corpus "${mined%:*}" \
+      --questions "$OUT/mine-pools/questions.txt" --passages "$OUT/mine-pools/passages.txt" --top-k "${mined#*:}" \
+      --exclude wikiqa-dev --exclude wikiqa-test --label-names 0,1 --part-rows 10000
+  done ;;
+esac
 log "corpora ready (${SECONDS}s)"
 
 # 2-3. Teachers fine-tuned from all-MiniLM-L6-v2 (dev chooses each one's epoch), then every corpus labelled by
