@@ -39,29 +39,39 @@ import torch  # noqa: E402
 from tmkd.data.ingest import IngestOptions, ingest  # noqa: E402
 from tmkd.pipeline.run import RunOptions, pick_device, run
 from tmkd.data.store import Store
-from tmkd.teachers.device import describe, scoring_settings
+from tmkd.teachers.device import ScoringSettings, describe, scoring_settings
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device: a CUDA kernel launch returns before the kernel has run."""
+    """Wait for the device: a GPU kernel launch returns before the kernel has run."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def gemm_peak(dtype: torch.dtype, device: torch.device | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul on ``device`` (the CPU by default), best of ``repeats`` (its practical peak)."""
+    """FLOP/s of a square matmul on ``device`` (the CPU by default), best of ``repeats`` (its practical peak).
+
+    On a GPU a matmul takes about a millisecond: each sample times 20 of them, after a warm-up of 50 that lets
+    the clocks settle."""
     device = device or torch.device("cpu")
-    n = 8192 if device.type == "cuda" else 4096
+    n, per_sample, warm_up = (8192, 20, 50) if device.type != "cpu" else (4096, 1, 1)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    torch.matmul(a, b)
+    for _ in range(warm_up):
+        torch.matmul(a, b)
     synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        torch.matmul(a, b)
+        for _ in range(per_sample):
+            torch.matmul(a, b)
         synchronize(device)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, (time.perf_counter() - t) / per_sample)
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return 2 * n**3 / best
 
 
@@ -95,10 +105,13 @@ def fresh_store(out: Path, source: Path, name: str) -> Path:
     return store
 
 
-def labeler(out: Path, source: Path, teacher: Path, dtype: str, device: torch.device) -> dict:
+def labeler(out: Path, source: Path, teacher: Path, dtype: str, device: torch.device, batch_tokens: int) -> dict:
+    """`tmkd-label run` in process, twice (the second finds everything scored). ``batch_tokens`` is pinned: on a
+    GPU the default follows free memory, which the bench's own tensors change from one call to the next."""
     store = fresh_store(out, source, f"store-{dtype}")
     toml = out / f"teachers-{dtype}.toml"
-    toml.write_text(f'[[teacher]]\nname = "minilm"\npath = "{teacher}"\nmax_length = 128\ndtype = "{dtype}"\n')
+    toml.write_text(f'[[teacher]]\nname = "minilm"\npath = "{teacher}"\nmax_length = 128\ndtype = "{dtype}"\n'
+                    f"batch_tokens = {batch_tokens}\n")
     first = run(RunOptions(store, toml, device=str(device)))
     t = time.perf_counter()
     again = run(RunOptions(store, toml, device=str(device)))
@@ -109,23 +122,25 @@ def labeler(out: Path, source: Path, teacher: Path, dtype: str, device: torch.de
             "rerun_units_scored": again.units_scored}
 
 
-def bare_forward(model, tok, a, b, dtype: str, device: torch.device) -> tuple[float, np.ndarray]:
-    """pairs/s of the model alone on the labeler's own batches (its token budget and row cap for this device),
-    tensors built and moved to the device beforehand (no_grad and one autocast context, as the labeler: autocast
-    then casts the weights once)."""
-    settings = scoring_settings(describe(device), model.config, dtype, 128)
+def bare_forward(model, tok, a, b, settings: ScoringSettings, device: torch.device) -> tuple[float, np.ndarray, int]:
+    """pairs/s of the model alone on the labeler's own batches (the same token budget and row cap), tensors built
+    and moved to the device beforehand (no_grad and one autocast context, as the labeler: autocast then casts the
+    weights once); also the lengths and the number of batches. On a GPU a pass is short: the median of 5."""
     enc = encode_pairs(tok, a, b, 128, "longest_first")
     batches = [{k: v.to(device) for k, v in pad_batch(enc, rows, tok.pad_token_id).items()}
                for rows in length_batches(enc.lengths, settings.batch_tokens, settings.max_rows)]
     amp = settings.autocast
+    times = []
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         model(**batches[0])  # warm-up
         synchronize(device)
-        t = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        synchronize(device)
-        return len(a) / (time.perf_counter() - t), enc.lengths
+        for _ in range(1 if device.type == "cpu" else 5):
+            t = time.perf_counter()
+            for batch in batches:
+                model(**batch)
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+    return len(a) / float(np.median(times)), enc.lengths, len(batches)
 
 
 def fixed_padding(model, tok, a, b, dtype: str, device: torch.device) -> float:
@@ -180,10 +195,14 @@ def main() -> None:
     # 2-second measurement on this shared machine came out 25% low once).
     peak_start = gemm_peak(torch.float32, device)
     for dtype in ("float32", "bfloat16"):
+        # The labeler's settings for this device, decided once (on a GPU from its free memory) and used by both
+        settings = scoring_settings(describe(device), cfg, dtype, 128)
+        amp = settings.autocast  # the dtype the matmuls run in: None is fp32; a GPU without bf16 autocasts to fp16
+        amp_peak_start = gemm_peak(amp, device) if amp is not None else None
         # the bare forward right before and right after the labeler: neither pays alone for first-seen shapes
-        before, lengths = bare_forward(model, tok, a, b, dtype, device)
-        lab = labeler(args.out, source, teacher, dtype, device)
-        after, _ = bare_forward(model, tok, a, b, dtype, device)
+        before, lengths, bare_batches = bare_forward(model, tok, a, b, settings, device)
+        lab = labeler(args.out, source, teacher, dtype, device, settings.batch_tokens)
+        after, _, _ = bare_forward(model, tok, a, b, settings, device)
         bare = 2 / (1 / before + 1 / after)  # pairs/s of the mean time
         fixed = fixed_padding(model, tok, a, b, dtype, device)
         flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
@@ -192,12 +211,14 @@ def main() -> None:
             peak = max(peak_start, peak_end)
             results["gemm_peak_fp32_gflops_start_end"] = [peak_start / 1e9, peak_end / 1e9]
             results["gemm_peak_fp32_gflops"] = peak / 1e9
-        # the peak of the dtype the matmuls run in (a GPU without bf16 autocasts to fp16)
-        amp = scoring_settings(describe(device), cfg, dtype, 128).autocast
-        compute_peak = peak if amp is None else gemm_peak(amp, device)
-        if amp is not None:
+        compute_peak = peak
+        if amp is not None:  # the compute dtype's peak, at the start and the end of its block, as fp32's
+            compute_peak = max(amp_peak_start, gemm_peak(amp, device))
             results[f"gemm_peak_{str(amp).removeprefix('torch.')}_gflops"] = compute_peak / 1e9
-        r = {"labeler": lab, "bare_forward_pairs_per_s": bare, "bare_forward_before_after": [before, after], "fixed_padding_pairs_per_s": fixed,
+        if bare_batches != lab["forward_passes"]:  # then the ratio to the bare forward compares different batches
+            print(f"warning: {dtype}: the bare forward ran {bare_batches} batches, the labeler {lab['forward_passes']}")
+        r = {"labeler": lab, "batch_tokens": settings.batch_tokens, "bare_forward_batches": bare_batches,
+             "bare_forward_pairs_per_s": bare, "bare_forward_before_after": [before, after], "fixed_padding_pairs_per_s": fixed,
              "labeler_over_bare": lab["pairs_per_s"] / bare, "labeler_over_fixed_padding": lab["pairs_per_s"] / fixed,
              "useful_gflops": flops / lab["scoring_seconds"] / 1e9,
              "useful_flops_over_fp32_peak": flops / lab["scoring_seconds"] / peak,
