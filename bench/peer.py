@@ -16,7 +16,8 @@ It prints the median wall seconds and the median of the per-round ratios CrossEn
 is faster), and checks that the two agree: predicted classes on >= 99.5% of pairs and logits within tolerance
 (fp32: 1e-3; bf16: 0.1, which the two bf16 recipes' different rounding stays well inside), so the speed is not
 bought with wrong answers. Useful FLOP/s (real tokens only) of tmkd's scoring phase and of its whole process, over
-this CPU's GEMM peak measured here in the same dtype, come with it.
+the device's GEMM peak measured here in the same dtype, come with it. On a machine with a GPU both score on it
+(``--device``; default the GPU if there is one, as `tmkd-label run` picks); ``--device cpu`` keeps both on the CPU.
 
     pip install -e ".[bench]"    # sentence-transformers
     python bench/peer.py --teacher runs/wikiqa/teachers/minilm-list-a \\
@@ -43,11 +44,11 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
 CROSS_ENCODER = """
 import sys, numpy as np, pyarrow.parquet as pq, torch
 from sentence_transformers import CrossEncoder
-folder, pairs, dtype, backend, out = sys.argv[1:]
+folder, pairs, dtype, backend, device, out = sys.argv[1:]
 kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if dtype == "bfloat16" else {}
 if backend != "torch":
     kwargs["backend"] = backend
-model = CrossEncoder(folder, max_length=128, device="cpu", **kwargs)
+model = CrossEncoder(folder, max_length=128, device=device, **kwargs)
 t = pq.read_table(pairs)
 logits = model.predict(list(zip(t.column("text_a").to_pylist(), t.column("text_b").to_pylist())), batch_size=32,
                        show_progress_bar=False)
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="pairs of runs per precision (>= 3 for the bench)")
     ap.add_argument("--onnx", action="store_true", help="add CrossEncoder(backend='onnx') in float32")
     ap.add_argument("--onnx-python", default=sys.executable, help="the Python that has optimum-onnx[onnxruntime]")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... for both (default: the GPU if any)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.teacher = args.teacher.resolve()
@@ -142,9 +144,14 @@ def main() -> None:
     from labeler import bert_flops, gemm_peak  # bench/ is this script's own folder
     import torch
 
+    from tmkd.pipeline.run import pick_device
+    from tmkd.teachers.device import autocast_dtype, describe
+
+    device = pick_device(args.device)
+
     cfg = AutoConfig.from_pretrained(args.teacher)
     flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
-    results = {"pairs": int(len(lengths)), "teacher": str(args.teacher), "rounds": args.rounds,
+    results = {"pairs": int(len(lengths)), "teacher": str(args.teacher), "rounds": args.rounds, "device": str(device),
                "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "precisions": {}}
     for dtype in args.dtypes:
         toml = args.out / f"teachers-{dtype}.toml"
@@ -162,17 +169,18 @@ def main() -> None:
                     store = args.out / f"store-{dtype}"
                     shutil.rmtree(store, ignore_errors=True)
                     shutil.copytree(base, store)
-                    walls[who].append(timed([BIN / "tmkd-label", "run", "--store", store, "--teachers", toml], log))
+                    walls[who].append(timed([BIN / "tmkd-label", "run", "--store", store, "--teachers", toml,
+                                             "--device", str(device)], log))
                     scoring.append(scoring_seconds(store))
                 else:
                     out = args.out / f"{who}-{dtype}.npy"
                     python = args.onnx_python if contenders[who] == "onnx" else sys.executable
                     walls[who].append(timed([python, "-c", CROSS_ENCODER, model_folder(args, contenders[who]), pairs,
-                                             dtype, contenders[who], out], log))
+                                             dtype, contenders[who], str(device), out], log))
             print(f"{dtype} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
         ours = tmkd_logits(args.out / f"store-{dtype}")
-        amp = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        peak = gemm_peak(amp)
+        amp = autocast_dtype(dtype, describe(device)) or torch.float32  # the dtype tmkd's matmuls ran in
+        peak = gemm_peak(amp, device)
         entry = {"median_seconds": {k: statistics.median(v) for k, v in walls.items()}, "seconds": walls,
                  "tmkd_scoring_seconds": statistics.median(scoring), "gemm_peak_flops": peak,
                  "useful_flops_fraction_scoring": flops / statistics.median(scoring) / peak,
