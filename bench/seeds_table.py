@@ -100,8 +100,10 @@ def main() -> None:
     print(markdown(summarise(runs)))
     for a, b in args.compare:
         d = paired_difference(runs, a, b, args.metric)
+        # the bar is one-sided (A ahead of B); a B ahead beyond 2 SE is said too, not shown as a plain False
+        behind = d["se"] is not None and d["mean"] < -2 * d["se"]
         print(f"\n{a} − {b} ({args.metric}, seeds {d['seeds']}): mean {d['mean']}, SE {d['se']}, "
-              f"beyond 2 SE: {d['beyond_2se']}")
+              f"beyond 2 SE: {d['beyond_2se']}" + (f" ({b} ahead beyond 2 SE)" if behind else ""))
     if args.bars:
         print(f"\n| claim ({args.metric}) | held | numbers |\n|---|---|---|")
         for claim, held, detail in bars(runs, args.metric, args.tmkd):

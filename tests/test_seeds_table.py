@@ -74,3 +74,13 @@ def test_the_bars_say_which_claims_held():
     lever = [dict(r, variant="tmkd-x", test_map=r["test_map"] + 0.01) for r in runs if r["variant"] == "tmkd"]
     got = {claim: held for claim, held, _ in seeds_table.bars(runs + lever, tmkd="tmkd-x")}
     assert got["TMKD (tmkd-x) mean >= teacher ensemble"] is True  # 0.77 >= 0.765
+
+
+def test_compare_says_when_the_second_variant_is_ahead_beyond_2_se():
+    """The bar is one-sided (A ahead of B), but a B ahead beyond 2 SE must not read as a plain 'False' (no news)."""
+    def compare(a, b):
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), "/dev/stdin", "--compare", a, b],
+                              input=json.dumps(RUNS), capture_output=True, text=True, check=True).stdout
+
+    assert "beyond 2 SE: False (tmkd ahead beyond 2 SE)" in compare("mkd-matched", "tmkd")  # −0.045 ± 0.005
+    assert "beyond 2 SE: True" in compare("tmkd", "mkd-matched") and "ahead beyond" not in compare("tmkd", "mkd-matched")
