@@ -22,10 +22,9 @@ def main() -> None:
     ap.add_argument("corpora", nargs="+")
     args = ap.parse_args()
     names = [*args.corpora, args.reference, args.train]
-    copy = "create temp table pairs as select corpus, text_a, text_b, label from corpus where corpus in ({})".format(
-        ", ".join(f"'{n}'" for n in names))
+    copy = "create temp table pairs as select corpus, text_a, text_b, label from corpus where list_contains($names, corpus)"
     with connect(Store(args.store), copy) as (con, left):
-        con.execute(copy)  # the corpus view is a checked stream, read once
+        con.execute(copy, {"names": names})  # the corpus view is a checked stream, read once
         if left.corpus_parts:  # a damaged part is never read: say so rather than count around it
             raise SystemExit(f"corpus parts left out (damaged): {left.corpus_parts}")
         print("| corpus | pairs | also in the hand-built corpus | train pairs it holds | of them correct (of all) |")

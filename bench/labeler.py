@@ -143,9 +143,8 @@ def bare_forward(model, tok, a, b, settings: ScoringSettings, device: torch.devi
     return len(a) / float(np.median(times)), enc.lengths, len(batches)
 
 
-def fixed_padding(model, tok, a, b, dtype: str, device: torch.device) -> float:
-    """The common naive loop: batches of 32 in file order, padded to 128."""
-    amp = scoring_settings(describe(device), model.config, dtype, 128).autocast
+def fixed_padding(model, tok, a, b, amp: torch.dtype | None, device: torch.device) -> float:
+    """The common naive loop: batches of 32 in file order, padded to 128 (``amp``: the labeler's autocast dtype)."""
     t = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         for i in range(0, len(a), 32):
@@ -204,7 +203,7 @@ def main() -> None:
         lab = labeler(args.out, source, teacher, dtype, device, settings.batch_tokens)
         after, _, _ = bare_forward(model, tok, a, b, settings, device)
         bare = 2 / (1 / before + 1 / after)  # pairs/s of the mean time
-        fixed = fixed_padding(model, tok, a, b, dtype, device)
+        fixed = fixed_padding(model, tok, a, b, amp, device)
         flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
         if dtype == "float32":
             peak_end = gemm_peak(torch.float32, device)  # again, right after the fp32 measurements

@@ -449,15 +449,17 @@ def backward_part(accelerator, model, data: Prepared, rows: np.ndarray, loss_of,
     """
     dev, lengths = accelerator.device, data.enc_train.lengths
 
+    def on_device(batch: dict) -> dict:
+        return {k: to_device(v, dev) for k, v in batch.items()}
+
     def grad_sync_if(last: bool):
         """DDP all-reduces on this backward only if it is the step's last one."""
         return contextlib.nullcontext() if sync and last else accelerator.no_sync(model)
 
     if len(rows) == 1 or padded_tokens(rows, lengths) <= budget:
         with grad_sync_if(True):
-            batch = {k: to_device(v, dev) for k, v in pad_batch(data.enc_train, rows, data.pad_id).items()}
             with accelerator.autocast():
-                logits = model(**batch).logits
+                logits = model(**on_device(pad_batch(data.enc_train, rows, data.pad_id))).logits
             loss = loss_of(logits.float(), rows)
             accelerator.backward(loss)
         return loss.detach()
@@ -467,7 +469,7 @@ def backward_part(accelerator, model, data: Prepared, rows: np.ndarray, loss_of,
     with torch.no_grad(), accelerator.autocast():
         for batch in padded:
             states.append(rng_state(dev))
-            scored.append(model(**{k: to_device(v, dev) for k, v in batch.items()}).logits.float())
+            scored.append(model(**on_device(batch)).logits.float())
     logits = torch.cat(scored).requires_grad_()
     loss = loss_of(logits, np.concatenate(chunks))
     loss.backward()  # the loss's gradient on the logits alone: they are a leaf here
@@ -475,7 +477,7 @@ def backward_part(accelerator, model, data: Prepared, rows: np.ndarray, loss_of,
         set_rng_state(state, dev)
         with grad_sync_if(i == len(chunks) - 1):
             with accelerator.autocast():
-                again = model(**{k: to_device(v, dev) for k, v in batch.items()}).logits
+                again = model(**on_device(batch)).logits
             accelerator.backward(again.float(), gradient=grad)
     return loss.detach()
 
