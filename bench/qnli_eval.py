@@ -1,5 +1,8 @@
 """Score QNLI's official dev set for every teacher, the teacher ensemble and every student; one table.
 
+Also bench/mnli.sh's evaluation (``--corpus mnli-test --dev-corpus mnli-select``): any classification task whose
+reported and selection sets are corpora of the store.
+
 - Accuracy (argmax) over the 5,463 pairs of the official GLUE QNLI dev set (corpus qnli-dev), which nothing
   in bench/qnli.sh uses to choose anything: the teachers' epochs and the students' checkpoints are chosen on
   qnli-heldout (1,000 more pairs of the official *train* set).
@@ -83,7 +86,8 @@ def main() -> None:
                          "test_mrr": None, "test_accuracy": r["accuracy"], "dev_accuracy": r["dev_accuracy"]})
         args.runs_out.write_text(json.dumps(runs, indent=1) + "\n")
 
-    print(f"| model | kind | heldout accuracy (selection) | dev accuracy (official, reported) | pairs/s ({args.dtype}) |")
+    print(f"| model | kind | {args.dev_corpus} accuracy (selection) | {args.corpus} accuracy (reported) "
+          f"| pairs/s ({args.dtype}) |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         sel = "–" if r["dev_accuracy"] is None else f"{r['dev_accuracy']:.4f}"

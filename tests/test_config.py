@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,20 @@ def test_tmkd_label_run_takes_the_same_set_syntax(tmp_path, wikiqa_sample, tiny_
     assert res.exit_code == 1 and "--set teacher.0.max_length=abc: teacher.0.max_length: expected an integer" in res.output
     cli("run", "--store", store, "--teachers", teachers, "--set", "teacher.0.max_length=32")
     assert Store(store).teacher("t1").max_length == 32
+
+
+def test_every_shipped_config_loads_and_checks():
+    """The configs the benches and the README run (bench/configs, student/configs, teachers/configs) load through
+    the same typed loaders the jobs use: a misspelt key or a bad value in one fails here, not hours into a bench.
+    The benches fill in store, output, encoder and teachers with --set, as here."""
+    root = Path(__file__).resolve().parents[1]
+    paths = [p for d in ("bench/configs", "student/configs", "teachers/configs") for p in sorted((root / d).glob("*.toml"))]
+    teachers = [p for p in paths if "teacher" in tomllib.loads(p.read_text())]  # fine-tuning: [[teacher]] tables
+    students = [p for p in paths if p not in teachers]
+    assert len(students) >= 10 and len(teachers) >= 4
+    for path in students:
+        cfg = load_train(path, ['store="S"', 'output="O"', 'student.encoder="E"', 'teachers=["t1", "t2"]'])
+        assert cfg.stages and all(s.corpora for s in cfg.stages), path
+    for path in teachers:
+        cfg = load_finetune(path)
+        assert cfg.teacher and cfg.train_corpus, path
