@@ -1,5 +1,5 @@
-# Shared by bench/wikiqa.sh and bench/qnli.sh (sourced, not run). They set OUT, STORE, TEACHERS_CONFIG, PY and
-# LABEL, then call these in order:
+# Shared by bench/wikiqa.sh, bench/qnli.sh and bench/mnli.sh (sourced, not run). They set OUT, STORE,
+# TEACHERS_CONFIG, PY and LABEL, then call these in order:
 #
 #   ingest CORPUS FILE ARGS...          ingest a corpus unless the store has it
 #   teachers_and_labels METRIC          fine-tune the teachers (unless done), label every corpus, verify; sets

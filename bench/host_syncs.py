@@ -17,6 +17,7 @@ import collections
 import importlib.util
 import json
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,24 +29,45 @@ from tmkd.data.store import Store
 from tmkd.pipeline.run import RunOptions, run
 
 SYNC_MESSAGE = "synchroniz"  # "called a synchronizing CUDA operation"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def where(frame, filename: str, lineno: int) -> str:
+    """Where a sync came from: the line it was reported at (``filename:lineno``, often inside a library: torch's
+    storage.py syncs for whoever saves a tensor) and the innermost line of this project that led to it."""
+    inner = f"{Path(filename).name}:{lineno}"
+    if filename.startswith(str(ROOT)):
+        return str(Path(filename).relative_to(ROOT)) + f":{lineno}"
+    while frame is not None and not frame.f_code.co_filename.startswith(str(ROOT)):
+        frame = frame.f_back
+    if frame is None:
+        return inner
+    return f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno} -> {inner}"
 
 
 @contextmanager
 def counted_syncs(found: collections.Counter):
-    """Count, by the Python line that made them, the synchronizing CUDA calls made inside the block."""
-    with warnings.catch_warnings(record=True) as seen:
+    """Count, by where they came from, the synchronizing CUDA calls made inside the block that PyTorch's sync debug
+    mode reports (the calls it instruments: item(), blocking copies, synchronize(), ...; not allocator frees)."""
+    def record(message, category, filename, lineno, file=None, line=None):
+        if SYNC_MESSAGE in str(message):
+            found[where(sys._getframe(1), filename, lineno)] += 1
+        else:
+            shown(message, category, filename, lineno, file, line)  # any other warning: shown as usual
+
+    cuda = torch.cuda.is_available()
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
         warnings.simplefilter("always")
-        cuda = torch.cuda.is_available()
+        warnings.showwarning = record
+        before = torch.cuda.get_sync_debug_mode() if cuda else None
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
             yield
         finally:
             if cuda:
-                torch.cuda.set_sync_debug_mode("default")
-    for w in seen:
-        if SYNC_MESSAGE in str(w.message):
-            found[f"{Path(w.filename).name}:{w.lineno}"] += 1
+                torch.cuda.set_sync_debug_mode(before)
 
 
 def labeler_syncs(args) -> dict:
@@ -61,12 +83,12 @@ def labeler_syncs(args) -> dict:
     total = sum(found.values())
     return {"pairs": summary.pairs, "forward_passes": summary.forward_passes, "syncs": total,
             "syncs_per_forward_pass": total / max(summary.forward_passes, 1),
-            "pairs_per_s": summary.pairs / summary.scoring_seconds, "by_line": dict(found.most_common(15))}
+            "pairs_per_s": summary.pairs / summary.scoring_seconds, "by_line": dict(found.most_common())}
 
 
 def load_toy():
     """tests/toy.py, the small learnable store the tests train on, loaded from its file."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "toy.py"
+    path = ROOT / "tests" / "toy.py"
     spec = importlib.util.spec_from_file_location("toy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -95,7 +117,7 @@ def trainer_syncs(args) -> dict:
         result = train(config_from_dict(raw))
     total = sum(found.values())
     return {"steps": result.steps, "examples": result.examples, "syncs": total,
-            "syncs_per_step": total / max(result.steps, 1), "by_line": dict(found.most_common(15))}
+            "syncs_per_step": total / max(result.steps, 1), "by_line": dict(found.most_common())}
 
 
 def main() -> None:
@@ -107,6 +129,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda", help="cpu only to try the script: it then counts nothing")
     args = ap.parse_args()
+    args.teacher, args.pairs = args.teacher.resolve(), args.pairs.resolve()  # written into teachers.toml in OUT
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit("host_syncs.py needs a CUDA GPU: on the CPU there is nothing to sync with")
     args.out.mkdir(parents=True, exist_ok=True)

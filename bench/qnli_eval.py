@@ -45,7 +45,7 @@ def check_label_order(folder: str, label_names: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--corpus", default="qnli-dev", help="the reported set (the official dev set)")
+    ap.add_argument("--corpus", default="qnli-dev", help="the reported set (QNLI: the official dev set)")
     ap.add_argument("--dev-corpus", default="qnli-heldout", help="the selection set")
     ap.add_argument("--teachers", nargs="+", required=True, help="teacher names in the store")
     ap.add_argument("--students", nargs="*", default=[], help="VARIANT@SEED=FOLDER of exported students")

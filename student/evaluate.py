@@ -54,8 +54,10 @@ def evaluate_export(folder, plan, corpus: str, device) -> dict:
     with torch.no_grad():
         for batch, labels, grp in eval_batches(plan.store, plan.corpora[corpus].parts, tokenizer,
                                                cfg.student.max_length, cfg.eval.batch_size):
-            out = model(**{k: batch[k].to(device) for k in INPUTS if k in batch}).logits
-            logits.append(out.float().cpu().numpy())
+            out = model(**{k: to_device(batch[k], device) for k in INPUTS if k in batch}).logits
+            logits.append(out.float())  # read back once, after the loop, as in evaluate()
             gold.append(labels)
             groups += grp
-    return evaluate_predictions(np.concatenate(logits), np.concatenate(gold), groups, plan.positive)
+    c = model.config.num_labels
+    return evaluate_predictions(torch.cat(logits).cpu().numpy() if logits else np.zeros((0, c), np.float32),
+                                np.concatenate(gold) if gold else np.zeros(0, np.int64), groups, plan.positive)

@@ -250,10 +250,11 @@ def test_kill_while_switching_the_best_export_keeps_the_current_best(
     _assert_same_as_reference(out, reference)
     # the current best is the reference's, and the only exports kept are those a kept checkpoint refers to
     # (an older best stays while a kept checkpoint that a resume may start from still names it)
-    kept = sorted(p for p in (out / "checkpoints").glob("step-*"))
-    wanted = {f"best-{json.loads((c / 'state.json').read_text())['best']['step']:08d}" for c in kept}
+    named = [json.loads((c / "state.json").read_text())["best"] for c in (out / "checkpoints").glob("step-*")]
+    wanted = {f"best-{b['step']:08d}" for b in named if b and "step" in b}
     assert f"best-{reference['best']['step']:08d}" in wanted
     assert {p.name for p in (out / "checkpoints").glob("best*")} == wanted
+    assert not list((out / "checkpoints").glob(".tmp-*")) + list((out / "checkpoints").glob(".old-*"))
 
 
 def test_publish_never_leaves_a_step_without_a_usable_folder(tmp_path, monkeypatch):
