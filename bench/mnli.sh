@@ -13,8 +13,8 @@
 #   nohup bash bench/mnli.sh > runs/mnli.log 2>&1 &
 #
 # The stage-1 corpus: every premise of mnli-train paired with its top 5 hypotheses of mnli-train's hypothesis pool
-# by BM25, unlabeled; premises that are also in mnli-select or mnli-test are left out, and no hypothesis of either
-# set is in the pool.
+# by BM25, unlabeled; premises that are also in mnli-select or mnli-test are left out. The pool is mnli-train's
+# hypotheses only (a hypothesis may still recur word for word in the other sets: one of mnli-select's does).
 #
 # Outputs: $OUT/results.{json,md} (one row per model) and $OUT/mnli-seeds.json (one object per run, MAP fields
 # null), which bench/seeds_table.py --metric test_accuracy turns into RESULTS.md's tables.
@@ -36,12 +36,14 @@ SECONDS=0
 # 1. Corpora: the train sample split into training and selection pairs, the held-out sample; the mined corpus.
 if [ ! -f "$OUT/select.json" ]; then
   $PY - "$DATA/mnli/train-sample.json" "$OUT" <<'PYEOF'
-import json, sys
+import json, os, sys
 pairs = json.load(open(sys.argv[1]))
 select = {k: v for k, v in pairs.items() if int(k) % 9 == 8}
 train = {k: v for k, v in pairs.items() if k not in select}
-json.dump(train, open(f"{sys.argv[2]}/train.json", "w"))
-json.dump(select, open(f"{sys.argv[2]}/select.json", "w"))
+for name, part in (("train", train), ("select", select)):  # select.json last: its presence says both are whole
+    with open(f"{sys.argv[2]}/{name}.json.tmp", "w") as f:
+        json.dump(part, f)
+    os.replace(f"{sys.argv[2]}/{name}.json.tmp", f"{sys.argv[2]}/{name}.json")
 print(f"mnli train sample: {len(train)} train, {len(select)} select")
 PYEOF
 fi
