@@ -2,6 +2,9 @@
 # TEACHERS_CONFIG, PY and LABEL, then call these in order:
 #
 #   ingest CORPUS FILE ARGS...          ingest a corpus unless the store has it
+#   mine_samples CORPUS SAMPLES LABELS EXCLUDE...
+#                                       a stage-1 corpus unless the store has it: every text_a of the samples
+#                                       file (json-samples) with its top 5 text_b of the file's pool by BM25
 #   teachers_and_labels METRIC          fine-tune the teachers (unless done), label every corpus, verify; sets
 #                                       ENCODER, ALL (every teacher, a JSON list) and BEST (the best by dev METRIC)
 #   train_students TASK                 every variant once per seed
@@ -18,6 +21,23 @@ log() { echo "[$(date +%T)] $*"; }
 ingest() {
   local corpus=$1; shift
   [ -f "$STORE/corpus/$corpus/manifest.json" ] || $LABEL ingest "$@" --store "$STORE" --corpus "$corpus"
+}
+
+mine_samples() {
+  local corpus=$1 samples=$2 labels=$3; shift 3
+  [ -f "$STORE/corpus/$corpus/manifest.json" ] && return
+  $PY - "$samples" "$OUT" <<'PYEOF'
+import json, sys
+pairs = json.load(open(sys.argv[1])).values()
+with open(f"{sys.argv[2]}/questions.jsonl", "w") as q, open(f"{sys.argv[2]}/passages.jsonl", "w") as p:
+    for r in pairs:
+        q.write(json.dumps({"question": r["text_a"]}) + "\n")
+        p.write(json.dumps({"text": r["text_b"]}) + "\n")
+PYEOF
+  local exclude=() c
+  for c in "$@"; do exclude+=(--exclude "$c"); done
+  $LABEL mine --store "$STORE" --corpus "$corpus" --questions "$OUT/questions.jsonl" --passages "$OUT/passages.jsonl" \
+    --top-k 5 "${exclude[@]}" --label-names "$labels" --part-rows 10000
 }
 
 teachers_and_labels() {

@@ -50,19 +50,7 @@ fi
 ingest mnli-train "$OUT/train.json" --format json-samples --label-names "$LABELS"
 ingest mnli-select "$OUT/select.json" --format json-samples --label-names "$LABELS"
 ingest mnli-test "$DATA/mnli/heldout-sample.json" --format json-samples --label-names "$LABELS"
-if [ ! -f "$STORE/corpus/mnli-unlabeled/manifest.json" ]; then
-  $PY - "$OUT/train.json" "$OUT" <<'PYEOF'
-import json, sys
-pairs = json.load(open(sys.argv[1])).values()
-with open(f"{sys.argv[2]}/premises.jsonl", "w") as q, open(f"{sys.argv[2]}/hypotheses.jsonl", "w") as p:
-    for r in pairs:
-        q.write(json.dumps({"question": r["text_a"]}) + "\n")
-        p.write(json.dumps({"text": r["text_b"]}) + "\n")
-PYEOF
-  $LABEL mine --store "$STORE" --corpus mnli-unlabeled --questions "$OUT/premises.jsonl" \
-    --passages "$OUT/hypotheses.jsonl" --top-k 5 --exclude mnli-select --exclude mnli-test \
-    --label-names "$LABELS" --part-rows 10000
-fi
+mine_samples mnli-unlabeled "$OUT/train.json" "$LABELS" mnli-select mnli-test
 log "corpora ready (${SECONDS}s)"
 
 # 2-3. Teachers (mnli-select chooses each one's epoch), then every corpus labelled by every teacher; TKD learns

@@ -35,19 +35,7 @@ SECONDS=0
 ingest qnli-train "$DATA/qnli/train-sample.json" --format json-samples
 ingest qnli-heldout "$DATA/qnli/heldout-sample.json" --format json-samples
 ingest qnli-dev "$DATA/qnli/dev.tsv" --format glue
-if [ ! -f "$STORE/corpus/qnli-unlabeled/manifest.json" ]; then
-  $PY - "$DATA/qnli/train-sample.json" "$OUT" <<'PYEOF'
-import json, sys
-pairs = json.load(open(sys.argv[1])).values()
-with open(f"{sys.argv[2]}/questions.jsonl", "w") as q, open(f"{sys.argv[2]}/passages.jsonl", "w") as p:
-    for r in pairs:
-        q.write(json.dumps({"question": r["text_a"]}) + "\n")
-        p.write(json.dumps({"text": r["text_b"]}) + "\n")
-PYEOF
-  $LABEL mine --store "$STORE" --corpus qnli-unlabeled --questions "$OUT/questions.jsonl" \
-    --passages "$OUT/passages.jsonl" --top-k 5 --exclude qnli-heldout --exclude qnli-dev \
-    --label-names entailment,not_entailment --part-rows 10000
-fi
+mine_samples qnli-unlabeled "$DATA/qnli/train-sample.json" entailment,not_entailment qnli-heldout qnli-dev
 log "corpora ready (${SECONDS}s)"
 
 # 2-3. Teachers fine-tuned from all-MiniLM-L6-v2 (dev chooses each one's epoch), then every corpus labelled by
