@@ -72,7 +72,10 @@ def bars(runs: list[dict], metric: str = "test_map", tmkd: str = "tmkd") -> list
     order = (tmkd, *ORDER[1:])
     have = [v for v in order if v in mean]
     held = None if len(have) < len(order) else all(mean[a] >= mean[b] for a, b in zip(order, order[1:]))
-    out.append((f"{name} >= MKD >= TKD >= no-KD (means)", held, " >= ".join(f"{v} {mean[v]:.4f}" for v in have)))
+    shown = f"{have[0]} {mean[have[0]]:.4f}" if have else ""
+    for a, b in zip(have, have[1:]):  # each sign as the means have it: a failed step shows as "<"
+        shown += f" {'>=' if mean[a] >= mean[b] else '<'} {b} {mean[b]:.4f}"
+    out.append((f"{name} >= MKD >= TKD >= no-KD (means)", held, shown))
     return out
 
 

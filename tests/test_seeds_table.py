@@ -66,6 +66,7 @@ def test_the_bars_say_which_claims_held():
     # seeds 1, 2: differences .05 and .04, mean .045, SE = std / sqrt(2) = .005: beyond 2 SE
     assert got["TMKD − MKD-matched > 2 SE"] == (True, "+0.0450 ± 0.0050 SE over seeds [1, 2]")
     assert got["TMKD >= MKD >= TKD >= no-KD (means)"][0] is False  # no-KD's 0.7115 beats TKD's 0.6915
+    assert got["TMKD >= MKD >= TKD >= no-KD (means)"][1].endswith("tkd 0.6915 < nokd 0.7115")  # said, not ">="
     without = [r for r in runs if r["variant"] != "nokd"]
     assert seeds_table.bars(without)[2][1] is None  # a missing variant: not judged
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), "--bars", "/dev/stdin"],
