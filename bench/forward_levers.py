@@ -8,6 +8,10 @@ test's 6,165 pairs, a real teacher folder), with tensors built beforehand, for:
   (today: matmuls in bf16; layer norms, GELU, softmax and residual adds in fp32, with a cast around each);
 - ``tokens-N``: N padded tokens per batch instead of the CPU default of 4,096;
 - ``compile``: ``torch.compile(dynamic=True)`` of the same model (with ``--compile``; it compiles first);
+- ``onnxruntime`` and ``onnxruntime-fused`` (with ``--onnx model.onnx``, fp32): the teacher exported to ONNX, run by
+  ONNX Runtime as exported and after its BERT graph fusions (attention, skip layer norm, bias GELU: the non-GEMM ops
+  a fused kernel removes), on the same padded batches. ``bench/peer.py --onnx`` exports one; ``pip install -e
+  ".[bench]"``;
 - padding-free attention is not run but bounded: the share of padded positions in these batches is the most
   it could save.
 
@@ -23,6 +27,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +59,34 @@ def forward(model, batches, amp, n: int) -> tuple[float, np.ndarray]:
     return seconds, out
 
 
+class OnnxTeacher:
+    """An ONNX Runtime session called like the torch model (tensors in, ``.logits`` out), so ``forward`` times both."""
+
+    def __init__(self, path: Path, threads: int, num_labels: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.config = SimpleNamespace(num_labels=num_labels)
+
+    def __call__(self, **batch):
+        feed = {k: v.numpy() for k, v in batch.items() if k in self.inputs}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))
+
+
+def fuse_onnx(path: Path, config, out: Path) -> Path:
+    """ONNX Runtime's BERT fusions of an exported model (once, untimed), saved beside the other outputs."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
+                           hidden_size=config.hidden_size)
+    print("onnxruntime fusions:", {k: v for k, v in fused.get_fused_operator_statistics().items() if v}, flush=True)
+    fused.save_model_to_file(str(out / "model-fused.onnx"))
+    return out / "model-fused.onnx"
+
+
 def agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
     diff = np.abs(logits - ref)
     return {"classes_agree": float((logits.argmax(1) == ref.argmax(1)).mean()),
@@ -69,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192, 16384], help="token budgets to try")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(dynamic=True)")
+    ap.add_argument("--onnx", type=Path, help="the same teacher exported to ONNX: also time ONNX Runtime (fp32)")
     ap.add_argument("--only", nargs="*", help="time only these variants (fp32 always runs once: the reference)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +146,11 @@ def main() -> None:
             forward(compiled, base_batches, amp, n)  # compiles
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
             variants[name] = (compiled, base_batches, amp, base)
+
+    if args.onnx:
+        threads = torch.get_num_threads()
+        for name, path in (("onnxruntime", args.onnx), ("onnxruntime-fused", fuse_onnx(args.onnx, fp32.config, args.out))):
+            variants[name] = (OnnxTeacher(path, threads, fp32.config.num_labels), base_batches, None, "fp32")
 
     names = [k for k in variants if not args.only or k in args.only]
     if "fp32" not in names:  # the reference the others' logits are compared with: scored once, not timed
