@@ -89,9 +89,10 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     from transformers.utils import logging as hf_logging
 
     from tmkd.student.data import data_workers, dummy_batch, epoch_batches
+    from tmkd.teachers.device import train_mixed_precision
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision or None)
+    accelerator = Accelerator(mixed_precision=train_mixed_precision(cfg.train.mixed_precision))
     world, main = accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.output)
     set_seed(cfg.seed)

@@ -4,8 +4,10 @@ optimizer every training job uses (fused_adamw).
 The choices are plain functions of a ``DeviceInfo`` (what kind of device, how much memory is free, whether it
 has bf16), so they are tested on a CPU for any device, and the scorer only asks ``describe(device)`` once.
 
-- dtype: bf16 autocast where the device has it; fp16 on a GPU without bf16; fp16 on a CPU falls back to fp32
-  (CPUs run fp16 matmuls at a few GFLOP/s).
+- dtype: bf16 autocast where the device has it natively; fp16 on a GPU without bf16; on a CPU without it (no
+  AVX512-BF16 or AMX), fp32: oneDNN emulates bf16 there, 8.3x slower than fp32 on an AVX2 CPU (BENCHMARKS.md,
+  section 12). fp16 on a CPU falls back to fp32 too (CPUs run fp16 matmuls at a few GFLOP/s). The training jobs
+  follow the same rule (``train_mixed_precision``).
 - tokens per batch: on a GPU, a share of the free memory over an estimate of the activation bytes per token
   (inference: no gradients are kept); on a CPU, 4,096 (measured best on this project's CPUs, BENCHMARKS.md:
   bigger batches stop paying once the matmuls are large enough to use the cores). ``batch_tokens`` in
@@ -15,6 +17,7 @@ has bf16), so they are tested on a CPU for any device, and the scorer only asks 
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ CPU_MAX_ROWS = 512
 GPU_MAX_ROWS = 8192
 GPU_MAX_BATCH_TOKENS = 1 << 20  # past this a batch only adds latency: the GPU is full long before
 GPU_MEMORY_SHARE = 0.5  # of the free memory, for activations; the rest is headroom (allocator, other teachers)
+CPU_NO_BF16 = ("this CPU has no native bfloat16 (AVX512-BF16 or AMX), and emulated bf16 runs several times slower "
+               "than float32 here")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,7 +41,7 @@ class DeviceInfo:
 
     type: str  # "cpu", "cuda", "mps", ...
     free_bytes: int | None = None  # free accelerator memory; None on a CPU
-    bf16: bool = True  # bf16 matmuls supported (CUDA: compute capability 8.0+)
+    bf16: bool = True  # native bf16 matmuls (CUDA: compute capability 8.0+; CPU: AVX512-BF16 or AMX)
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,22 @@ def cuda_has_bf16(device: torch.device | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU: AVX512-BF16 or AMX tiles. Without them oneDNN emulates bf16, much slower
+    than fp32 (8.3x for a MiniLM forward, 27x for a training step, on an AVX2 Zen 3: BENCHMARKS.md, section 12)."""
+    cpu = torch.cpu
+    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # older builds: oneDNN's own answer
+
+
 def describe(device: torch.device) -> DeviceInfo:
-    """The ``DeviceInfo`` of a torch device on this machine (queries CUDA for free memory and bf16)."""
+    """The ``DeviceInfo`` of a torch device on this machine (queries CUDA for free memory and bf16, a CPU for bf16)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return DeviceInfo("cuda", int(free), cuda_has_bf16(device))
+    if device.type == "cpu":
+        return DeviceInfo("cpu", bf16=cpu_has_bf16())
     return DeviceInfo(device.type)
 
 
@@ -71,6 +87,9 @@ def autocast_dtype(dtype: str, info: DeviceInfo) -> torch.dtype | None:
         return None
     if info.type == "cpu" and dtype == "float16":
         warnings.warn("float16 is not usable on this CPU; scoring in float32 (use bfloat16 for speed)")
+        return None
+    if info.type == "cpu" and dtype == "bfloat16" and not info.bf16:
+        warnings.warn(CPU_NO_BF16 + "; scoring in float32")
         return None
     if info.type == "cuda" and dtype == "bfloat16" and not info.bf16:
         warnings.warn("this GPU has no bfloat16; scoring in float16")
@@ -122,6 +141,18 @@ def scoring_settings(info: DeviceInfo, config, dtype: str, max_length: int,
     amp = autocast_dtype(dtype, info)
     tokens = batch_tokens or token_budget(info, config, max_length, amp)
     return ScoringSettings(amp, tokens, GPU_MAX_ROWS if info.type == "cuda" else CPU_MAX_ROWS, "sdpa")
+
+
+def train_mixed_precision(requested: str | None) -> str | None:
+    """The ``mixed_precision`` a training job gives its Accelerator: what was asked (here or by ``accelerate launch``,
+    through ACCELERATE_MIXED_PRECISION), except bf16 on a CPU without native bf16, which trains in fp32 with a
+    warning (the scorer's rule). None leaves the choice to accelerate."""
+    asked = requested or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if asked == "bf16" and on_cpu and not cpu_has_bf16():
+        warnings.warn(CPU_NO_BF16 + "; training in float32")
+        return "no"
+    return requested or None
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -60,6 +60,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,8 @@ from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches, pad_batch, read_back
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
-from tmkd.teachers.device import cuda_has_bf16, describe, fused_adamw, to_device, train_part_tokens
+from tmkd.teachers.device import (CPU_NO_BF16, cpu_has_bf16, cuda_has_bf16, describe, fused_adamw, to_device,
+                                  train_part_tokens)
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
@@ -144,7 +146,7 @@ class FinetuneConfig:
     teacher: list[TeacherConfig]
     test_corpus: str | None = None
     max_length: int = 128
-    bf16: bool = True  # bf16 autocast where the device has it (never fp16 on CPU: unusably slow)
+    bf16: bool = True  # bf16 autocast where the device has it natively (else fp32; never fp16 on a CPU: unusably slow)
     eval_batch_tokens: int = 16384  # padded tokens per evaluation batch
     max_train_rows: int | None = None  # subsample the train corpus (whole questions) for quick runs
     max_dev_rows: int | None = None
@@ -671,7 +673,9 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     check_depth(encoder, cfg.teacher)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
     cpu = not torch.cuda.is_available()
-    bf16 = cfg.bf16 and (cpu or cuda_has_bf16())
+    bf16 = cfg.bf16 and (cpu_has_bf16() if cpu else cuda_has_bf16())
+    if cfg.bf16 and cpu and not bf16:
+        warnings.warn(CPU_NO_BF16 + "; fine-tuning in float32")
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its backward() steps: per part, not per batch
         raise FinetuneError("teachers/finetune.py does not run under DeepSpeed; use plain DDP (accelerate launch)")

@@ -82,7 +82,39 @@ def test_describe_asks_the_gpu_it_is_given(monkeypatch):
         monkeypatch.setattr(dev.torch.cuda, "get_device_capability", lambda d=None, c=capability: asked.append(d) or c)
         assert dev.describe(torch.device("cuda", 1)) == DeviceInfo("cuda", 40 * GB, bf16)
     assert set(asked) == {torch.device("cuda", 1)}
-    assert dev.describe(torch.device("cpu")) == DeviceInfo("cpu")
+
+
+def test_a_cpu_has_bf16_only_with_avx512_bf16_or_amx(monkeypatch):
+    from tmkd.teachers import device as dev
+
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(dev.torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(dev.torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert dev.describe(torch.device("cpu")) == DeviceInfo("cpu", bf16=native)
+
+
+def test_a_cpu_without_native_bf16_scores_and_trains_in_fp32_and_says_so(monkeypatch):
+    """Emulated bf16 ran 8.3x (scoring) and 27x (training) slower than fp32 on an AVX2 CPU (BENCHMARKS.md section 12): asked for bf16 there, the
+    scorer and the training jobs compute in fp32, with a warning; where the CPU has bf16 nothing changes."""
+    from tmkd.teachers import device as dev
+
+    with pytest.warns(UserWarning, match="no native bfloat16 .*; scoring in float32"):
+        s = scoring_settings(DeviceInfo("cpu", bf16=False), MINILM, "bfloat16", 128)
+    assert s.autocast is None and s.compute_dtype == "float32"
+
+    monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.warns(UserWarning, match="no native bfloat16 .*; training in float32"):
+        assert dev.train_mixed_precision("bf16") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    with pytest.warns(UserWarning, match="training in float32"):
+        assert dev.train_mixed_precision(None) == "no"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dev.train_mixed_precision("no") == "no"  # the job's own setting wins over the launcher's
+        monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)
+        assert dev.train_mixed_precision("bf16") == "bf16" and dev.train_mixed_precision(None) is None
 
 
 def test_loaded_teacher_asks_for_fused_attention_and_the_device_budget(tiny_teachers, monkeypatch):
@@ -97,6 +129,9 @@ def test_loaded_teacher_asks_for_fused_attention_and_the_device_budget(tiny_teac
     real = AutoModelForSequenceClassification.from_pretrained
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
                         lambda *a, **k: asked.append(k.get("attn_implementation")) or real(*a, **k))
+    from tmkd.teachers import device as dev
+
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)  # a CPU with native bf16, whatever this one has
     auto = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, dtype="bfloat16"), None, folder,
                          torch.device("cpu"), tok)
     assert asked == ["sdpa"] and auto.model.config._attn_implementation == "sdpa"
@@ -104,3 +139,8 @@ def test_loaded_teacher_asks_for_fused_attention_and_the_device_budget(tiny_teac
     given = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, batch_tokens=64), None, folder,
                           torch.device("cpu"), tok)
     assert given.settings.batch_tokens == 64 and given.compute_dtype == "float32"
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        emulated = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, dtype="bfloat16"), None,
+                                 folder, torch.device("cpu"), tok)
+    assert emulated.compute_dtype == "float32"
