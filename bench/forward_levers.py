@@ -12,6 +12,8 @@ test's 6,165 pairs, a real teacher folder), with tensors built beforehand, for:
   ONNX Runtime as exported and after its BERT graph fusions (attention, skip layer norm, bias GELU: the non-GEMM ops
   a fused kernel removes), on the same padded batches. ``bench/peer.py --onnx`` exports one; ``pip install -e
   ".[bench]"``;
+- ``onnxruntime-torchscript``, ``onnxruntime-dynamo`` (and ``-torchscript-fused``) with ``--onnx-export``: the same,
+  but exported here, in this project's environment, by torch.onnx's two exporters (no optimum-onnx);
 - padding-free attention is not run but bounded: the share of padded positions in these batches is the most
   it could save.
 
@@ -76,6 +78,27 @@ class OnnxTeacher:
         return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))
 
 
+def export_onnx(folder: Path, sample: dict, out: Path) -> dict[str, Path]:
+    """The teacher exported by torch.onnx in this environment, with eager attention (the graph ONNX Runtime's BERT
+    fusions recognise), by both its exporters: TorchScript (``dynamo=False``, deprecated) and torch.export
+    (``dynamo=True``; needs onnx and onnxscript). Dynamic batch size and sequence length."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
+    names = list(sample)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' notes; the logits are compared with torch's below
+        torch.onnx.export(model, tuple(sample[k] for k in names), str(out / "torchscript.onnx"), dynamo=False,
+                          opset_version=17, input_names=names, output_names=["logits"],
+                          dynamic_axes={k: {0: "batch", 1: "seq"} for k in names} | {"logits": {0: "batch"}})
+        batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+        torch.onnx.export(model, (), kwargs=sample, dynamo=True, input_names=names, output_names=["logits"],
+                          dynamic_shapes={k: {0: batch, 1: seq} for k in names}).save(str(out / "dynamo.onnx"))
+    return {"onnxruntime-torchscript": out / "torchscript.onnx", "onnxruntime-dynamo": out / "dynamo.onnx"}
+
+
 def fuse_onnx(path: Path, config, out: Path) -> Path:
     """ONNX Runtime's BERT fusions of an exported model (once, untimed), saved beside the other outputs."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -83,8 +106,8 @@ def fuse_onnx(path: Path, config, out: Path) -> Path:
     fused = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
                            hidden_size=config.hidden_size)
     print("onnxruntime fusions:", {k: v for k, v in fused.get_fused_operator_statistics().items() if v}, flush=True)
-    fused.save_model_to_file(str(out / "model-fused.onnx"))
-    return out / "model-fused.onnx"
+    fused.save_model_to_file(str(out / f"{path.stem}-fused.onnx"))
+    return out / f"{path.stem}-fused.onnx"
 
 
 def agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
@@ -103,6 +126,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192, 16384], help="token budgets to try")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(dynamic=True)")
     ap.add_argument("--onnx", type=Path, help="the same teacher exported to ONNX: also time ONNX Runtime (fp32)")
+    ap.add_argument("--onnx-export", action="store_true",
+                    help="export the teacher here with torch.onnx's two exporters and time ONNX Runtime on each (fp32)")
+    ap.add_argument("--pairs", type=int, default=None, help="only the first N test pairs (default: all 6,165)")
     ap.add_argument("--only", nargs="*", help="time only these variants (fp32 always runs once: the reference)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +141,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.teacher)
     store = Store(fresh_store(args.out, args.data / "wikiqa" / "WikiQA-test.tsv.gz", "store-texts"))
     table = store.read_corpus_part(store.corpus("test").parts[0])
+    table = table.slice(0, args.pairs) if args.pairs else table
     a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
     enc = encode_pairs(tok, a, b, 128, "longest_first")
     n, pad_id = len(a), tok.pad_token_id
@@ -150,6 +177,12 @@ def main() -> None:
     if args.onnx:
         threads = torch.get_num_threads()
         for name, path in (("onnxruntime", args.onnx), ("onnxruntime-fused", fuse_onnx(args.onnx, fp32.config, args.out))):
+            variants[name] = (OnnxTeacher(path, threads, fp32.config.num_labels), base_batches, None, "fp32")
+    if args.onnx_export:
+        threads = torch.get_num_threads()
+        exported = export_onnx(args.teacher, base_batches[0][1], args.out)
+        exported["onnxruntime-torchscript-fused"] = fuse_onnx(exported["onnxruntime-torchscript"], fp32.config, args.out)
+        for name, path in exported.items():
             variants[name] = (OnnxTeacher(path, threads, fp32.config.num_labels), base_batches, None, "fp32")
 
     names = [k for k in variants if not args.only or k in args.only]
