@@ -60,7 +60,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -675,7 +674,7 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     cpu = not torch.cuda.is_available()
     bf16 = cfg.bf16 and (cpu_has_bf16() if cpu else cuda_has_bf16())
     if cfg.bf16 and cpu and not bf16:
-        warnings.warn(CPU_NO_BF16 + "; fine-tuning in float32")
+        console.print(f"note: {CPU_NO_BF16}; fine-tuning in float32", markup=False, highlight=False)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its backward() steps: per part, not per batch
         raise FinetuneError("teachers/finetune.py does not run under DeepSpeed; use plain DDP (accelerate launch)")
