@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from labeler import bert_flops, fresh_store, gemm_peak, make_teacher  # noqa: E402  (bench/ is the script's own folder)
 from tmkd.data.store import Store  # noqa: E402
-from tmkd.teachers.device import DeviceInfo, autocast_dtype
+from tmkd.teachers.device import autocast_dtype, describe
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch  # noqa: E402
 
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
@@ -82,7 +82,7 @@ def main() -> None:
 
     compiled = torch.compile(model, dynamic=True)
     for dtype in ("float32", "bfloat16"):
-        amp = autocast_dtype(dtype, DeviceInfo("cpu"))
+        amp = autocast_dtype(dtype, describe(torch.device("cpu")))
         timed(model, batches, amp)  # warm-up: kernels for every shape
         t_c = time.perf_counter()
         timed(compiled, batches, amp)  # compiles (dynamic shapes: once, not per batch length)

@@ -38,8 +38,10 @@ def sh(*cmd) -> None:
 def comparison_table(store_path: Path, corpus: str, teachers: list[str], student: Path) -> str:
     """Dev metrics of each teacher (from the store), their ensemble and the student, plus pairs/s."""
     import numpy as np
+    import torch
 
     from tmkd.data.store import Store
+    from tmkd.teachers.device import describe
     from tmkd.teachers.metrics import evaluate_predictions
     from tmkd.teachers.scoring import score_folder
 
@@ -63,9 +65,10 @@ def comparison_table(store_path: Path, corpus: str, teachers: list[str], student
     student_logits, pps = score_folder(student, a, b, config["student"]["max_length"], "bfloat16")
     rows.append(("student (TMKD)", evaluate_predictions(student_logits, gold, groups, positive), pps))
 
+    precision = "bf16" if describe(torch.device("cpu")).bf16 else "fp32"  # what score_folder's "bfloat16" ran in
     lines = [f"{corpus}: {len(a)} pairs (official QNLI dev); accuracy of always 'not_entailment': "
              f"{float((gold != positive).mean()):.3f}", "",
-             "| model | accuracy | F1 (entailment) | pairs/s (bf16) |", "|---|---|---|---|"]
+             f"| model | accuracy | F1 (entailment) | pairs/s ({precision}) |", "|---|---|---|---|"]
     lines += [f"| {name} | {m['accuracy']:.3f} | {m['f1']:.3f} | {pps:.0f} |" for name, m, pps in rows]
     return "\n".join(lines)
 

@@ -63,12 +63,16 @@ def cuda_has_bf16(device: torch.device | None = None) -> bool:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls on this CPU: AVX512-BF16 or AMX tiles. Without them oneDNN emulates bf16, much slower
-    than fp32 (8.3x for a MiniLM forward, 27x for a training step, on an AVX2 Zen 3: BENCHMARKS.md, section 12)."""
+    """Native bf16 matmuls on this CPU: AVX512-BF16 or AMX tiles on x86; on ARM, oneDNN's own answer (BF16 in
+    Neoverse V1/V2, Apple M2+). Without them oneDNN emulates bf16, much slower than fp32 (8.3x for a MiniLM forward,
+    27x for a training step, on an AVX2 Zen 3: BENCHMARKS.md, section 12)."""
+    import platform
+
     cpu = torch.cpu
-    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+    x86 = hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported")
+    if x86 and platform.machine().lower() not in ("aarch64", "arm64"):
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # older builds: oneDNN's own answer
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def describe(device: torch.device) -> DeviceInfo:
@@ -143,16 +147,32 @@ def scoring_settings(info: DeviceInfo, config, dtype: str, max_length: int,
     return ScoringSettings(amp, tokens, GPU_MAX_ROWS if info.type == "cuda" else CPU_MAX_ROWS, "sdpa")
 
 
+def training_on_cpu() -> bool:
+    """Whether a training job's Accelerator runs on the CPU: asked for (`accelerate launch --cpu` sets
+    ACCELERATE_USE_CPU), or no accelerator device here (CUDA, MPS, XPU)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
+
+
 def train_mixed_precision(requested: str | None) -> str | None:
     """The ``mixed_precision`` a training job gives its Accelerator: what was asked (here or by ``accelerate launch``,
     through ACCELERATE_MIXED_PRECISION), except bf16 on a CPU without native bf16, which trains in fp32 with a
     warning (the scorer's rule). None leaves the choice to accelerate."""
     asked = requested or os.environ.get("ACCELERATE_MIXED_PRECISION")
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if asked == "bf16" and on_cpu and not cpu_has_bf16():
+    if asked == "bf16" and training_on_cpu() and not cpu_has_bf16():
         warnings.warn(CPU_NO_BF16 + "; training in float32")
         return "no"
     return requested or None
+
+
+def finetune_bf16(requested: bool, cpu: bool) -> bool:
+    """Whether teacher fine-tuning computes in bf16: where asked and the device has it natively (a GPU of compute
+    capability 8.0+, a CPU with native bf16); otherwise fp32."""
+    return requested and (cpu_has_bf16() if cpu else cuda_has_bf16())
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -70,7 +70,7 @@ from tmkd.data.errors import error_line
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches, pad_batch, read_back
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
-from tmkd.teachers.device import (CPU_NO_BF16, cpu_has_bf16, cuda_has_bf16, describe, fused_adamw, to_device,
+from tmkd.teachers.device import (CPU_NO_BF16, describe, finetune_bf16, fused_adamw, to_device,
                                   train_part_tokens)
 from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, set_path, table_values,
                                   write_toml)
@@ -651,7 +651,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer_folder: Path) -> Prepared:
 def run(cfg: FinetuneConfig, console=None) -> dict:
     """Train every teacher of ``cfg``; write folders, teachers.toml and the report; return the report."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, parse_flag_from_env
     from rich.console import Console
 
     from transformers.utils import logging as hf_logging
@@ -671,11 +671,11 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     encoder = resolve_encoder(cfg.encoder)
     check_depth(encoder, cfg.teacher)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
-    cpu = not torch.cuda.is_available()
-    bf16 = cfg.bf16 and (cpu_has_bf16() if cpu else cuda_has_bf16())
-    if cfg.bf16 and cpu and not bf16:
-        console.print(f"note: {CPU_NO_BF16}; fine-tuning in float32", markup=False, highlight=False)
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")  # or `accelerate launch --cpu`
+    bf16 = finetune_bf16(cfg.bf16, cpu)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
+    if cfg.bf16 and cpu and not bf16:
+        accelerator.print(f"note: {CPU_NO_BF16}; fine-tuning in float32")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its backward() steps: per part, not per batch
         raise FinetuneError("teachers/finetune.py does not run under DeepSpeed; use plain DDP (accelerate launch)")
     if cfg.threads or (cpu and accelerator.num_processes == 1):

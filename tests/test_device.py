@@ -87,9 +87,16 @@ def test_describe_asks_the_gpu_it_is_given(monkeypatch):
 def test_a_cpu_has_bf16_only_with_avx512_bf16_or_amx(monkeypatch):
     from tmkd.teachers import device as dev
 
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+
     for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
         monkeypatch.setattr(dev.torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(dev.torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert dev.describe(torch.device("cpu")) == DeviceInfo("cpu", bf16=native)
+    # on ARM the x86 probes say nothing: oneDNN's own answer counts
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    for native in (False, True):
+        monkeypatch.setattr(dev.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=native: v)
         assert dev.describe(torch.device("cpu")) == DeviceInfo("cpu", bf16=native)
 
 
@@ -102,9 +109,11 @@ def test_a_cpu_without_native_bf16_scores_and_trains_in_fp32_and_says_so(monkeyp
         s = scoring_settings(DeviceInfo("cpu", bf16=False), MINILM, "bfloat16", 128)
     assert s.autocast is None and s.compute_dtype == "float32"
 
-    monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: False)  # a CPU-only machine, whatever this one is
+    monkeypatch.setattr(dev.torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for var in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.warns(UserWarning, match="no native bfloat16 .*; training in float32"):
         assert dev.train_mixed_precision("bf16") == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
@@ -113,8 +122,21 @@ def test_a_cpu_without_native_bf16_scores_and_trains_in_fp32_and_says_so(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dev.train_mixed_precision("no") == "no"  # the job's own setting wins over the launcher's
-        monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)
+        # a GPU here: bf16 is its business, not the CPU's ...
+        monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: True)
+        assert dev.train_mixed_precision("bf16") == "bf16"
+    # ... unless `accelerate launch --cpu` puts the job on the CPU (it sets ACCELERATE_USE_CPU="True")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.warns(UserWarning, match="training in float32"):
+        assert dev.train_mixed_precision("bf16") == "no"
+    assert dev.finetune_bf16(True, cpu=True) is False and dev.finetune_bf16(False, cpu=True) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)  # a CPU with native bf16: as asked
         assert dev.train_mixed_precision("bf16") == "bf16" and dev.train_mixed_precision(None) is None
+        assert dev.finetune_bf16(True, cpu=True) is True
+        monkeypatch.setattr(dev, "cuda_has_bf16", lambda: False)  # a V100: fp32 (its bf16 is emulated)
+        assert dev.finetune_bf16(True, cpu=False) is False
 
 
 def test_loaded_teacher_asks_for_fused_attention_and_the_device_budget(tiny_teachers, monkeypatch):
