@@ -24,7 +24,8 @@ bound_cpu_caches()  # as the jobs do, before the first kernel
 import torch  # noqa: E402
 
 from tmkd.teachers.device import cpu_has_bf16  # noqa: E402
-from tmkd.teachers.scoring import encode_pairs, length_batches, load_scoring_model, load_tokenizer, pad_batch  # noqa: E402
+from tmkd.teachers.scoring import (encode_pairs, length_batches, load_scoring_model, load_tokenizer,  # noqa: E402
+                                   pad_batch)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -181,7 +181,8 @@ def main() -> None:
     if args.onnx_export:
         threads = torch.get_num_threads()
         exported = export_onnx(args.teacher, base_batches[0][1], args.out)
-        exported["onnxruntime-torchscript-fused"] = fuse_onnx(exported["onnxruntime-torchscript"], fp32.config, args.out)
+        torchscript = exported["onnxruntime-torchscript"]
+        exported["onnxruntime-torchscript-fused"] = fuse_onnx(torchscript, fp32.config, args.out)
         for name, path in exported.items():
             variants[name] = (OnnxTeacher(path, threads, fp32.config.num_labels), base_batches, None, "fp32")
 

@@ -155,7 +155,8 @@ def training_on_cpu() -> bool:
     if parse_flag_from_env("ACCELERATE_USE_CPU"):
         return True
     xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
+    xpu_here = xpu is not None and xpu.is_available()
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or xpu_here)
 
 
 def train_mixed_precision(requested: str | None) -> str | None:

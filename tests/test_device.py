@@ -101,8 +101,9 @@ def test_a_cpu_has_bf16_only_with_avx512_bf16_or_amx(monkeypatch):
 
 
 def test_a_cpu_without_native_bf16_scores_and_trains_in_fp32_and_says_so(monkeypatch):
-    """Emulated bf16 ran 8.3x (scoring) and 27x (training) slower than fp32 on an AVX2 CPU (BENCHMARKS.md section 12): asked for bf16 there, the
-    scorer and the training jobs compute in fp32, with a warning; where the CPU has bf16 nothing changes."""
+    """Emulated bf16 ran 8.3x (scoring) and 27x (training) slower than fp32 on an AVX2 CPU (BENCHMARKS.md section
+    12): asked for bf16 there, the scorer and the training jobs compute in fp32, with a warning; where the CPU has
+    bf16 nothing changes."""
     from tmkd.teachers import device as dev
 
     with pytest.warns(UserWarning, match="no native bfloat16 .*; scoring in float32"):
