@@ -37,6 +37,7 @@ from tmkd.data.store import Store  # noqa: E402
 from tmkd.student.data import DistillStream, data_workers  # noqa: E402
 from tmkd.student.losses import distill_loss  # noqa: E402
 from tmkd.student.model import load_student  # noqa: E402
+from tmkd.teachers.device import train_mixed_precision  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -88,6 +89,7 @@ def main() -> None:
     teachers = [store.teacher(n) for n in store.teachers()]
     parts = store.corpus(args.corpus).parts
     num_labels = len(teachers[0].label_names)
+    args.mixed_precision = train_mixed_precision(args.mixed_precision)  # as the trainer: fp32 where bf16 is emulated
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     args.num_workers = data_workers(args.num_workers, accelerator.device)
 
