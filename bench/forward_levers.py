@@ -174,17 +174,15 @@ def main() -> None:
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
             variants[name] = (compiled, base_batches, amp, base)
 
+    onnx: dict[str, Path] = {}  # variant -> graph, all run by ONNX Runtime in fp32 on the same batches
     if args.onnx:
-        threads = torch.get_num_threads()
-        for name, path in (("onnxruntime", args.onnx), ("onnxruntime-fused", fuse_onnx(args.onnx, fp32.config, args.out))):
-            variants[name] = (OnnxTeacher(path, threads, fp32.config.num_labels), base_batches, None, "fp32")
+        onnx = {"onnxruntime": args.onnx, "onnxruntime-fused": fuse_onnx(args.onnx, fp32.config, args.out)}
     if args.onnx_export:
-        threads = torch.get_num_threads()
-        exported = export_onnx(args.teacher, base_batches[0][1], args.out)
-        torchscript = exported["onnxruntime-torchscript"]
-        exported["onnxruntime-torchscript-fused"] = fuse_onnx(torchscript, fp32.config, args.out)
-        for name, path in exported.items():
-            variants[name] = (OnnxTeacher(path, threads, fp32.config.num_labels), base_batches, None, "fp32")
+        onnx |= export_onnx(args.teacher, base_batches[0][1], args.out)
+        onnx["onnxruntime-torchscript-fused"] = fuse_onnx(onnx["onnxruntime-torchscript"], fp32.config, args.out)
+    for name, path in onnx.items():
+        session = OnnxTeacher(path, torch.get_num_threads(), fp32.config.num_labels)
+        variants[name] = (session, base_batches, None, "fp32")
 
     names = [k for k in variants if not args.only or k in args.only]
     if "fp32" not in names:  # the reference the others' logits are compared with: scored once, not timed
