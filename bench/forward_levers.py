@@ -4,6 +4,9 @@
 lever has to make the forward itself faster. This times the bare forward on the labeler's own batches (WikiQA
 test's 6,165 pairs, a real teacher folder), with tensors built beforehand, for:
 
+- ``fp32-first-token``, ``bf16-autocast-first-token``: the last layer computed for the first token only, the one
+  position the head reads (tmkd.teachers.first_token; `tmkd-label run`'s default since 2026-11-30), against fp32
+  and bf16 autocast with the full last layer;
 - ``bf16-weights``: the model cast to bfloat16 (every op in bf16), against bf16 autocast over fp32 weights
   (today: matmuls in bf16; layer norms, GELU, softmax and residual adds in fp32, with a cast around each);
 - ``tokens-N``: N padded tokens per batch instead of the CPU default of 4,096;
@@ -26,6 +29,7 @@ baseline seconds / variant seconds.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -42,6 +46,7 @@ import torch  # noqa: E402
 
 from labeler import fresh_store  # noqa: E402  (bench/ is the script's own folder)
 from tmkd.data.store import Store  # noqa: E402
+from tmkd.teachers.first_token import wrap_last_layer  # noqa: E402
 from tmkd.teachers.scoring import encode_pairs, length_batches, load_scoring_model, pad_batch  # noqa: E402
 
 
@@ -153,9 +158,13 @@ def main() -> None:
     real = int(enc.lengths.sum())
 
     # name -> (model, batches, autocast dtype, the baseline it is measured against)
+    first_token = copy.deepcopy(fp32)
+    wrap_last_layer(first_token)
     variants = {"fp32": (fp32, base_batches, None, None),
                 "bf16-autocast": (fp32, base_batches, torch.bfloat16, None),
-                "bf16-weights": (bf16, base_batches, None, "bf16-autocast")}
+                "bf16-weights": (bf16, base_batches, None, "bf16-autocast"),
+                "fp32-first-token": (first_token, base_batches, None, "fp32"),
+                "bf16-autocast-first-token": (first_token, base_batches, torch.bfloat16, "bf16-autocast")}
     for t in args.tokens:
         if args.only and not {f"fp32-tokens-{t}", f"bf16-autocast-tokens-{t}"} & set(args.only):
             continue

@@ -23,6 +23,7 @@ peak is a CUDA matmul, and every timing waits for the GPU to finish.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import time
@@ -40,6 +41,7 @@ from tmkd.data.ingest import IngestOptions, ingest  # noqa: E402
 from tmkd.pipeline.run import RunOptions, pick_device, run
 from tmkd.data.store import Store
 from tmkd.teachers.device import ScoringSettings, describe, scoring_settings
+from tmkd.teachers.first_token import wrap_last_layer
 from tmkd.teachers.scoring import encode_pairs, length_batches, pad_batch
 
 
@@ -75,11 +77,17 @@ def gemm_peak(dtype: torch.dtype, device: torch.device | None = None, repeats: i
     return 2 * n**3 / best
 
 
-def bert_flops(lengths: np.ndarray, layers: int, hidden: int, intermediate: int) -> float:
-    """Forward FLOPs of a BERT encoder over sequences of these lengths (multiply-add = 2)."""
+def bert_flops(lengths: np.ndarray, layers: int, hidden: int, intermediate: int,
+               first_token_last_layer: bool = False) -> float:
+    """Forward FLOPs of a BERT encoder over sequences of these lengths (multiply-add = 2). With
+    ``first_token_last_layer`` (the scorer's default, tmkd.teachers.first_token), the last layer computes keys and
+    values for every token and the rest (query, attention, output, feed-forward) for the first token only."""
     t = lengths.astype(np.float64)
     per_layer = 2 * t * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * t * t * hidden
-    return float(layers * per_layer.sum())
+    if not first_token_last_layer:
+        return float(layers * per_layer.sum())
+    last = 2 * t * 2 * hidden * hidden + 2 * 2 * t * hidden + 2 * (2 * hidden * hidden + 2 * hidden * intermediate)
+    return float((layers - 1) * per_layer.sum() + last.sum())
 
 
 def make_teacher(out: Path) -> Path:
@@ -183,11 +191,16 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForSequenceClassification.from_pretrained(teacher).eval().to(device)
     cfg = model.config
+    # the bare forward runs the model as the labeler does: the last layer for the first token only where it applies
+    # (tmkd.teachers.first_token); the naive loops run it as a user's own loop would, whole
+    bare_model = copy.deepcopy(model)
+    first_token = wrap_last_layer(bare_model) is not None
     part = Store(fresh_store(args.out, source, "store-texts")).corpus("test").parts[0]
     table = Store(args.out / "store-texts").read_corpus_part(part)
     a, b = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
 
-    results = {"pairs": len(a), "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    results = {"pairs": len(a), "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "first_token_last_layer": first_token}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     # The peak is measured at the start and again at the end; the higher is the reference (a single
@@ -199,12 +212,13 @@ def main() -> None:
         amp = settings.autocast  # the dtype the matmuls run in: None is fp32; a GPU without bf16 autocasts to fp16
         amp_peak_start = gemm_peak(amp, device) if amp is not None else None
         # the bare forward right before and right after the labeler: neither pays alone for first-seen shapes
-        before, lengths, bare_batches = bare_forward(model, tok, a, b, settings, device)
+        before, lengths, bare_batches = bare_forward(bare_model, tok, a, b, settings, device)
         lab = labeler(args.out, source, teacher, dtype, device, settings.batch_tokens)
-        after, _, _ = bare_forward(model, tok, a, b, settings, device)
+        after, _, _ = bare_forward(bare_model, tok, a, b, settings, device)
         bare = 2 / (1 / before + 1 / after)  # pairs/s of the mean time
         fixed = fixed_padding(model, tok, a, b, amp, device)
-        flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+        flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                           first_token_last_layer=first_token)
         if dtype == "float32":
             peak_end = gemm_peak(torch.float32, device)  # again, right after the fp32 measurements
             peak = max(peak_start, peak_end)

@@ -146,13 +146,19 @@ def main() -> None:
 
     from tmkd.pipeline.run import pick_device
     from tmkd.teachers.device import autocast_dtype, describe
+    from tmkd.teachers.first_token import ARCHITECTURES
 
     device = pick_device(args.device)
 
     cfg = AutoConfig.from_pretrained(args.teacher)
-    flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    # the FLOPs tmkd's forward does: its last layer computes the first token only where the head allows it
+    # (tmkd.teachers.first_token; CrossEncoder computes every position, so its own count would be higher)
+    first_token = bool(set(cfg.architectures or ()) & set(ARCHITECTURES))
+    flops = bert_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                       first_token_last_layer=first_token)
     results = {"pairs": int(len(lengths)), "teacher": str(args.teacher), "rounds": args.rounds, "device": str(device),
-               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "precisions": {}}
+               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "first_token_last_layer": first_token,
+               "precisions": {}}
     for dtype in args.dtypes:
         toml = args.out / f"teachers-{dtype}.toml"
         toml.write_text(f'[[teacher]]\nname = "teacher"\npath = "{args.teacher}"\nmax_length = 128\n'

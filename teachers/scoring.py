@@ -16,6 +16,7 @@ import torch
 
 from tmkd.data.store import TeacherRecord
 from tmkd.teachers.device import describe, scoring_settings, to_device
+from tmkd.teachers.first_token import max_difference, wrap_last_layer
 from tmkd.teachers.spec import TeacherError, TeacherSpec
 
 @dataclass
@@ -121,6 +122,9 @@ class LoadedTeacher:
         self.spec, self.record, self.device, self.tokenizer = spec, record, device, tokenizer
         self.model = load_scoring_model(folder)
         self.model.to(device).eval()
+        # the last layer for the first token only (tmkd.teachers.first_token), checked on every part (score)
+        self.first_token = wrap_last_layer(self.model) if spec.first_token_last_layer else None
+        self.eager_model = self.model
         self.settings = scoring_settings(describe(device), self.model.config, spec.dtype, spec.max_length,
                                          spec.batch_tokens)
         if spec.compile:  # dynamic shapes: one compile serves every batch length (BENCHMARKS.md, section 1-4)
@@ -130,6 +134,7 @@ class LoadedTeacher:
         self.compute_dtype = self.settings.compute_dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.forward_passes = 0
+        self.first_token_checks = 0
 
     @torch.no_grad()
     def score(self, enc: Encoded, on_batch=None) -> np.ndarray:
@@ -143,6 +148,8 @@ class LoadedTeacher:
         # then caches the weights' bf16 copies until the context exits, so they are cast once per part, not
         # once per batch (under inference_mode it caches nothing). +3-10% pairs/s in bf16 on this CPU.
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            if self.first_token is not None and len(enc):
+                self.check_first_token(enc)
             for rows in length_batches(enc.lengths, self.settings.batch_tokens, self.settings.max_rows):
                 batch = {k: to_device(v, self.device) for k, v in pad_batch(enc, rows, self.pad_id).items()}
                 pending.append((rows, self.model(**batch).logits.float()))
@@ -152,7 +159,25 @@ class LoadedTeacher:
             read_back(pending, out, on_batch)
         return out
 
+    def check_first_token(self, enc: Encoded) -> None:
+        """Compare the first-token last layer with the full one on the part's 8 longest and 8 shortest rows (one
+        padded batch); past the tolerance, warn and score with the full layer from here on."""
+        by_length = np.argsort(enc.lengths, kind="stable")
+        rows = np.unique(np.concatenate([by_length[:8], by_length[-8:]]))
+        batch = {k: to_device(v, self.device) for k, v in pad_batch(enc, rows, self.pad_id).items()}
+        difference = max_difference(self.eager_model, self.first_token, batch)
+        tolerance = FIRST_TOKEN_TOLERANCE if self.amp is None else FIRST_TOKEN_TOLERANCE_HALF
+        self.first_token_checks += 1
+        if not difference <= tolerance:  # NaN included
+            warnings.warn(f"teacher {self.spec.name!r}: computing the last layer for the first token only changed "
+                          f"the logits by {difference:.3g} (tolerance {tolerance:g}); scoring with the full last "
+                          "layer instead (first_token_last_layer = false turns this off)")
+            self.first_token.enabled = False
+            self.first_token = None
 
+
+FIRST_TOKEN_TOLERANCE = 1e-3  # |logit| difference; measured: 4.5e-8 in fp32, 1.2e-4 in bf16 (BENCHMARKS.md, 13)
+FIRST_TOKEN_TOLERANCE_HALF = 3e-2  # bf16/fp16: one rounding of a logit of ~4 in bf16 is ~1.6e-2
 READBACK_BATCHES = 16  # batches whose logits come back to the host together (one wait for the device each time)
 
 
