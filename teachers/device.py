@@ -12,6 +12,10 @@ has bf16), so they are tested on a CPU for any device, and the scorer only asks 
   (inference: no gradients are kept); on a CPU, 4,096 (measured best on this project's CPUs, BENCHMARKS.md:
   bigger batches stop paying once the matmuls are large enough to use the cores). ``batch_tokens`` in
   teachers.toml overrides either.
+- streams: on a CPU, 2 forwards at once, each on half the threads torch has (``cpu_streams`` in teachers.toml
+  overrides it): with 2 threads on one forward, the small matmuls and the element-wise ops between them leave the
+  cores idle part of the time (BENCHMARKS.md, section 13). A row's logits are those of one forward on a stream's
+  threads, whichever stream takes its batch. On a GPU, 1.
 - attention: PyTorch's fused scaled-dot-product attention (``sdpa``) on every device: transformers' BERT uses it
   when asked, and it is what reaches the flash / memory-efficient kernels on a GPU.
 """
@@ -27,6 +31,7 @@ import torch
 CPU_BATCH_TOKENS = 4096
 CPU_TRAIN_PART_TOKENS = 1024  # fine-tuning: padded tokens per forward/backward on a CPU (BENCHMARKS.md section 10)
 CPU_MAX_ROWS = 512
+CPU_STREAMS = 2  # forwards at once on a CPU, the threads split between them (BENCHMARKS.md section 13)
 GPU_MAX_ROWS = 8192
 GPU_MAX_BATCH_TOKENS = 1 << 20  # past this a batch only adds latency: the GPU is full long before
 GPU_MEMORY_SHARE = 0.5  # of the free memory, for activations; the rest is headroom (allocator, other teachers)
@@ -50,6 +55,7 @@ class ScoringSettings:
     batch_tokens: int  # padded tokens per forward batch
     max_rows: int  # rows per forward batch, whatever their length
     attention: str  # transformers' attn_implementation
+    streams: int = 1  # batches forwarded at once, each on threads // streams of torch's threads (a CPU only)
 
     @property
     def compute_dtype(self) -> str:
@@ -140,11 +146,16 @@ def train_part_tokens(info: DeviceInfo, config, max_length: int, half: bool, req
 
 
 def scoring_settings(info: DeviceInfo, config, dtype: str, max_length: int,
-                     batch_tokens: int | None = None) -> ScoringSettings:
-    """Everything the scorer decides from the device; ``batch_tokens`` (teachers.toml) wins when given."""
+                     batch_tokens: int | None = None, cpu_streams: int | None = None,
+                     threads: int | None = None) -> ScoringSettings:
+    """Everything the scorer decides from the device; ``batch_tokens`` and ``cpu_streams`` (teachers.toml) win
+    when given. ``threads``: torch's intra-op threads (default: what torch has now); no more streams than that."""
     amp = autocast_dtype(dtype, info)
     tokens = batch_tokens or token_budget(info, config, max_length, amp)
-    return ScoringSettings(amp, tokens, GPU_MAX_ROWS if info.type == "cuda" else CPU_MAX_ROWS, "sdpa")
+    streams = 1
+    if info.type == "cpu":
+        streams = max(1, min(cpu_streams or CPU_STREAMS, threads or torch.get_num_threads()))
+    return ScoringSettings(amp, tokens, GPU_MAX_ROWS if info.type == "cuda" else CPU_MAX_ROWS, "sdpa", streams)
 
 
 def training_on_cpu() -> bool:

@@ -7,9 +7,13 @@ in the part's order, so the caller never sees the sorting.
 """
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 
 import numpy as np
 import torch
@@ -126,7 +130,7 @@ class LoadedTeacher:
         self.first_token = wrap_last_layer(self.model) if spec.first_token_last_layer else None
         self.eager_model = self.model
         self.settings = scoring_settings(describe(device), self.model.config, spec.dtype, spec.max_length,
-                                         spec.batch_tokens)
+                                         spec.batch_tokens, 1 if spec.compile else spec.cpu_streams)
         if spec.compile:  # dynamic shapes: one compile serves every batch length (BENCHMARKS.md, section 1-4)
             check_compiler(spec)
             self.model = torch.compile(self.model, dynamic=True)
@@ -143,21 +147,70 @@ class LoadedTeacher:
         No host sync per batch: the logits stay on the device and come back READBACK_BATCHES batches at a
         time (read_back), so a GPU queues the next forwards while earlier ones run."""
         out = np.empty((len(enc), self.model.config.num_labels), dtype=np.float32)
+        batches = length_batches(enc.lengths, self.settings.batch_tokens, self.settings.max_rows)
+        if self.first_token is not None and len(enc):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                self.check_first_token(enc)
+        self.forward_passes += len(batches)
+        streams = min(self.settings.streams, len(batches))
+        if streams > 1:
+            self.forward_streams(enc, batches, out, on_batch, streams)
+        else:
+            self.forward(enc, batches, out, on_batch)
+        return out
+
+    def forward(self, enc: Encoded, batches: Iterable[np.ndarray], out: np.ndarray, on_batch=None) -> None:
+        """Forward ``batches`` in turn, each batch's logits into ``out`` at its rows."""
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
         # One autocast context for all the part's batches, under no_grad rather than inference_mode: autocast
         # then caches the weights' bf16 copies until the context exits, so they are cast once per part, not
         # once per batch (under inference_mode it caches nothing). +3-10% pairs/s in bf16 on this CPU.
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            if self.first_token is not None and len(enc):
-                self.check_first_token(enc)
-            for rows in length_batches(enc.lengths, self.settings.batch_tokens, self.settings.max_rows):
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            for rows in batches:
                 batch = {k: to_device(v, self.device) for k, v in pad_batch(enc, rows, self.pad_id).items()}
                 pending.append((rows, self.model(**batch).logits.float()))
-                self.forward_passes += 1
                 if len(pending) == READBACK_BATCHES:
                     read_back(pending, out, on_batch)
             read_back(pending, out, on_batch)
-        return out
+
+    def forward_streams(self, enc: Encoded, batches: list[np.ndarray], out: np.ndarray, on_batch, streams: int):
+        """On a CPU: ``streams`` threads take the batches from one queue (longest first) and forward them, each on
+        its share of torch's threads. A row's logits are the same whichever stream computes it: those of one
+        forward on that many threads."""
+        queue: SimpleQueue = SimpleQueue()
+        for rows in batches:
+            queue.put(rows)
+
+        def take():
+            while True:
+                try:
+                    yield queue.get_nowait()
+                except Empty:
+                    return
+
+        lock = threading.Lock()
+
+        def counted(n: int) -> None:  # the caller's progress bar, from one stream at a time
+            with lock:
+                on_batch(n)
+
+        threads = torch.get_num_threads()
+
+        def stream() -> None:
+            torch.set_num_threads(max(1, threads // streams))  # this thread's own OpenMP and MKL thread counts
+            try:
+                self.forward(enc, take(), out, counted if on_batch is not None else None)
+            except BaseException:
+                for _ in take():  # empty the queue, so the other streams stop too
+                    pass
+                raise
+
+        try:
+            with ThreadPoolExecutor(streams, thread_name_prefix=f"score-{self.spec.name}") as pool:
+                for future in [pool.submit(stream) for _ in range(streams)]:
+                    future.result()
+        finally:
+            torch.set_num_threads(threads)  # a stream's call also changed torch's default for threads started later
 
     def check_first_token(self, enc: Encoded) -> None:
         """Compare the first-token last layer with the full one on the part's 8 longest and 8 shortest rows (one
@@ -176,7 +229,7 @@ class LoadedTeacher:
             self.first_token = None
 
 
-FIRST_TOKEN_TOLERANCE = 1e-3  # |logit| difference; measured: 4.5e-8 in fp32, 1.2e-4 in bf16 (BENCHMARKS.md, 13)
+FIRST_TOKEN_TOLERANCE = 1e-3  # |logit| difference; measured: 4e-8 in fp32, 7e-4 in bf16 (MiniLM, WikiQA test)
 FIRST_TOKEN_TOLERANCE_HALF = 3e-2  # bf16/fp16: one rounding of a logit of ~4 in bf16 is ~1.6e-2
 READBACK_BATCHES = 16  # batches whose logits come back to the host together (one wait for the device each time)
 

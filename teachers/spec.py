@@ -14,9 +14,11 @@
     compile = true               # optional: torch.compile the forward (one compile for all batch shapes).
                                  #   On this CPU: +12% pairs/s in bf16, +5% in fp32, after a 7-42 s compile;
                                  #   worth it above ~250k pairs. Labels are the same up to float rounding.
+    cpu_streams = 2              # optional: on a CPU, batches forwarded at once, torch's threads split between
+                                 #   them (default 2, at most the thread count; 1 on a GPU). Not in the fingerprint.
     first_token_last_layer = true  # optional (default true): compute the last layer for the first token only,
                                  #   the one position the classification head reads (BERT, RoBERTa, XLM-R, ELECTRA
-                                 #   heads; tmkd.teachers.first_token). ~1.15x pairs/s, the same logits up to
+                                 #   heads; tmkd.teachers.first_token). ~1.1x pairs/s, the same logits up to
                                  #   float rounding, checked against the full forward on every part.
 
 A fingerprint hashes what decides a teacher's logits: weights, config, tokenizer files,
@@ -65,6 +67,7 @@ class TeacherSpec:
     truncation: str = "longest_first"
     compile: bool = False  # not in the fingerprint: the same model, the same logits up to rounding
     first_token_last_layer: bool = True  # not in the fingerprint either, for the same reason
+    cpu_streams: int | None = None  # None: tmkd.teachers.device.CPU_STREAMS; not in the fingerprint
 
     def __post_init__(self):
         check_name("teacher", self.name)
@@ -75,6 +78,9 @@ class TeacherSpec:
         for flag in ("compile", "first_token_last_layer"):
             if not isinstance(getattr(self, flag), bool):
                 raise TeacherError(f"teacher {self.name!r}: {flag} must be true or false, not {getattr(self, flag)!r}")
+        if self.cpu_streams is not None and not (isinstance(self.cpu_streams, int) and 1 <= self.cpu_streams <= 256):
+            raise TeacherError(f"teacher {self.name!r}: cpu_streams must be a whole number from 1 to 256, "
+                               f"not {self.cpu_streams!r}")
         if self.batch_tokens is not None and int(self.batch_tokens) < self.max_length:
             raise TeacherError(
                 f"teacher {self.name!r}: batch_tokens {self.batch_tokens} must be at least max_length {self.max_length}"
