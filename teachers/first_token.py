@@ -87,9 +87,10 @@ def wrap_last_layer(model: nn.Module) -> FirstTokenLayer | None:
     return layers[-1]
 
 
-def max_difference(model: nn.Module, wrapper: FirstTokenLayer, batch: dict[str, torch.Tensor]) -> float:
-    """Largest |logit difference| between this layer and the full one on ``batch`` (one host sync)."""
+def max_difference(model: nn.Module, wrapper: FirstTokenLayer, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Largest |logit difference| between this layer and the full one on ``batch``, and the largest |logit| of the
+    full one (the scale a relative tolerance needs); one host sync."""
     first = model(**batch).logits.float()
     with wrapper.full():
         full = model(**batch).logits.float()
-    return float((first - full).abs().max())
+    return float((first - full).abs().max()), float(full.abs().max())

@@ -78,7 +78,8 @@ class TeacherSpec:
         for flag in ("compile", "first_token_last_layer"):
             if not isinstance(getattr(self, flag), bool):
                 raise TeacherError(f"teacher {self.name!r}: {flag} must be true or false, not {getattr(self, flag)!r}")
-        if self.cpu_streams is not None and not (isinstance(self.cpu_streams, int) and 1 <= self.cpu_streams <= 256):
+        streams = self.cpu_streams
+        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 256):
             raise TeacherError(f"teacher {self.name!r}: cpu_streams must be a whole number from 1 to 256, "
                                f"not {self.cpu_streams!r}")
         if self.batch_tokens is not None and int(self.batch_tokens) < self.max_length:

@@ -176,3 +176,27 @@ def test_the_labels_do_not_depend_on_the_thread_count(tiny_teachers):
         torch.set_num_threads(threads)
     assert np.array_equal(got[1, False], got[2, False])  # the full layer's property, which this one must keep
     assert np.array_equal(got[1, True], got[2, True])
+
+
+def test_bf16_logits_far_from_zero_pass_the_check(tiny_teachers, monkeypatch):
+    """In bf16 a logit near 50 is rounded in steps of 0.25: the check's tolerance grows with the logits, so a
+    trained teacher's large logits do not switch the first-token layer off."""
+    from tmkd.teachers import scoring
+    from tmkd.teachers.device import DeviceInfo
+    from tmkd.teachers.scoring import encode_pairs
+
+    monkeypatch.setattr(scoring, "describe", lambda device: DeviceInfo("cpu", bf16=True))  # autocast as if native
+    teacher, tok = loaded(tiny_teachers["t1"], dtype="bfloat16", cpu_streams=1)
+    full, _ = loaded(tiny_teachers["t1"], dtype="bfloat16", cpu_streams=1, first_token_last_layer=False)
+    assert teacher.amp == torch.bfloat16
+    for scorer in (teacher, full):
+        with torch.no_grad():
+            scorer.model.classifier.weight.mul_(200.0)
+    a, b = texts(64)
+    enc = encode_pairs(tok, a, b, 64, "longest_first")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        got = teacher.score(enc)
+    want = full.score(enc)
+    assert np.abs(want).max() > 20 and teacher.first_token is not None
+    np.testing.assert_allclose(got, want, rtol=2**-5, atol=3e-2)

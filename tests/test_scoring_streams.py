@@ -49,10 +49,11 @@ def test_two_streams_write_the_same_labels_and_count_every_row_once(tiny_teacher
         seen = []
         got = two.score(enc, on_batch=seen.append)
         assert sum(seen) == len(enc) and len(seen) == two.forward_passes > 10  # every batch once
-        assert torch.get_num_threads() == 2  # the streams' own thread counts did not leak into this thread
+        assert threads_of_a_new_thread() == 2  # the streams' own thread counts did not leak into threads started later
         assert np.array_equal(two.score(enc), got)  # the same bits again, whichever stream took which batch
         # Each stream forwards on 1 thread: bit for bit what one forward on 1 thread gives. One forward on 2 threads
-        # may round differently (the matmuls split their sums across threads), as it already did before streams.
+        # may round differently for some batch shapes (it does for these 256-token ones: the matmuls split their
+        # sums across threads), as it did before streams.
         np.testing.assert_allclose(got, one.score(enc), rtol=0, atol=1e-5)
         assert one.forward_passes == len(seen)
         torch.set_num_threads(1)
@@ -79,7 +80,40 @@ def test_a_failing_stream_stops_the_part_with_its_error(tiny_teachers):
         with pytest.raises(RuntimeError, match="batch 3"):
             teacher.score(pairs(tok))
         assert len(calls) < teacher.forward_passes  # the other stream stopped too, not after every batch
-        assert torch.get_num_threads() == 2
+        assert threads_of_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def threads_of_a_new_thread() -> int:
+    """torch's thread count in a thread started now (a stream's setting would be inherited by it)."""
+    import threading
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_streams_share_out_every_thread(tiny_teachers):
+    """3 threads over 2 streams: one forwards on 2 threads, the other on 1 (none left idle)."""
+    import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        teacher, tok = scorer(tiny_teachers["t1"], cpu_streams=2)
+        model, seen = teacher.model, {}
+
+        def recording(**batch):
+            seen[threading.current_thread().name] = torch.get_num_threads()
+            return model(**batch)
+
+        teacher.model = recording
+        teacher.model.config = model.config
+        teacher.score(pairs(tok))
+        assert sorted(seen.values()) == [1, 2]
     finally:
         torch.set_num_threads(threads)
 
@@ -92,6 +126,6 @@ def test_compile_scores_in_one_stream(tiny_teachers):
 def test_cpu_streams_must_be_a_whole_number(tiny_teachers):
     from tmkd.teachers.spec import TeacherError, TeacherSpec
 
-    for bad in (0, 1.5, "2", 1000):
+    for bad in (0, 1.5, "2", 1000, True):
         with pytest.raises(TeacherError, match="cpu_streams"):
             TeacherSpec(name="t", path=str(tiny_teachers["t1"]), cpu_streams=bad)
