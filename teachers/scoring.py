@@ -188,6 +188,10 @@ class LoadedTeacher:
                 except Empty:
                     return
 
+        def drain() -> None:  # empty the queue, so every stream stops after its batch
+            for _ in take():
+                pass
+
         lock = threading.Lock()
 
         def counted(n: int) -> None:  # the caller's progress bar, from one stream at a time
@@ -202,8 +206,7 @@ class LoadedTeacher:
             try:
                 self.forward(enc, take(), out, counted if on_batch is not None else None)
             except BaseException:
-                for _ in take():  # empty the queue, so the other streams stop too
-                    pass
+                drain()
                 raise
 
         try:
@@ -212,9 +215,8 @@ class LoadedTeacher:
                 try:
                     for future in futures:
                         future.result()
-                except BaseException:  # a failed stream, or Ctrl-C here: the streams stop after their batch
-                    for _ in take():
-                        pass
+                except BaseException:  # a failed stream, or Ctrl-C here
+                    drain()
                     raise
         finally:
             torch.set_num_threads(threads)  # a stream's call also changed torch's default for threads started later

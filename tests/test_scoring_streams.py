@@ -10,6 +10,7 @@ import torch
 from tmkd.teachers.device import CPU_STREAMS, DeviceInfo, scoring_settings
 
 from test_device import MINILM
+from test_first_token import loaded, texts
 
 
 def test_streams_follow_the_device_and_the_threads():
@@ -21,17 +22,11 @@ def test_streams_follow_the_device_and_the_threads():
 
 
 def scorer(folder, **spec):
-    from tmkd.teachers.scoring import LoadedTeacher, load_tokenizer
-    from tmkd.teachers.spec import TeacherSpec
-
-    tok = load_tokenizer(folder)
-    return LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=64, batch_tokens=256, **spec), None,
-                         folder, torch.device("cpu"), tok), tok
+    """A scorer on small batches (256 tokens), so that a part has many of them."""
+    return loaded(folder, batch_tokens=256, **spec)
 
 
 def pairs(tok, n: int = 400):
-    from test_first_token import texts
-
     from tmkd.teachers.scoring import encode_pairs
 
     a, b = texts(n)
