@@ -85,6 +85,8 @@ train_students() {
         continue
       fi
       case $v in tkd*) teachers=$best ;; nokd*) teachers='[]' ;; *) teachers=$all ;; esac
+      # *-tinit variants start from the best teacher's own first layers (and head) instead of the encoder's.
+      case $v in *-tinit*) encoder="$out/teachers/${best//[\[\]\"]/}" ;; *) encoder=$ENCODER ;; esac
       local args=(--config "bench/configs/$task-$v.toml" --output "$dir")
       [ -d "$dir/checkpoints" ] && args+=(--resume)
       args+=(--set "store=\"$store\"" --set "student.encoder=\"$encoder\"" --set "teachers=$teachers" --set "seed=$seed")

@@ -1,6 +1,7 @@
 """Quality over seeds: a runs JSON (one object per run) -> the RESULTS.md tables, mean ± std and n.
 
     python bench/seeds_table.py bench/results/wikiqa-seeds.json [--metric test_map] [--compare tmkd mkd-matched]
+    python bench/seeds_table.py round1.json round2.json --merged-out all.json   # runs from several bench invocations
 
 The JSON is a list of {"variant", "seed", "dev_map", "test_map", "test_mrr", "test_accuracy"} (null where a
 metric does not apply, e.g. MAP on QNLI). Per variant: mean ± sample standard deviation and n of each metric.
@@ -15,6 +16,27 @@ import math
 from pathlib import Path
 
 METRICS = ("dev_map", "test_map", "test_mrr", "test_accuracy", "dev_accuracy")
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    """The runs of several JSON files, in order. A run seen again (the same variant and seed: each bench invocation
+    also re-evaluates the teachers) is kept once if its metrics agree within 1e-6, and refused if they do not."""
+    runs: list[dict] = []
+    seen: dict[tuple, tuple[dict, Path]] = {}
+    for path in paths:
+        for run in json.loads(path.read_text()):
+            key = (run["variant"], run["seed"])
+            if key in seen:
+                first, where = seen[key]
+                clash = [m for m in METRICS if (first.get(m) is None) != (run.get(m) is None)
+                         or (run.get(m) is not None and abs(first[m] - run[m]) > 1e-6)]
+                if clash:
+                    raise SystemExit(f"{path}: {run['variant']} seed {run['seed']} has other {', '.join(clash)} "
+                                     f"than in {where}; one of them is from other teachers or another run")
+                continue
+            seen[key] = (run, path)
+            runs.append(run)
+    return runs
 
 
 def summarise(runs: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -92,14 +114,17 @@ def markdown(summary: dict, metrics: tuple[str, ...] = METRICS) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+", help="one or more runs JSON files (merged: see load_runs)")
+    ap.add_argument("--merged-out", type=Path, help="also write the merged runs to this JSON file")
     ap.add_argument("--metric", default="test_map", help="the metric --compare uses")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), action="append", default=[])
     ap.add_argument("--bars", action="store_true", help="check the quality bars (TMKD vs the ensemble, MKD-matched, "
                                                         "and the paper's order) on --metric")
     ap.add_argument("--tmkd", default="tmkd", help="the variant that stands for TMKD in --bars (e.g. tmkd-listwise)")
     args = ap.parse_args()
-    runs = json.loads(args.runs.read_text())
+    runs = load_runs(args.runs)
+    if args.merged_out:
+        args.merged_out.write_text(json.dumps(runs, indent=1) + "\n")
     print(markdown(summarise(runs)))
     for a, b in args.compare:
         d = paired_difference(runs, a, b, args.metric)

@@ -85,3 +85,22 @@ def test_compare_says_when_the_second_variant_is_ahead_beyond_2_se():
 
     assert "beyond 2 SE: False (tmkd ahead beyond 2 SE)" in compare("mkd-matched", "tmkd")  # −0.045 ± 0.005
     assert "beyond 2 SE: True" in compare("tmkd", "mkd-matched") and "ahead beyond" not in compare("tmkd", "mkd-matched")
+
+
+def test_runs_from_several_invocations_merge_and_a_clash_is_refused(tmp_path):
+    """Each bench invocation re-evaluates the teachers: their rows repeat across files and are kept once; a
+    student row that repeats with other numbers (other teachers, another run) is refused, naming both files."""
+    ensemble = {"variant": "teacher-ensemble", "seed": None, "dev_map": 0.8, "test_map": 0.765, "test_mrr": 0.78,
+                "test_accuracy": 0.89}
+    (tmp_path / "a.json").write_text(json.dumps([ensemble, *RUNS[:2]]))
+    (tmp_path / "b.json").write_text(json.dumps([ensemble, RUNS[2]]))
+    merged = tmp_path / "merged.json"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), str(tmp_path / "a.json"),
+                          str(tmp_path / "b.json"), "--merged-out", str(merged)],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(merged.read_text()) == [ensemble, *RUNS[:3]]
+    assert "| tmkd | 0.8100 ± 0.0100 | 0.7600 ± 0.0100 | 0.7700 ± 0.0100 | 0.9000 ± 0.0100 | 3 |" in out
+    (tmp_path / "c.json").write_text(json.dumps([dict(RUNS[0], test_map=0.70)]))
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds_table.py"), str(tmp_path / "a.json"),
+                          str(tmp_path / "c.json")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "tmkd seed 1 has other test_map" in bad.stderr and "a.json" in bad.stderr

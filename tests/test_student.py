@@ -357,6 +357,31 @@ def test_student_layers_keeps_the_chosen_encoder_layers(arch, tmp_path, encoder,
         config_from_dict(raw)
 
 
+def test_student_cut_from_a_fine_tuned_teacher_keeps_its_layers_and_head(tmp_path, encoder):
+    """student.encoder = a teacher's folder (the *-tinit levers in RESULTS.md): the student's layers are the
+    teacher's first fine-tuned layers, not the pretrained encoder's, and every head starts from the teacher's
+    classifier (exactly for one head; plus the seeded perturbation that keeps several heads apart)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tmkd.student.model import load_student
+
+    torch.manual_seed(3)
+    teacher = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2)
+    with torch.no_grad():  # stands in for fine-tuning: move every weight away from the encoder's
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    one = load_student(str(tmp_path / "teacher"), num_labels=2, num_heads=1, num_layers=1)
+    for (name, got), (_, want) in zip(one.hf.bert.encoder.layer[0].state_dict().items(),
+                                      teacher.bert.encoder.layer[0].state_dict().items()):
+        torch.testing.assert_close(got, want, msg=name)
+    torch.testing.assert_close(one.hf.classifier.weight, teacher.classifier.weight)
+    three = load_student(str(tmp_path / "teacher"), num_labels=2, num_heads=3, num_layers=1)
+    torch.testing.assert_close(three.hf.classifier.bias, teacher.classifier.bias.repeat(3))
+    offset = three.hf.classifier.weight.view(3, 2, -1) - teacher.classifier.weight
+    assert offset.abs().max() < 0.15 and offset.std() > 0.01  # the perturbation (std 0.02), not a new head
+
+
 # ---- every variant trains ---------------------------------------------------------------------
 def _stage(name, corpora, gold=True, soft="mse", epochs=4, lr=1e-2, alpha=0.5, temperature=1.0, listwise=0.0):
     return {"name": name, "corpora": corpora, "epochs": epochs, "batch_size": 16, "lr": lr, "schedule": "constant",
