@@ -25,9 +25,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from wikiqa_eval import read_scored, score_students
 
 from tmkd.data.store import Store
+from tmkd.teachers.device import computed_dtype, describe
 
 
 def accuracy(logits: np.ndarray, gold: np.ndarray) -> float:
@@ -76,7 +78,8 @@ def main() -> None:
                       "dev_accuracy": best["value"] if best and best["metric"] == "accuracy" else None}
     for name, r in rows.items():
         r["pairs_per_s"] = speed[name]
-    args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(gold), "dtype": args.dtype, "rows": rows},
+    dtype = computed_dtype(args.dtype, describe(torch.device("cpu")))  # what the speed figures were measured in
+    args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(gold), "dtype": dtype, "rows": rows},
                                    indent=2))
     if args.runs_out:
         runs = []
@@ -87,7 +90,7 @@ def main() -> None:
         args.runs_out.write_text(json.dumps(runs, indent=1) + "\n")
 
     print(f"| model | kind | {args.dev_corpus} accuracy (selection) | {args.corpus} accuracy (reported) "
-          f"| pairs/s ({args.dtype}) |")
+          f"| pairs/s ({dtype}) |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         sel = "–" if r["dev_accuracy"] is None else f"{r['dev_accuracy']:.4f}"

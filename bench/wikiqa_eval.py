@@ -22,8 +22,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tmkd.data.store import Store
+from tmkd.teachers.device import computed_dtype, describe
 from tmkd.teachers.metrics import map_mrr
 from tmkd.teachers.scoring import score_folder
 
@@ -158,13 +160,14 @@ def main() -> None:
         rows[name] = {"kind": "student", **metrics(lg, gold, positions, ref)}
     for name, r in rows.items():
         r["pairs_per_s"] = speed[name]
-    args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(a), "dtype": args.dtype, "rows": rows}, indent=2))
+    dtype = computed_dtype(args.dtype, describe(torch.device("cpu")))  # what the speed figures were measured in
+    args.out.write_text(json.dumps({"corpus": args.corpus, "pairs": len(a), "dtype": dtype, "rows": rows}, indent=2))
     if args.runs_out:
         dev = dev_maps(store, records, args.dev_corpus)
         runs = [run_record(name, r, dev, dict(s.split("=", 1) for s in args.students)) for name, r in rows.items()]
         args.runs_out.write_text(json.dumps(runs, indent=1) + "\n")
 
-    print(f"| model | kind | test MAP | test MRR | pair accuracy | pairs/s ({args.dtype}) |")
+    print(f"| model | kind | test MAP | test MRR | pair accuracy | pairs/s ({dtype}) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['kind']} | {r['map']:.4f} | {r['mrr']:.4f} | {r['accuracy']:.4f} | {r['pairs_per_s']:.0f} |")

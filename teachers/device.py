@@ -107,6 +107,15 @@ def autocast_dtype(dtype: str, info: DeviceInfo) -> torch.dtype | None:
     return TORCH_DTYPES[dtype]
 
 
+def computed_dtype(dtype: str, info: DeviceInfo) -> str:
+    """The name of the dtype that scoring at ``dtype`` really computes in on this device ("float32" where a
+    CPU lacks bf16), for reports that print a speed next to its precision."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast_dtype already warned, or will, where scoring falls back
+        got = autocast_dtype(dtype, info)
+    return "float32" if got is None else str(got).removeprefix("torch.")
+
+
 def activation_bytes_per_token(config, max_length: int, dtype_bytes: int) -> int:
     """A generous estimate of the activation memory one token needs at the peak of an inference forward: the
     hidden states and their residual copies, the Q/K/V projections, the feed-forward's inner layer, and a row of

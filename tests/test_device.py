@@ -167,3 +167,14 @@ def test_loaded_teacher_asks_for_fused_attention_and_the_device_budget(tiny_teac
         emulated = LoadedTeacher(TeacherSpec(name="t", path=str(folder), max_length=32, dtype="bfloat16"), None,
                                  folder, torch.device("cpu"), tok)
     assert emulated.compute_dtype == "float32"
+
+
+def test_reports_name_the_dtype_scoring_really_computes_in():
+    """The evaluation tables print pairs/s next to a precision: a CPU without native bf16 scores in float32, and
+    the table must say float32, not the bfloat16 that was asked for."""
+    from tmkd.teachers.device import computed_dtype
+
+    assert computed_dtype("bfloat16", DeviceInfo("cpu", bf16=False)) == "float32"
+    assert computed_dtype("bfloat16", DeviceInfo("cpu", bf16=True)) == "bfloat16"
+    assert computed_dtype("float32", DeviceInfo("cpu", bf16=True)) == "float32"
+    assert computed_dtype("bfloat16", DeviceInfo("cuda", 16 * GB, bf16=False)) == "float16"
