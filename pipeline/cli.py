@@ -66,7 +66,7 @@ def run(
     logits_dtype: str = typer.Option("float32", "--logits-dtype", help="Stored logits: float32 or float16."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds a claim on a unit lives without renewal; a killed worker's units are taken over after this."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override teachers.toml, as in every job: --set teacher.0.max_length=64 (repeatable)."),
-    engine: str = typer.Option("local", "--engine", help="local: this process (and its accelerate/torchrun ranks); ray: actors on a Ray cluster (pip install \"tmkd[ray]\")."),
+    engine: str = typer.Option("local", "--engine", help="local: this process (and its accelerate/torchrun ranks); ray: actors on a Ray cluster (pip install -e \".[ray]\" from the checkout)."),
     address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster (auto, ray://host:port); default RAY_ADDRESS, else a new local one."),
     workers: Optional[int] = typer.Option(None, "--workers", help="--engine ray: actors to start; default as many as the cluster's GPUs (or CPUs) allow."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--engine ray: GPUs per actor; default 1 where the cluster has GPUs, else 0."),

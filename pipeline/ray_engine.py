@@ -135,7 +135,7 @@ def connect(opts: RayOptions) -> Cluster:
     try:
         import ray
     except ImportError:
-        raise StoreError("--engine ray needs Ray: pip install \"tmkd[ray]\"") from None
+        raise StoreError("--engine ray needs Ray: pip install -e \".[ray]\" from the checkout") from None
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         ray.init(address=opts.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
