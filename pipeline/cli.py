@@ -254,9 +254,11 @@ def report(
         atomic_write_bytes(out_path, render(data).encode())
     except OSError as e:
         fail(e)
-    pairs = sum(c["pairs_scanned"] for c in data["corpora"].values())
+    rows = sum(c["rows"] for c in data["corpora"].values())
+    pairs = sum(c["pairs_scanned"] for c in data["corpora"].values())  # rows with a teacher's scores: 0 without any
     seconds = time.perf_counter() - started
-    say(out, f"report of {len(data['corpora'])} corpora ({pairs:,} pairs), {len(data['teachers'])} teachers, "
+    say(out, f"report of {len(data['corpora'])} corpora ({rows:,} rows, {pairs:,} scored pairs read), "
+             f"{len(data['teachers'])} teachers, "
              f"{len(data['students'])} student runs in {seconds:.1f} s ({pairs / max(seconds, 1e-9):,.0f} pairs/s) "
              f"-> {out_path} (+ {json_path.name})")
 

@@ -114,8 +114,11 @@ def test_the_reports_numbers_equal_numpys_and_the_store_is_untouched(report_stor
     res = cli("report", "--store", store, "--runs", student, "--out", tmp_path / "r.html", "--top", 5)
     assert tree_digests(store) == before  # a report never writes into the store
     assert "1 label parts left out as invalid: t2/train/1" in res.stderr
-    assert f"-> {tmp_path / 'r.html'} (+ r.json)" in res.stdout and "report of 3 corpora" in res.stdout
+    assert f"-> {tmp_path / 'r.html'} (+ r.json)" in res.stdout
     data = json.loads((tmp_path / "r.json").read_text())
+    rows = sum(Store(store).corpus(c).rows for c in ("train", "unlabeled", "dev"))
+    read = sum(c["pairs_scanned"] for c in data["corpora"].values())
+    assert 0 < read <= rows and f"report of 3 corpora ({rows:,} rows, {read:,} scored pairs read)" in res.stdout
 
     cov = data["corpora"]["train"]["coverage"]["t2"]
     assert (cov["parts"], cov["committed"], cov["valid"], cov["damaged"], cov["missing"]) == (3, 3, 2, 1, 0)
@@ -261,3 +264,12 @@ def test_the_report_renders_in_headless_chromium_with_no_request_and_no_error(re
     assert all(complete and width > 0 for complete, width in images)
     shot = np.asarray(Image.open(tmp_path / "shot.png").convert("L"))
     assert shot.shape[1] == 1280 and shot.shape[0] > 2000 and shot.std() > 10  # a long page, not a blank one
+
+
+def test_a_store_with_no_teachers_reports_its_rows_not_zero_pairs(tmp_path):
+    """Before any teacher has scored, the summary still counts the corpus's rows (it once said "0 pairs")."""
+    store = Store.create(tmp_path / "store")
+    toy.add_corpus(store, "train", [16, 8], [], seed=4)
+    res = cli("report", "--store", tmp_path / "store", "--out", tmp_path / "r.html")
+    assert "report of 1 corpora (24 rows, 0 scored pairs read), 0 teachers" in res.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["corpora"]["train"]["rows"] == 24
