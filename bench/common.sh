@@ -86,7 +86,14 @@ train_students() {
       fi
       case $v in tkd*) teachers=$best ;; nokd*) teachers='[]' ;; *) teachers=$all ;; esac
       # *-tinit variants start from the best teacher's own first layers (and head) instead of the encoder's.
-      case $v in *-tinit*) encoder="$out/teachers/${best//[\[\]\"]/}" ;; *) encoder=$ENCODER ;; esac
+      # *-minilm-l3 variants start from paraphrase-MiniLM-L3-v2, a 3-layer encoder pretrained whole (converted once
+      # from its ONNX wheel by bench/minilm_l3.py).
+      case $v in
+        *-tinit*) encoder="$out/teachers/${best//[\[\]\"]/}" ;;
+        *-minilm-l3*) encoder="$out/encoders/paraphrase-MiniLM-L3-v2"
+                      [ -f "$encoder/model.safetensors" ] || $PY bench/minilm_l3.py --out "$encoder" || return 1 ;;
+        *) encoder=$ENCODER ;;
+      esac
       local args=(--config "bench/configs/$task-$v.toml" --output "$dir")
       [ -d "$dir/checkpoints" ] && args+=(--resume)
       args+=(--set "store=\"$store\"" --set "student.encoder=\"$encoder\"" --set "teachers=$teachers" --set "seed=$seed")
