@@ -38,7 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tmkd.data.fs import ObjectPath
+from tmkd.data.fs import ObjectPath, read_record_text
 from tmkd.data.store import PART_RE, Store, StoreError, part_name
 
 DEFAULT_LEASE_S = 120.0
@@ -158,7 +158,7 @@ class Claims:
 
     def owner_of(self, path: Path) -> dict | None:
         try:
-            info = json.loads(path.read_text())
+            info = json.loads(read_record_text(path))
         except (FileNotFoundError, ValueError):
             return None
         return info if isinstance(info, dict) else None

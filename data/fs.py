@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import stat
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
@@ -293,6 +294,28 @@ class ObjectPath:
         """This key as pyarrow's filesystem names it: bucket/key."""
         bucket = self.bucket.split("://", 1)[1]
         return f"{bucket}/{self.key}" if self.key else bucket
+
+
+def read_record_text(path: "Path | ObjectPath") -> str:
+    """The text of a small record file (store.json, a manifest, a commit record). A FIFO, a device or a folder
+    in its place is an OSError at once: opened without blocking and checked before a byte is read, so that no
+    reader can hang on it or read /dev/zero without end."""
+    if isinstance(path, ObjectPath):
+        return path.read_text()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file (a FIFO, a device or a folder in its place)")
+        return f.read().decode()
+
+
+def output_file(path: Path) -> Path:
+    """Where a write-then-rename of the output ``path`` must go: through a symlink to the file it names (the
+    link itself is kept), and never onto a pipe, a device or a folder, which a rename would replace."""
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path}: not a regular file (a pipe, a device or a folder); outputs are written to a "
+                      "file and renamed into place")
+    return path.resolve()
 
 
 def version_tag(meta: dict) -> dict:

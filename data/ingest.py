@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tmkd.data.readers import FIELDS, FORMATS, Chunk, Reader, ReaderError, Record, nli_label_names, open_reader
-from tmkd.data.fs import ObjectPath
+from tmkd.data.fs import ObjectPath, read_record_text
 from tmkd.data.store import CORPUS_SCHEMA, CorpusPart, Store, StoreError, check_name, create_json_if_absent
 
 CHUNK_ROWS = 8192  # records checked together (duplicate checks are vectorised per chunk)
@@ -557,6 +557,12 @@ class _Ingest:
         for f in required:
             if f not in t.column_names or t.column(f).null_count:
                 return False
+        for col in t.columns:  # Arrow's readers do not check UTF-8: a bad byte goes to the per-row path's error
+            if pa.types.is_string(col.type):
+                try:
+                    col.validate(full=True)
+                except pa.ArrowInvalid:
+                    return False
         for f in required & set(_KEYS):  # a required id or group may not be empty either
             if pa.types.is_string(t.column(f).type) and pc.any(pc.equal(t.column(f), "")).as_py():
                 return False
@@ -851,7 +857,7 @@ def _store_lock(store: Store):
 def _lock_owner_dead(lock) -> bool:
     """Was the lock left by a process of this host that no longer exists? Then it is removed."""
     try:
-        info = json.loads(lock.read_text())
+        info = json.loads(read_record_text(lock))
         if info.get("host") != socket.gethostname():
             return False
         os.kill(int(info["pid"]), 0)

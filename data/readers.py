@@ -516,13 +516,25 @@ class ParquetReader(Reader):
     def _records_of(self, batch, first: int) -> list[Record]:
         fields = list(self.columns)
         wanted = list(dict.fromkeys(self.columns.values()))
-        cols = {c: batch.column(c).to_pylist() for c in wanted}
+        cols = {c: _pylist(batch.column(c)) for c in wanted}
         out = []
         for i in range(batch.num_rows):
             row = {c: cols[c][i] for c in wanted}
             values = {f: _decode(x) if isinstance(x, bytes) else x for f, x in ((f, row[self.columns[f]]) for f in fields)}
             out.append(Record(first + i, values, row))
         return out
+
+
+def _pylist(col) -> list:
+    """A column's values; a string column that is not valid UTF-8 comes back as bytes, for the checks to name."""
+    import pyarrow as pa
+
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            return col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary()).to_pylist()
+    return col.to_pylist()
 
 
 def open_reader(fmt: str, path: Path, columns: dict[str, str] | None = None) -> Reader:

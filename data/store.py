@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tmkd.data.fs import LocationError, ObjectPath, store_location
+from tmkd.data.fs import LocationError, ObjectPath, read_record_text, store_location
 
 SCHEMA_VERSION = 2  # 2: label parts have a `row` column and a commit record with their digest
 READABLE_VERSIONS = (1, 2)  # a version-1 store opens; its label parts lack commit records and are re-scored
@@ -314,6 +314,7 @@ class CorpusPart:
     rows: int
     digest: str
     path: Path
+    num_labels: int | None = None  # the manifest's label count: reads refuse labels outside it (not stored)
 
     def to_json(self) -> dict:
         return {"part": self.part, "file": self.path.name, "rows": self.rows, "digest": self.digest}
@@ -387,7 +388,7 @@ class Store:
         if not meta.exists():
             raise StoreError(f"{self.root}: not a tmkd label store (no store.json); create one with `tmkd-label ingest`")
         try:
-            info = json.loads(meta.read_text())
+            info = json.loads(read_record_text(meta))
             if not isinstance(info, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, OSError) as e:
@@ -434,15 +435,16 @@ class Store:
             known = ", ".join(self.corpora()) or "none"
             raise StoreError(f"{self.root}: no corpus {corpus!r} (corpora in the store: {known})")
         try:
-            raw = json.loads(path.read_text())
-            parts = [
-                CorpusPart(corpus, _typed(p["part"], int), _typed(p["rows"], int), _typed(p["digest"], str),
-                           self.corpus_dir(corpus) / Path(_typed(p["file"], str)).name)
-                for p in raw["parts"]
-            ]
+            raw = json.loads(read_record_text(path))
             names = raw["label_names"]
             if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
                 raise TypeError(f"label_names {names!r}")
+            parts = [
+                CorpusPart(corpus, _typed(p["part"], int), _typed(p["rows"], int), _typed(p["digest"], str),
+                           self.corpus_dir(corpus) / Path(_typed(p["file"], str)).name,
+                           len(names) if names is not None else None)
+                for p in raw["parts"]
+            ]
             return CorpusManifest(_typed(raw["name"], str), names, parts, raw.get("sources", []),
                                   raw.get("positive_label"))
         except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
@@ -505,12 +507,24 @@ class Store:
         return m
 
     def read_corpus_part(self, part: CorpusPart, columns: list[str] | None = None) -> pa.Table:
-        """A committed corpus part, checked: digest against the manifest, page checksums, row count.
-        Raises CorruptPartError naming the file; a damaged part is never consumed."""
-        data = read_verified(part.path, part.digest, f"corpus part {part.corpus}/{part.part}")
-        table = parse_parquet(data, part.path, f"corpus part {part.corpus}/{part.part}", columns)
+        """A committed corpus part, checked: digest against the manifest, page checksums, row count, and the
+        columns read against the corpus schema (types, no null id or text, labels within the manifest's label
+        names). Raises CorruptPartError naming the file; a damaged part is never consumed."""
+        what = f"corpus part {part.corpus}/{part.part}"
+        data = read_verified(part.path, part.digest, what)
+        try:
+            names = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CorruptPartError(f"{part.path}: {what} cannot be decoded ({e})") from None
+        missing = [c for c in columns or CORPUS_SCHEMA.names if c not in names]
+        if missing:  # a file without a column the schema requires is damaged, not a bug to trace back
+            raise CorruptPartError(f"{part.path}: {what} has no column {missing[0]!r}")
+        table = parse_parquet(data, part.path, what, columns)
         if table.num_rows != part.rows:
             raise CorruptPartError(f"{part.path}: {table.num_rows} rows, the manifest says {part.rows}")
+        problem = corpus_table_problem(table, part.num_labels)
+        if problem:
+            raise CorruptPartError(f"{part.path}: {what}: {problem}")
         return table
 
     # ---- teachers ------------------------------------------------------------------------
@@ -528,7 +542,7 @@ class Store:
     @staticmethod
     def _read_teacher(path: Path) -> TeacherRecord:
         try:
-            rec = TeacherRecord(**json.loads(path.read_text()))
+            rec = TeacherRecord(**json.loads(read_record_text(path)))
             for name in ("name", "fingerprint", "path", "dtype"):
                 _typed(getattr(rec, name), str)
             _typed(rec.max_length, int)
@@ -594,7 +608,7 @@ class Store:
         """The commit record of a label part, None if it has none; StoreError if it is unreadable."""
         path = self.commit_path(self.label_path(teacher, corpus, part))
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(read_record_text(path))
         except FileNotFoundError:
             return None
         except (ValueError, OSError) as e:
@@ -821,7 +835,30 @@ class Store:
 
     def run_logs(self) -> list[dict]:
         base = self.root / "runs"
-        return [json.loads(p.read_text()) for p in sorted(base.glob("*.json"))] if base.exists() else []
+        return [json.loads(read_record_text(p)) for p in sorted(base.glob("*.json"))] if base.exists() else []
+
+
+def corpus_table_problem(table: pa.Table, num_labels: int | None = None) -> str | None:
+    """What is wrong with the columns of a decoded corpus part, or None (vectorised: no loop over rows)."""
+    for name in table.schema.names:
+        if name not in CORPUS_SCHEMA.names:
+            return f"unexpected column {name!r}"
+        got, want = table.schema.field(name).type, CORPUS_SCHEMA.field(name).type
+        if got != want:
+            return f"column {name!r} has type {got}, expected {want}"
+    for name in ("id", "text_a", "text_b"):
+        if name in table.schema.names and table.column(name).null_count:
+            row = int(np.argmax(table.column(name).is_null().to_numpy(zero_copy_only=False)))
+            return f"{table.column(name).null_count} null {name!r} values (first at row {row})"
+    if "label" in table.schema.names and table.num_rows > table.column("label").null_count:
+        label = table.column("label").to_numpy(zero_copy_only=False)  # float with NaN for nulls
+        top = num_labels if num_labels is not None else np.inf
+        bad = (label < 0) | (label >= top)
+        if bad.any():
+            row = int(np.argmax(bad))
+            return (f"{int(bad.sum())} labels outside 0..{'' if num_labels is None else num_labels - 1} "
+                    f"(first at row {row}: {label[row]:g})")
+    return None
 
 
 def _label_table_problem(table: pa.Table, num_labels: int, rows: int, corpus_ids: np.ndarray | None) -> str | None:
@@ -836,6 +873,10 @@ def _label_table_problem(table: pa.Table, num_labels: int, rows: int, corpus_ids
         return f"{ltype.list_size} logits per row, the teacher has {num_labels} labels"
     if table.num_rows != rows:
         return f"{table.num_rows} rows, the corpus part has {rows}"
+    for name in ("id", "logits"):  # a null row would vanish from logits_to_numpy and shift every row after it
+        if table.column(name).null_count:
+            row = int(np.argmax(table.column(name).is_null().to_numpy(zero_copy_only=False)))
+            return f"{table.column(name).null_count} null {name!r} values (first at row {row})"
     ids = table.column("id").to_numpy()
     if corpus_ids is not None and not np.array_equal(ids, corpus_ids):
         row = int(np.argmax(ids != corpus_ids))
@@ -857,6 +898,8 @@ def _typed(value, kind: type):
 def logits_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     """A fixed-size-list column of floats -> float32 array [rows, labels], without a Python loop."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:  # flatten() would drop the null rows and misalign the rest; checked parts have none
+        raise ValueError(f"logits column with {arr.null_count} null rows")
     width = arr.type.list_size
     flat = arr.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(-1, width).astype(np.float32, copy=False)

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -36,10 +37,18 @@ STORE_OPT = typer.Option(..., "--store", "-s", help="The label store: a folder, 
                                                     " file://...); credentials from the environment (AWS_*).")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+
+
+def visible(text: str) -> str:
+    """User text with its control characters shown as \\xNN: an ESC in a corpus must not drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def say(console: Console, message: str, style: str = "", prefix: str = "") -> None:
     """Print a message that may echo user text (paths, values, SQL) as plain text, never as markup."""
     line = Text(prefix, style=style)
-    line.append(message)
+    line.append(visible(message))
     console.print(line, highlight=False, soft_wrap=True)
 
 
@@ -52,7 +61,7 @@ def fail(message) -> None:
 
 def cell(value) -> Text:
     """A table cell shown as text: `[estimated]` stays visible and `[/z]` is just characters."""
-    return Text("NULL" if value is None else str(value))
+    return Text("NULL" if value is None else visible(str(value)))
 
 
 @app.command()
@@ -226,7 +235,7 @@ def report(
     """One self-contained HTML page: coverage, agreement, confidence, calibration, disagreements, students."""
     import time
 
-    from tmkd.data.fs import ObjectPath
+    from tmkd.data.fs import ObjectPath, output_file
     from tmkd.data.store import atomic_write_bytes
     from tmkd.pipeline.query import finite
     from tmkd.pipeline.report import build_report
@@ -250,8 +259,8 @@ def report(
             say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
     json_path = out_path.with_suffix(".json")
     try:
-        atomic_write_bytes(json_path, json.dumps(data, indent=1, default=str, allow_nan=False).encode())
-        atomic_write_bytes(out_path, render(data).encode())
+        atomic_write_bytes(output_file(json_path), json.dumps(data, indent=1, default=str, allow_nan=False).encode())
+        atomic_write_bytes(output_file(out_path), render(data).encode())
     except OSError as e:
         fail(e)
     rows = sum(c["rows"] for c in data["corpora"].values())

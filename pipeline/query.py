@@ -47,7 +47,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from tmkd.data.fs import ObjectPath
+from tmkd.data.fs import ObjectPath, output_file
 from tmkd.data.store import PART_RE, CorruptPartError, Store, StoreError, scored_corpora
 from tmkd.pipeline.streams import CorpusView, ScoresView
 
@@ -332,6 +332,10 @@ def write_query(store: Store, sql: str, output: Path, fmt: str) -> tuple[int, Le
     output = Path(output).absolute()
     if not isinstance(store.root, ObjectPath) and output.resolve().is_relative_to(store.root.resolve()):
         raise QueryError(f"--output {output}: inside the store {store.root}; a query never writes into a store")
+    try:
+        output = output_file(output)
+    except OSError as e:
+        raise QueryError(f"--output {e}; leave --output out to print the result (--format csv or jsonl)") from None
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     rows = 0
     with connect(store, sql) as (con, left):

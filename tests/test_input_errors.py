@@ -82,6 +82,38 @@ def test_a_file_that_is_not_parquet_is_a_clean_error(tmp_path):
     assert f"{path}: not a readable Parquet file" in one_line(result)
 
 
+def _not_utf8(tmp_path: Path, fmt: str) -> Path:
+    """Two rows, the second's text_a starting with the bytes ff fe (not UTF-8)."""
+    if fmt == "jsonl":
+        path = tmp_path / "x.jsonl"
+        path.write_bytes(b'{"text_a": "good", "text_b": "b", "label": "0"}\n'
+                         b'{"text_a": "\xff\xfe bad", "text_b": "b", "label": "1"}\n')
+        return path
+    values = b"good" + b"\xff\xfe bad"  # a string column written without validation, as a buggy exporter might
+    offsets = pa.array([0, 4, len(values)], pa.int32()).buffers()[1]
+    text_a = pa.StringArray.from_buffers(2, offsets, pa.py_buffer(values))
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text_a": text_a, "text_b": ["b", "b"], "label": ["0", "1"]}), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt, where", [("jsonl", "line 2"), ("parquet", "row 1")])
+def test_text_that_is_not_utf8_is_named_or_quarantined_never_a_traceback(tmp_path, fmt, where):
+    path = _not_utf8(tmp_path, fmt)
+    store = tmp_path / "store"
+    result = cli("ingest", path, "--format", fmt, "--store", store, "--corpus", "strict", "--label-names", "0,1",
+                 "--strict", ok=False)
+    assert f"{path}, {where}, field 'text_a': undecodable bytes" in one_line(result)
+    assert not Store(store).has_corpus("strict")
+    result = cli("ingest", path, "--format", fmt, "--store", store, "--corpus", "c", "--label-names", "0,1")
+    assert "undecodable bytes" in result.output and "Traceback" not in result.output
+    st = Store(store)
+    assert st.corpus("c").rows == 1  # the good row kept, the bad one counted and quarantined
+    assert [r["text_a"] for p in st.corpus("c").parts for r in st.read_corpus_part(p).to_pylist()] == ["good"]
+    bad = [json.loads(line) for line in next((store / "quarantine" / "c").glob("*.jsonl")).read_text().splitlines()]
+    assert [(b["field"], b["reason"]) for b in bad] == [("text_a", "undecodable bytes")]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "json-samples"])
 def test_a_utf16_file_is_refused_by_name(tmp_path, fmt):
     text = {"csv": "text_a,text_b,label\na,b,0\n", "jsonl": '{"text_a": "a", "text_b": "b", "label": 0}\n',

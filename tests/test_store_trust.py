@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tmkd.data.store import Store, logits_to_numpy
+from tmkd.data.store import CorruptPartError, Store, logits_to_numpy
 from test_label import cli, write_teachers
 
 
@@ -81,6 +83,15 @@ def nan_row(table):
     return _logits(table, put)
 
 
+def null_row(table):
+    """Row 3's logits made null: the values of the other rows alone still reshape into a valid-looking array."""
+    values = table.column("logits").combine_chunks()
+    mask = np.zeros(len(values), bool)
+    mask[3] = True
+    arr = pa.FixedSizeListArray.from_arrays(values.values, values.type.list_size, mask=pa.array(mask))
+    return table.set_column(table.schema.get_field_index("logits"), "logits", arr)
+
+
 def recommit(store: Store, path: Path) -> None:
     """What a buggy writer would do: make the commit record match a bad file."""
     commit = store.commit_path(path)
@@ -109,6 +120,8 @@ CASES = {
                       "does not match its recorded digest"),
     "NaN": ("label", lambda st, p: _rewrite(p, nan_row), "does not match its recorded digest"),
     "NaN, recommitted": ("label", lambda st, p: (_rewrite(p, nan_row), recommit(st, p)), "rows with NaN/inf logits"),
+    "null row, recommitted": ("label", lambda st, p: (_rewrite(p, null_row), recommit(st, p)),
+                              "1 null 'logits' values (first at row 3)"),
     "swapped ids": ("label", lambda st, p: _rewrite(p, swap_ids), "does not match its recorded digest"),
     "swapped ids, recommitted": ("label", lambda st, p: (_rewrite(p, swap_ids), recommit(st, p)),
                                  "ids not aligned with the corpus part (first mismatch at row 0)"),
@@ -118,6 +131,60 @@ CASES = {
     "edited corpus part": ("corpus", lambda st, p: edit_corpus(p), "does not match its recorded digest"),
     "missing corpus part": ("corpus", lambda st, p: p.unlink(), "corpus part wq/1 is missing"),
 }
+
+
+def _set_corpus_column(table: pa.Table, name: str, values) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+
+
+def recommit_corpus(store: Store, path: Path) -> None:
+    """A buggy writer again: the manifest, and the label parts' commit records, made to match a bad corpus part."""
+    manifest = store.corpus_dir("wq") / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = next(p for p in raw["parts"] if p["file"] == path.name)
+    for commit in store.root.glob(f"labels/*/wq/{path.stem}.commit.json"):
+        record = json.loads(commit.read_text())
+        assert record["corpus_part_digest"] == entry["digest"]
+        record["corpus_part_digest"] = digest
+        commit.write_text(json.dumps(record))
+    entry["digest"] = digest
+    manifest.write_text(json.dumps(raw))
+
+
+CORPUS_CONTENT = {  # damage whose digest was recorded anyway: caught by what the part holds
+    "label outside the label names": (lambda t: _set_corpus_column(t, "label", [5] * t.num_rows),
+                                      "50 labels outside 0..1 (first at row 0: 5)"),
+    "null text": (lambda t: _set_corpus_column(t, "text_a", [None] * t.num_rows), "50 null 'text_a' values"),
+    "null id": (lambda t: _set_corpus_column(t, "id", [None, *t.column("id").to_pylist()[1:]]),
+                "1 null 'id' values (first at row 0)"),
+    "column dropped": (lambda t: t.drop(["text_b"]), "has no column 'text_b'"),
+    "column retyped": (lambda t: _set_corpus_column(t.cast(t.schema.set(1, pa.field("text_a", pa.large_string()))),
+                                                    "text_a", t.column("text_a").to_pylist()),
+                       "column 'text_a' has type large_string, expected string"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORPUS_CONTENT))
+def test_a_corpus_part_with_a_matching_digest_is_still_checked_for_what_it_holds(case, scored, tmp_path):
+    source, _ = scored
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    st = Store(store)
+    part = st.corpus("wq").parts[1]
+    assert part.rows == 50
+    change, reason = CORPUS_CONTENT[case]
+    pq.write_table(change(pq.read_table(part.path)), part.path)
+    recommit_corpus(st, part.path)
+
+    res = cli("verify", "--store", store, ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    problem = next(line for line in res.output.splitlines() if str(part.path) in line)
+    assert reason in problem, res.output
+    q = cli("query", "--store", store, "--format", "csv", "SELECT count(*) FROM corpus")
+    assert int(q.stdout.splitlines()[1]) == 120 - 50 and "1 corpus parts left out as invalid: wq/1" in q.stderr, q.stderr
+    with pytest.raises(CorruptPartError, match=re.escape(reason)):  # what the trainer and teachers read through
+        Store(store).read_corpus_part(Store(store).corpus("wq").parts[1], ["id", "text_a", "text_b", "label"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -344,6 +411,12 @@ def test_query_table_prints_values_as_text(scored, tmp_path):
     assert "[estimated]" in res.stdout and "[/z]" in res.stdout and "[bold]x[/bold]" in res.stdout
     res = cli("query", "--store", store, "SELECT * FROM no_such_view_[/z]", ok=False)
     assert res.exit_code == 1 and "[/z]" in res.output and "Traceback" not in res.output
+    # terminal escapes in a value (an untrusted corpus) are shown, not sent: no colour change, no window title
+    res = cli("query", "--store", store, "SELECT 'esc ' || chr(27) || '[31mRED' || chr(27) || ']0;pwned' || chr(7) AS t")
+    assert "\x1b" not in res.stdout and "\x07" not in res.stdout
+    assert "esc \\x1b[31mRED\\x1b]0;pwned\\x07" in res.stdout
+    res = cli("query", "--store", store, "SELECT * FROM x" + chr(27) + "[2J", ok=False)  # echoed in the error
+    assert "\x1b" not in res.output and "\\x1b[2J" in res.output
 
 
 def test_a_version_1_store_opens_and_its_label_parts_are_scored_again(scored, tmp_path):
@@ -580,23 +653,45 @@ def _damage_records(st: Store, case: str) -> Path:
         label.unlink()
         os.mkfifo(label)
         return label
+    records = {"a FIFO where the manifest goes": st.corpus_dir("wq") / "manifest.json",
+               "a FIFO where a commit record goes": st.commit_path(label),
+               "a FIFO where a teacher record goes": st.teacher_path("t1"),
+               "a FIFO where store.json goes": st.root / "store.json"}
+    if case in records:  # opening a FIFO for reading blocks until a writer comes: no reader may wait on one
+        records[case].unlink()
+        os.mkfifo(records[case])
+        return records[case]
     raise ValueError(case)
+
+
+def _hung(signum, frame):
+    raise TimeoutError("a command hung on a damaged store")
 
 
 @pytest.mark.parametrize("case", ["commit record not an object", "manifest without parts", "teacher label names null",
                                   "store.json not an object", "a folder where a label part goes",
-                                  "a FIFO where a label part goes"])
+                                  "a FIFO where a label part goes", "a FIFO where the manifest goes",
+                                  "a FIFO where a commit record goes", "a FIFO where a teacher record goes",
+                                  "a FIFO where store.json goes"])
 def test_damaged_records_give_one_line_errors_never_tracebacks_or_hangs(case, scored, tmp_path):
     source, teachers = scored
     store = tmp_path / "store"
     shutil.copytree(source, store)
     path = _damage_records(Store(store), case)
-    for args in (["verify"], ["status"], ["query", "SELECT count(*) FROM labels"], ["run", "--teachers", teachers]):
-        res = cli(args[0], "--store", store, *args[1:], ok=False)
-        assert res.exception is None or isinstance(res.exception, SystemExit), (case, args, res.exception)
-        if args[0] == "verify" or case in ("manifest without parts", "teacher label names null",
-                                           "store.json not an object"):
-            assert res.exit_code == 1 and str(path) in res.output, (case, args, res.output)
+    old = signal.signal(signal.SIGALRM, _hung)
+    try:
+        for args in (["verify"], ["status"], ["query", "SELECT count(*) FROM labels"], ["run", "--teachers", teachers]):
+            signal.alarm(60)
+            res = cli(args[0], "--store", store, *args[1:], ok=False)
+            signal.alarm(0)
+            assert res.exception is None or isinstance(res.exception, SystemExit), (case, args, res.exception)
+            if args[0] == "verify" or case in ("manifest without parts", "teacher label names null",
+                                               "store.json not an object", "a FIFO where the manifest goes",
+                                               "a FIFO where a teacher record goes", "a FIFO where store.json goes"):
+                assert res.exit_code == 1 and str(path) in res.output, (case, args, res.output)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     if case == "commit record not an object":  # run repaired it
         assert "OK" in cli("verify", "--store", store).output
 
@@ -675,3 +770,25 @@ def test_query_output_streams_the_result_into_a_file(scored, tmp_path, fmt):
     failed = cli("query", "--store", store, "--output", tmp_path / "bad.csv", "SELECT nope FROM labels", ok=False)
     assert failed.exit_code == 1 and not (tmp_path / "bad.csv").exists() and not list(tmp_path.glob(".bad.*"))
     assert tree_digests(store) == before
+
+
+def test_outputs_write_through_a_symlink_and_never_replace_a_pipe(scored, tmp_path):
+    """--output and report --out write a file and rename it into place: through a symlink to the file it names
+    (the link stays a link), and a pipe or a device in their place is refused, not replaced by a file."""
+    store, _ = scored
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    cli("query", "--store", store, "--output", link, "SELECT 42 AS answer")
+    assert link.is_symlink() and real.read_text().split() == ['"answer"', "42"]
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    for args in (["query", "--store", store, "--output", fifo, "SELECT 1"],
+                 ["report", "--store", store, "--out", tmp_path / "pipe.html"]):
+        if args[0] == "report":
+            os.mkfifo(tmp_path / "pipe.html")
+        res = cli(*args, ok=False)
+        assert res.exit_code == 1 and "not a regular file" in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "pipe.csv").is_file() and not (tmp_path / "pipe.html").is_file()
+    assert (tmp_path / "pipe.csv").is_fifo() and (tmp_path / "pipe.html").is_fifo()
