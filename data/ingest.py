@@ -637,6 +637,8 @@ class _Ingest:
 
     # -- the end
     def commit(self) -> IngestSummary:
+        if self.rows_read == 0:  # a wrong or truncated file, most likely: an empty corpus would hide it
+            raise IngestError(f"{', '.join(map(str, self.files))}: no rows in the input; nothing was ingested")
         self.writer.finish()
         self.quarantine.close()
         seconds = time.perf_counter() - self.started

@@ -283,3 +283,13 @@ def test_check_weights_judges_headers_and_sizes(tmp_path):
     with pytest.raises(TeacherError, match=r"pytorch_model.bin is truncated or corrupt"):
         check_weights(spec, folder)
 
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_an_empty_input_is_an_error_not_an_empty_corpus(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    store = tmp_path / "store"
+    result = cli("ingest", path, "--format", "jsonl", "--store", store, "--corpus", "c", "--label-names", "0,1", ok=False)
+    assert f"{path}: no rows in the input; nothing was ingested" in one_line(result)
+    assert not (store / "corpus" / "c").exists()
