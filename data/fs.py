@@ -303,9 +303,10 @@ def read_record_text(path: "Path | ObjectPath") -> str:
     if isinstance(path, ObjectPath):
         return path.read_text()
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file (a FIFO, a device or a folder in its place)")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError("not a regular file (a FIFO, a device or a folder in its place)")
         return f.read().decode()
 
 
@@ -315,7 +316,10 @@ def output_file(path: Path) -> Path:
     if path.exists() and not path.is_file():
         raise OSError(f"{path}: not a regular file (a pipe, a device or a folder); outputs are written to a "
                       "file and renamed into place")
-    return path.resolve()
+    target = path.resolve()
+    if not target.parent.is_dir():  # a dangling symlink into a folder that does not exist: not created for it
+        raise OSError(f"{path}: the folder {target.parent} does not exist")
+    return target
 
 
 def version_tag(meta: dict) -> dict:

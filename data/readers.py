@@ -529,6 +529,8 @@ def _pylist(col) -> list:
     """A column's values; a string column that is not valid UTF-8 comes back as bytes, for the checks to name."""
     import pyarrow as pa
 
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         try:
             col.validate(full=True)

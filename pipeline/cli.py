@@ -130,7 +130,7 @@ def status(
         corpora = {c: st.corpus(c) for c in st.corpora()}
     except (StoreError, OSError) as e:
         fail(e)
-    t = Table(title=Text(f"corpora in {store}"))
+    t = Table(title=Text(visible(f"corpora in {store}")))
     for col in ("corpus", "parts", "rows", "labels"):
         t.add_column(col)
     for name, m in corpora.items():
@@ -243,24 +243,25 @@ def report(
 
     started = time.perf_counter()
     out_path = out_path.absolute()
+    json_path = out_path.with_suffix(".json")
     try:
         st = Store(store)
-        if not isinstance(st.root, ObjectPath) and out_path.resolve().is_relative_to(st.root.resolve()):
-            fail(f"--out {out_path}: inside the store {st.root}; a report never writes into a store")
-        if not out_path.parent.is_dir():
-            fail(f"--out {out_path}: the folder {out_path.parent} does not exist")
         if out_path.suffix.lower() == ".json":
             fail(f"--out {out_path}: the page is HTML (its numbers go beside it as .json); name it .html")
+        # both files, where they really go (through a symlink): never into the store, never onto a pipe
+        targets = [output_file(out_path), output_file(json_path)]
+        for given, target in zip((out_path, json_path), targets):
+            if not isinstance(st.root, ObjectPath) and target.is_relative_to(st.root.resolve()):
+                fail(f"--out {given}: inside the store {st.root}; a report never writes into a store")
         data = finite(build_report(st, runs, corpus or None, top))
     except (StoreError, OSError) as e:
         fail(e)
     for kind, parts in (("corpus", data["left_out"]["corpus_parts"]), ("label", data["left_out"]["label_parts"])):
         if parts:
             say(err, f"{len(parts)} {kind} parts left out as invalid: " + "; ".join(parts), "yellow", "warning: ")
-    json_path = out_path.with_suffix(".json")
     try:
-        atomic_write_bytes(output_file(json_path), json.dumps(data, indent=1, default=str, allow_nan=False).encode())
-        atomic_write_bytes(output_file(out_path), render(data).encode())
+        atomic_write_bytes(targets[1], json.dumps(data, indent=1, default=str, allow_nan=False).encode())
+        atomic_write_bytes(targets[0], render(data).encode())
     except OSError as e:
         fail(e)
     rows = sum(c["rows"] for c in data["corpora"].values())
@@ -326,13 +327,13 @@ def ingest(
 
             def progress(path: Path, done: int, total: int) -> None:
                 if path not in tasks:
-                    tasks[path] = bar.add_task(path.name, total=total)
+                    tasks[path] = bar.add_task(visible(path.name), total=total)
                 bar.update(tasks[path], completed=done)
 
             s = ingest_files(Store.create(store), files, opts, progress)
     except (IngestError, StoreError, OSError) as e:
         fail(e)
-    t = Table(title=Text(f"ingested into corpus {s.corpus!r} of {store}"), show_header=False)
+    t = Table(title=Text(visible(f"ingested into corpus {s.corpus!r} of {store}")), show_header=False)
     t.add_row(cell("rows read"), cell(f"{s.rows_read:,}"))
     t.add_row(cell("rows written"), cell(f"{s.rows_written:,} ({s.rows_labelled:,} labelled)"))
     t.add_row(cell("parts"), cell(f"{len(s.parts)} (part {s.parts[0]}..{s.parts[-1]})" if s.parts else "0"))

@@ -92,14 +92,17 @@ def _not_utf8(tmp_path: Path, fmt: str) -> Path:
     values = b"good" + b"\xff\xfe bad"  # a string column written without validation, as a buggy exporter might
     offsets = pa.array([0, 4, len(values)], pa.int32()).buffers()[1]
     text_a = pa.StringArray.from_buffers(2, offsets, pa.py_buffer(values))
+    if fmt == "parquet-dictionary":
+        text_a = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), text_a)
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text_a": text_a, "text_b": ["b", "b"], "label": ["0", "1"]}), path)
     return path
 
 
-@pytest.mark.parametrize("fmt, where", [("jsonl", "line 2"), ("parquet", "row 1")])
+@pytest.mark.parametrize("fmt, where", [("jsonl", "line 2"), ("parquet", "row 1"), ("parquet-dictionary", "row 1")])
 def test_text_that_is_not_utf8_is_named_or_quarantined_never_a_traceback(tmp_path, fmt, where):
     path = _not_utf8(tmp_path, fmt)
+    fmt = fmt.split("-")[0]
     store = tmp_path / "store"
     result = cli("ingest", path, "--format", fmt, "--store", store, "--corpus", "strict", "--label-names", "0,1",
                  "--strict", ok=False)

@@ -792,3 +792,17 @@ def test_outputs_write_through_a_symlink_and_never_replace_a_pipe(scored, tmp_pa
         assert res.exit_code == 1 and "not a regular file" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "pipe.csv").is_file() and not (tmp_path / "pipe.html").is_file()
     assert (tmp_path / "pipe.csv").is_fifo() and (tmp_path / "pipe.html").is_fifo()
+    assert not (tmp_path / "pipe.json").exists()  # refused before anything is written, the page's numbers too
+
+    # the report's numbers go beside the page: a symlink there into the store is refused like the page itself
+    before = tree_digests(store)
+    (tmp_path / "r.json").symlink_to(store / "store.json")
+    res = cli("report", "--store", store, "--out", tmp_path / "r.html", ok=False)
+    assert res.exit_code == 1 and "a report never writes into a store" in res.output
+    assert tree_digests(store) == before and not (tmp_path / "r.html").exists()
+    # and one to a file elsewhere is written through, the link kept
+    (tmp_path / "r.json").unlink()
+    (tmp_path / "numbers.json").write_text("{}")
+    (tmp_path / "r.json").symlink_to(tmp_path / "numbers.json")
+    cli("report", "--store", store, "--out", tmp_path / "r.html")
+    assert (tmp_path / "r.json").is_symlink() and "corpora" in json.loads((tmp_path / "numbers.json").read_text())
