@@ -167,11 +167,8 @@ CORPUS_CONTENT = {  # damage whose digest was recorded anyway: caught by what th
 
 @pytest.mark.parametrize("case", list(CORPUS_CONTENT))
 def test_a_corpus_part_with_a_matching_digest_is_still_checked_for_what_it_holds(case, scored, tmp_path):
-    source, _ = scored
-    store = tmp_path / "store"
-    shutil.copytree(source, store)
-    st = Store(store)
-    part = st.corpus("wq").parts[1]
+    st = Store(shutil.copytree(scored[0], tmp_path / "store"))
+    store, part = st.root, st.corpus("wq").parts[1]
     assert part.rows == 50
     change, reason = CORPUS_CONTENT[case]
     pq.write_table(change(pq.read_table(part.path)), part.path)
