@@ -302,7 +302,14 @@ def read_verified(path: Path, digest: str, what: str) -> bytes:
 def parse_parquet(data: bytes, path: Path, what: str, columns: list[str] | None = None) -> pa.Table:
     """Decode Parquet bytes, verifying page checksums; a damaged file is a CorruptPartError."""
     try:
-        return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True).read(columns, use_threads=False)
+        pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptPartError(f"{path}: {what} cannot be decoded ({e})") from None
+    missing = [c for c in columns or () if c not in pf.schema_arrow.names]
+    if missing:  # a file without a column its schema requires is damaged, not a bug to trace back
+        raise CorruptPartError(f"{path}: {what} has no column {missing[0]!r}")
+    try:
+        return pf.read(columns, use_threads=False)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise CorruptPartError(f"{path}: {what} cannot be decoded ({e})") from None
 
@@ -512,14 +519,7 @@ class Store:
         names). Raises CorruptPartError naming the file; a damaged part is never consumed."""
         what = f"corpus part {part.corpus}/{part.part}"
         data = read_verified(part.path, part.digest, what)
-        try:
-            names = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise CorruptPartError(f"{part.path}: {what} cannot be decoded ({e})") from None
-        missing = [c for c in columns or CORPUS_SCHEMA.names if c not in names]
-        if missing:  # a file without a column the schema requires is damaged, not a bug to trace back
-            raise CorruptPartError(f"{part.path}: {what} has no column {missing[0]!r}")
-        table = parse_parquet(data, part.path, what, columns)
+        table = parse_parquet(data, part.path, what, columns or CORPUS_SCHEMA.names)
         if table.num_rows != part.rows:
             raise CorruptPartError(f"{part.path}: {table.num_rows} rows, the manifest says {part.rows}")
         problem = corpus_table_problem(table, part.num_labels)
@@ -838,18 +838,24 @@ class Store:
         return [json.loads(read_record_text(p)) for p in sorted(base.glob("*.json"))] if base.exists() else []
 
 
+def _nulls(table: pa.Table, names: list[str]) -> str | None:
+    """The first of ``names`` that holds a null, with the count and the first row, or None."""
+    for name in names:
+        if table.column(name).null_count:
+            row = int(np.argmax(table.column(name).is_null().to_numpy(zero_copy_only=False)))
+            return f"{table.column(name).null_count} null {name!r} values (first at row {row})"
+    return None
+
+
 def corpus_table_problem(table: pa.Table, num_labels: int | None = None) -> str | None:
     """What is wrong with the columns of a decoded corpus part, or None (vectorised: no loop over rows)."""
-    for name in table.schema.names:
-        if name not in CORPUS_SCHEMA.names:
-            return f"unexpected column {name!r}"
+    for name in table.schema.names:  # the columns read, every one of them in the schema
         got, want = table.schema.field(name).type, CORPUS_SCHEMA.field(name).type
         if got != want:
             return f"column {name!r} has type {got}, expected {want}"
-    for name in ("id", "text_a", "text_b"):
-        if name in table.schema.names and table.column(name).null_count:
-            row = int(np.argmax(table.column(name).is_null().to_numpy(zero_copy_only=False)))
-            return f"{table.column(name).null_count} null {name!r} values (first at row {row})"
+    nulls = _nulls(table, [n for n in ("id", "text_a", "text_b") if n in table.schema.names])
+    if nulls:
+        return nulls
     if "label" in table.schema.names and table.num_rows > table.column("label").null_count:
         label = table.column("label").to_numpy(zero_copy_only=False)  # float with NaN for nulls
         top = num_labels if num_labels is not None else np.inf
@@ -873,10 +879,9 @@ def _label_table_problem(table: pa.Table, num_labels: int, rows: int, corpus_ids
         return f"{ltype.list_size} logits per row, the teacher has {num_labels} labels"
     if table.num_rows != rows:
         return f"{table.num_rows} rows, the corpus part has {rows}"
-    for name in ("id", "logits"):  # a null row would vanish from logits_to_numpy and shift every row after it
-        if table.column(name).null_count:
-            row = int(np.argmax(table.column(name).is_null().to_numpy(zero_copy_only=False)))
-            return f"{table.column(name).null_count} null {name!r} values (first at row {row})"
+    nulls = _nulls(table, ["id", "logits"])  # a null row would vanish from logits_to_numpy, shifting the rest
+    if nulls:
+        return nulls
     ids = table.column("id").to_numpy()
     if corpus_ids is not None and not np.array_equal(ids, corpus_ids):
         row = int(np.argmax(ids != corpus_ids))
