@@ -58,6 +58,10 @@ def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
                                 "for a local folder of that name, write ./" + where)
         return Path(where).absolute()
     scheme, rest = match.group(1).lower(), match.group(2)
+    if "@" in rest.partition("/")[0]:  # s3://KEY:SECRET@bucket: refused, and never echoed into a message or log
+        raise LocationError(f"{scheme}://***@{rest.partition('@')[2]}: credentials in a store URI are refused; "
+                            "give them through the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                            "or the cloud's own credential chain)")
     if scheme == "file":  # file:///abs/path or file://localhost/abs/path, percent-escapes decoded
         host, _, path = rest.partition("/")
         if host not in ("", "localhost"):
@@ -320,6 +324,14 @@ def output_file(path: Path) -> Path:
     if not target.parent.is_dir():  # a dangling symlink into a folder that does not exist: not created for it
         raise OSError(f"{path}: the folder {target.parent} does not exist")
     return target
+
+
+def inside_store(path: "Path | str", root: "Path | ObjectPath") -> bool:
+    """Whether writing to the local ``path`` would write into the store at ``root``, through symlinks too: no job
+    writes its outputs into a store (a stray file there is a damaged store to every reader)."""
+    if isinstance(root, ObjectPath) or is_uri(path):
+        return False
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def version_tag(meta: dict) -> dict:

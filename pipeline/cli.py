@@ -235,7 +235,7 @@ def report(
     """One self-contained HTML page: coverage, agreement, confidence, calibration, disagreements, students."""
     import time
 
-    from tmkd.data.fs import ObjectPath, output_file
+    from tmkd.data.fs import inside_store, output_file
     from tmkd.data.store import atomic_write_bytes
     from tmkd.pipeline.query import finite
     from tmkd.pipeline.report import build_report
@@ -251,7 +251,7 @@ def report(
         # both files, where they really go (through a symlink): never into the store, never onto a pipe
         targets = [output_file(out_path), output_file(json_path)]
         for given, target in zip((out_path, json_path), targets):
-            if not isinstance(st.root, ObjectPath) and target.is_relative_to(st.root.resolve()):
+            if inside_store(target, st.root):
                 fail(f"--out {given}: inside the store {st.root}; a report never writes into a store")
         data = finite(build_report(st, runs, corpus or None, top))
     except (StoreError, OSError) as e:

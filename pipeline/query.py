@@ -47,7 +47,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from tmkd.data.fs import ObjectPath, output_file
+from tmkd.data.fs import ObjectPath, inside_store, output_file
 from tmkd.data.store import PART_RE, CorruptPartError, Store, StoreError, scored_corpora
 from tmkd.pipeline.streams import CorpusView, ScoresView
 
@@ -330,7 +330,7 @@ def write_query(store: Store, sql: str, output: Path, fmt: str) -> tuple[int, Le
         raise QueryError(f"--output {output}: format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)} "
                          "(from the file's suffix, or --output-format)")
     output = Path(output).absolute()
-    if not isinstance(store.root, ObjectPath) and output.resolve().is_relative_to(store.root.resolve()):
+    if inside_store(output, store.root):
         raise QueryError(f"--output {output}: inside the store {store.root}; a query never writes into a store")
     try:
         output = output_file(output)

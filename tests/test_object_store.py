@@ -232,6 +232,14 @@ def test_uri_typos_are_refused_and_nothing_is_written(tmp_path, monkeypatch, whe
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tsv"]
 
 
+def test_credentials_in_a_store_uri_are_refused_and_never_echoed(tmp_path):
+    for command in (["status"], ["verify"], ["query", "select 1"]):
+        result = cli(*command, "--store", "s3://AKIAEXAMPLE:hunter2secret@tmkd-bucket/store", ok=False)
+        assert result.exit_code == 1 and "credentials in a store URI are refused" in result.output
+        assert "hunter2secret" not in result.output and "AKIAEXAMPLE" not in result.output
+        assert "s3://***@tmkd-bucket/store" in result.output
+
+
 def test_object_store_failures_are_one_line_errors(s3_endpoint, tmp_path):
     result = cli("status", "--store", "s3://tmkd-no-such-bucket/store", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
