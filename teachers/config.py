@@ -254,7 +254,12 @@ def convert(tp: Any, value: Any, field: str, source: str, error: type[Exception]
     if tp in checks:
         if not checks[tp](value):
             raise _type_error(error, source, field, tp, plain(value), hints)
-        return float(value) if tp is float else value
+        if tp is not float:
+            return value
+        try:
+            return float(value)
+        except OverflowError:  # an integer of 309+ digits
+            raise error(f"{source}: {field} = {value} is too large for a floating-point number") from None
     return plain(value)  # Any, or a type this check does not know: the dataclass decides
 
 

@@ -131,6 +131,12 @@ def test_type_errors_name_the_file_or_set_the_dotted_field_and_the_type_in_every
         "--set stages.0.corpora=[1]: stages.0.corpora.0: expected a string, got 1 (an integer)"
     assert error_of(load_train, tr, ["stages.0.loss=3"]) == \
         "--set stages.0.loss=3: stages.0.loss: expected a table, got 3 (an integer)"
+    # an integer too large for a float is a typed error too, not an OverflowError
+    huge = "1" + "0" * 400
+    assert error_of(load_train, tr, [f"stages.0.lr={huge}"]) == \
+        f"--set stages.0.lr={huge}: stages.0.lr = {huge} is too large for a floating-point number"
+    assert error_of(load_finetune, ft, None, [f"teacher.0.lr={huge}"]) == \
+        f"--set teacher.0.lr={huge}: teacher.0.lr = {huge} is too large for a floating-point number"
 
 
 def test_unknown_keys_are_named_alike(files):
