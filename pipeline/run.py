@@ -119,12 +119,18 @@ def pick_device(device: str | None):
 
 
 def check_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], replace: bool):
-    """Fingerprint each teacher (its weights checked), refuse changed checkpoints and wrong label
-    spaces. Writes nothing: a run records its teachers only once all of them passed."""
+    """Fingerprint each teacher (its weights, config and max_length checked), refuse changed checkpoints,
+    corpora the store lacks and wrong label spaces. Writes nothing: a run records its teachers only once
+    all of them passed."""
     known = store.teachers()
     manifests = {c: store.corpus(c) for c in corpora}
+    present = store.corpora()
     out = []
     for spec in specs:
+        for c in spec.corpora or ():  # as --corpus does: a corpus the store lacks is a mistake, not "nothing to do"
+            if c not in present:
+                spec.refuse(f"corpora: no corpus {c!r} in {store.root} (corpora in the store: "
+                            f"{', '.join(present) or 'none'})", "corpora")
         record, folder = make_record(spec)
         old = known.get(spec.name)
         if old is not None and old.fingerprint != record.fingerprint and not replace:
@@ -138,6 +144,17 @@ def check_teachers(store: Store, specs: list[TeacherSpec], corpora: list[str], r
                 check_label_space(record, manifests[c])
         out.append((spec, record, folder))
     return out
+
+
+def check_compilers(teachers: list, plan: list["Unit"]) -> None:
+    """A teacher with compile = true that has work here needs a C++ compiler: refused before it is
+    recorded (scoring would stop at its first forward), not on a store with nothing left to score."""
+    busy = {rec.name for unit in plan for rec in unit.teachers}
+    for spec, rec, _ in teachers:
+        if spec.compile and rec.name in busy:
+            from tmkd.teachers.scoring import check_compiler
+
+            check_compiler(spec)
 
 
 def record_teachers(store: Store, records: list[TeacherRecord], replace: bool) -> None:
@@ -218,7 +235,14 @@ def read_and_encode(store: Store, part: CorpusPart, tokenizers: dict, fingerprin
     encs = {}
     for fp in dict.fromkeys(fingerprints):
         tok, spec = tokenizers[fp]
-        encs[fp] = encode_pairs(tok, a, b, spec.max_length, spec.truncation)
+        try:
+            encs[fp] = encode_pairs(tok, a, b, spec.max_length, spec.truncation)
+        except Exception as e:  # the fast tokenizer's: only_first / only_second cannot cut a pair short enough
+            if "Truncation error" not in str(e):
+                raise
+            raise TeacherError(f"teacher {spec.name!r}: truncation {spec.truncation!r} cannot cut a pair of "
+                               f"{part.corpus}/{part.part:05d} to max_length {spec.max_length} (the other text "
+                               "alone is longer); use truncation = \"longest_first\" or a larger max_length") from None
     return table.column("id").to_numpy(), encs
 
 
@@ -254,6 +278,8 @@ def run(opts: RunOptions, console: Console | None = None) -> RunSummary:
     claims = Claims(store, opts.lease_s)  # checks --lease
     local = opts.engine == "local"
     device = pick_device(opts.device) if local and (plan or opts.device) else None  # checks --device
+    if local:
+        check_compilers(teachers, plan)
     cluster = None
     if not local and plan:  # joins or starts Ray and sizes the actors: a bad option stops here
         from tmkd.pipeline.ray_engine import RayOptions, connect

@@ -4,13 +4,15 @@
 
     [[teacher]]
     name = "minilm-a"            # a folder name in the store
-    path = "teachers/minilm-a"   # a Hugging Face folder (relative to this file) or a hub id
+    path = "teachers/minilm-a"   # a Hugging Face folder (relative to this file), or a hub id already in the
+                                 #   local Hugging Face cache (nothing is downloaded)
     max_length = 128
     dtype = "bfloat16"           # float32 | bfloat16 | float16: the compute dtype (autocast)
     batch_tokens = 4096          # optional: padded tokens per forward batch (default: from the device: 4,096 on
                                  #   a CPU, a share of the free memory on a GPU; tmkd.teachers.device)
     labels = ["0", "1"]          # optional: label names in logit order (default: the model's id2label)
-    corpora = ["wikiqa-train"]   # optional: only these corpora (default: every corpus in the store)
+    corpora = ["wikiqa-train"]   # optional: only these corpora, each in the store (default: every corpus there)
+    truncation = "longest_first"   # optional: longest_first | only_first | only_second (the tokenizer's names)
     compile = true               # optional: torch.compile the forward (one compile for all batch shapes).
                                  #   On this CPU: +12% pairs/s in bf16, +5% in fp32, after a 7-42 s compile;
                                  #   worth it above ~250k pairs. Labels are the same up to float rounding.
@@ -37,12 +39,15 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from tmkd.data.store import CorpusManifest, StoreError, TeacherRecord, check_name, label_space_mismatch
-from tmkd.teachers.config import apply_sets, items_of, missing_keys, plain, read_toml, table_values
+from tmkd.teachers.config import Given, apply_sets, items_of, missing_keys, plain, read_toml, table_values
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The tokenizer's strategies that cut every pair to max_length (do_not_truncate would pass longer rows to the model).
+# only_first / only_second fail on a pair whose other text alone is longer than max_length.
+TRUNCATIONS = ("longest_first", "only_first", "only_second")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 CONFIG_FILES = ("config.json",)
 TOKENIZER_FILES = (
@@ -52,7 +57,13 @@ TOKENIZER_FILES = (
 
 
 class TeacherError(StoreError):
-    """A user-facing problem with a teacher: bad spec, changed checkpoint, wrong label space."""
+    """A user-facing problem with a teacher: bad spec, changed checkpoint, wrong label space.
+
+    ``fields``: the spec fields a bad value was in, so that the loader can name where it came from."""
+
+    def __init__(self, message: str, fields: Sequence[str] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 @dataclass
@@ -68,24 +79,46 @@ class TeacherSpec:
     compile: bool = False  # not in the fingerprint: the same model, the same logits up to rounding
     first_token_last_layer: bool = True  # not in the fingerprint either, for the same reason
     cpu_streams: int | None = None  # None: tmkd.teachers.device.CPU_STREAMS; not in the fingerprint
+    # Where each value came from (teachers.toml, or the --set that gave it), and the folder a path that is not
+    # one was resolved to: set by load_teachers_toml, for messages only.
+    sources: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    resolved: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_name("teacher", self.name)
         if self.dtype not in DTYPES:
-            raise TeacherError(f"teacher {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            self.refuse(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}", "dtype")
         if not (8 <= int(self.max_length) <= 8192):
-            raise TeacherError(f"teacher {self.name!r}: max_length {self.max_length} out of range 8..8192")
+            self.refuse(f"max_length {self.max_length} out of range 8..8192", "max_length")
+        if self.truncation not in TRUNCATIONS:
+            self.refuse(f"truncation {self.truncation!r} is not one of {', '.join(TRUNCATIONS)}", "truncation")
+        if self.corpora is not None and not self.corpora:
+            self.refuse("corpora is empty; leave it out to score every corpus", "corpora")
         for flag in ("compile", "first_token_last_layer"):
             if not isinstance(getattr(self, flag), bool):
-                raise TeacherError(f"teacher {self.name!r}: {flag} must be true or false, not {getattr(self, flag)!r}")
+                self.refuse(f"{flag} must be true or false, not {getattr(self, flag)!r}", flag)
         streams = self.cpu_streams
         if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 256):
-            raise TeacherError(f"teacher {self.name!r}: cpu_streams must be a whole number from 1 to 256, "
-                               f"not {self.cpu_streams!r}")
+            self.refuse(f"cpu_streams must be a whole number from 1 to 256, not {self.cpu_streams!r}", "cpu_streams")
         if self.batch_tokens is not None and int(self.batch_tokens) < self.max_length:
-            raise TeacherError(
-                f"teacher {self.name!r}: batch_tokens {self.batch_tokens} must be at least max_length {self.max_length}"
-            )
+            self.refuse(f"batch_tokens {self.batch_tokens} must be at least max_length {self.max_length}",
+                        "batch_tokens", "max_length")
+
+    def refuse(self, problem: str, *fields: str) -> None:
+        """Raise a TeacherError about this teacher's ``fields``, naming where they came from once loaded."""
+        raise TeacherError(f"{self.source_of(*fields)}teacher {self.name!r}: {problem}", fields)
+
+    def source_of(self, *fields: str) -> str:
+        """``"--set teacher.0.max_length=512: "`` when a --set gave one of ``fields``, else the file's ``"path: "``
+        (``""`` for a spec not read from a file)."""
+        where = source_of(self.sources, fields)
+        return f"{where}: " if where else ""
+
+
+def source_of(sources: dict[str, str], fields: Sequence[str]) -> str:
+    """The first --set that gave one of ``fields``, else the file (``sources[""]``): what a message blames."""
+    given = [sources[f] for f in fields if sources.get(f, "").startswith("--set ")]
+    return given[0] if given else sources.get("", "")
 
 
 @dataclass
@@ -124,27 +157,43 @@ def load_teachers_toml(path: str | Path, overrides: Sequence[str] = ()) -> list[
         local = (path.parent / values["path"]).resolve()
         if local.exists():
             values["path"] = str(local)
+        sources = value_sources(entry, str(path))
         try:
-            specs.append(TeacherSpec(**values))
-        except TeacherError as e:
-            raise TeacherError(f"{path}: {e}") from None
+            spec = TeacherSpec(**values)
+        except TeacherError as e:  # raised before the spec knew its sources: blamed here
+            raise TeacherError(f"{source_of(sources, e.fields)}: {e}", e.fields) from None
         except StoreError as e:  # an invalid name
-            raise TeacherError(f"{path}: {where}.name: {e}") from None
+            raise TeacherError(f"{sources.get('name', path)}: {where}.name: {e}") from None
+        spec.sources, spec.resolved = sources, str(local)
+        specs.append(spec)
     check_unique_names(path, [s.name for s in specs], TeacherError)
     return specs
 
 
+def value_sources(entry: Any, path: str) -> dict[str, str]:
+    """Where each key of a [[teacher]] table came from: the --set that gave it, else the file (key ``""``)."""
+    if isinstance(entry, Given):  # the whole table given by one --set
+        return {"": path, **{k: entry.source for k in plain(entry)}}
+    return {"": path, **{k: v.source if isinstance(v, Given) else path for k, v in entry.items()}}
+
+
 def resolve_folder(spec: TeacherSpec) -> Path:
-    """A local folder, or a hub id resolved through the local Hugging Face cache."""
+    """A local folder, or a hub id already in the local Hugging Face cache. Never downloads: a run
+    must not reach the network, and a mistyped folder name must not be taken for a model to fetch."""
     folder = Path(spec.path)
     if folder.is_dir():
         return folder
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec.path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as e:
-        raise TeacherError(f"teacher {spec.name!r}: {spec.path!r} is not a folder and could not be fetched: {e}") from None
+        return Path(snapshot_download(spec.path, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception:  # noqa: BLE001 - not in the cache, or not a valid hub id: either way not a folder
+        pass
+    resolved = spec.resolved or str(folder.resolve())
+    raise TeacherError(f"{spec.source_of('path')}teacher {spec.name!r}: no folder {spec.path} (resolved to {resolved}),"
+                       " and no such hub id in the local Hugging Face cache (nothing is downloaded at run time)",
+                       ("path",))
 
 
 def _hash_files(h, folder: Path, patterns) -> list[str]:
@@ -235,16 +284,51 @@ def fingerprints(spec: TeacherSpec, folder: Path) -> tuple[str, str]:
     return "sha256:" + h.hexdigest(), tok_fp
 
 
-def label_names(spec: TeacherSpec, folder: Path) -> list[str]:
+def read_config(spec: TeacherSpec, folder: Path) -> dict:
+    """The model's config.json as a dict; a missing or malformed one is the user's to fix, by name."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TeacherError(f"teacher {spec.name!r}: no config.json in {folder}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TeacherError(f"teacher {spec.name!r}: {path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise TeacherError(f"teacher {spec.name!r}: {path} is not a JSON object (a model config)")
+    return config
+
+
+# Architectures whose position ids start after the padding index (RoBERTa's family): max_position_embeddings
+# counts pad_token_id + 1 positions no token can use (514 in the config, 512 tokens).
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "mpnet",
+                    "longformer")
+
+
+def check_max_length(spec: TeacherSpec, folder: Path, config: dict) -> None:
+    """Refuse a max_length longer than the model's position embeddings, which would fail in the middle of
+    scoring (on the first long pair). Models without absolute positions (DeBERTa-v2/v3) are not limited."""
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool) or config.get("position_biased_input") is False:
+        return
+    if config.get("model_type") in OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        positions -= (pad if isinstance(pad, int) else 1) + 1
+    if spec.max_length > positions:
+        spec.refuse(f"max_length {spec.max_length} is more than the model's {positions} positions "
+                    f"(max_position_embeddings in {folder / 'config.json'})", "max_length")
+
+
+def label_names(spec: TeacherSpec, folder: Path, config: dict | None = None) -> list[str]:
     """The teacher's label names in logit order: from teachers.toml, else the model's config."""
-    config = json.loads((folder / "config.json").read_text())
-    id2label = config.get("id2label") or {}
-    n = len(id2label) or int(config.get("num_labels", 2))
+    config = read_config(spec, folder) if config is None else config
+    id2label, num_labels = config.get("id2label") or {}, config.get("num_labels", 2)
+    if not isinstance(id2label, dict) or isinstance(num_labels, bool) or not isinstance(num_labels, int):
+        raise TeacherError(f"teacher {spec.name!r}: {folder / 'config.json'}: id2label must be an object and "
+                           f"num_labels a whole number (got {id2label!r}, {num_labels!r})")
+    n = len(id2label) or num_labels
     if spec.labels is not None:
         if len(spec.labels) != n:
-            raise TeacherError(
-                f"teacher {spec.name!r}: teachers.toml lists {len(spec.labels)} labels but the model has {n} outputs"
-            )
+            spec.refuse(f"labels lists {len(spec.labels)} names but the model has {n} outputs", "labels")
         return list(spec.labels)
     return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n)] if id2label else [
         f"LABEL_{i}" for i in range(n)
@@ -259,12 +343,16 @@ def check_label_space(record: TeacherRecord, corpus: CorpusManifest) -> None:
 
 
 def make_record(spec: TeacherSpec) -> tuple[TeacherRecord, Path]:
-    """The teacher's record (fingerprints, label names) and folder; refuses damaged weight files first."""
+    """The teacher's record (fingerprints, label names) and folder; refuses damaged weight files, a broken
+    config.json and a max_length the model cannot take first (reading files only: no model is loaded)."""
     folder = resolve_folder(spec)
     check_weights(spec, folder)
+    config = read_config(spec, folder)
+    check_max_length(spec, folder, config)
     fp, tok_fp = fingerprints(spec, folder)
     record = TeacherRecord(
-        name=spec.name, fingerprint=fp, path=str(spec.path), label_names=label_names(spec, folder), dtype=spec.dtype,
+        name=spec.name, fingerprint=fp, path=str(spec.path), label_names=label_names(spec, folder, config),
+        dtype=spec.dtype,
         max_length=spec.max_length, truncation=spec.truncation, corpora=spec.corpora, tokenizer_fingerprint=tok_fp,
     )
     return record, folder

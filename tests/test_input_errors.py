@@ -296,3 +296,152 @@ def test_an_empty_input_is_an_error_not_an_empty_corpus(tmp_path, content):
     result = cli("ingest", path, "--format", "jsonl", "--store", store, "--corpus", "c", "--label-names", "0,1", ok=False)
     assert f"{path}: no rows in the input; nothing was ingested" in one_line(result)
     assert not (store / "corpus" / "c").exists()
+
+
+# ---- teachers.toml values that pass the types but cannot be scored: refused before anything is written -----
+
+
+def run_refused(store: Path, teachers: Path, *sets: str) -> str:
+    """`tmkd-label run` refused in one line (returned), the store left exactly as it was."""
+    before = files_of(store)
+    msg = one_line(cli("run", "--store", store, "--teachers", teachers,
+                       *[a for s in sets for a in ("--set", s)], ok=False))
+    assert files_of(store) == before
+    return msg
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("teacher.0.truncation=bogus", "--set teacher.0.truncation=bogus: teacher 't1': truncation 'bogus' is not one "
+                                   "of longest_first, only_first, only_second"),
+    ("teacher.0.truncation=do_not_truncate", "--set teacher.0.truncation=do_not_truncate: teacher 't1': truncation "
+                                             "'do_not_truncate' is not one of"),
+    ("teacher.0.max_length=512", "--set teacher.0.max_length=512: teacher 't1': max_length 512 is more than the "
+                                 "model's 128 positions (max_position_embeddings in {config})"),
+])
+def test_a_setting_the_model_cannot_score_is_refused_before_the_teacher_is_recorded(tmp_path, tiny_teachers,
+                                                                                    setting, message):
+    from test_label import write_teachers
+
+    store = tiny_store(tmp_path)
+    teachers = write_teachers(tmp_path / "teachers.toml", {"t1": tiny_teachers["t1"]}, max_length=32)
+    msg = run_refused(store, teachers, setting)
+    assert message.format(config=tiny_teachers["t1"] / "config.json") in msg
+    assert not (store / "teachers").exists()
+    cli("run", "--store", store, "--teachers", teachers)  # the corrected run is not refused as a changed teacher
+
+
+def test_a_bad_truncation_in_the_file_names_the_file(tmp_path, tiny_teachers):
+    from test_label import write_teachers
+
+    store = tiny_store(tmp_path)
+    teachers = write_teachers(tmp_path / "teachers.toml", {"t1": tiny_teachers["t1"]}, max_length=32,
+                              truncation="only_third")
+    assert f"{teachers}: teacher 't1': truncation 'only_third' is not one of" in run_refused(store, teachers)
+
+
+@pytest.mark.parametrize("line, sets, source", [
+    ('corpora = ["c", "nope"]', [], "{teachers}"),
+    ("", ['teacher.0.corpora=["nope"]'], '--set teacher.0.corpora=["nope"]'),
+])
+def test_a_teacher_naming_a_corpus_the_store_lacks_is_refused(tmp_path, tiny_teachers, line, sets, source):
+    store = tiny_store(tmp_path)
+    teachers = tmp_path / "teachers.toml"
+    teachers.write_text(f'[[teacher]]\nname = "t1"\npath = "{tiny_teachers["t1"]}"\nmax_length = 32\n{line}\n')
+    msg = run_refused(store, teachers, *sets)
+    assert f"{source.format(teachers=teachers)}: teacher 't1': corpora: no corpus 'nope' in {store} " \
+           "(corpora in the store: c)" in msg
+
+
+@pytest.mark.parametrize("text, problem", [("{bad", "is not valid JSON"), ("[]", "is not a JSON object")])
+def test_a_teacher_config_json_that_is_not_a_json_object_is_named(tmp_path, tiny_teachers, text, problem):
+    store = tiny_store(tmp_path)
+    folder = copy_teacher(tiny_teachers["t1"], tmp_path / "broken")
+    (folder / "config.json").write_text(text)
+    teachers = tmp_path / "teachers.toml"
+    teachers.write_text(f'[[teacher]]\nname = "broken"\npath = "{folder}"\nmax_length = 32\n')
+    assert f"teacher 'broken': {folder / 'config.json'} {problem}" in run_refused(store, teachers)
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Hub access switched on (as for a user without HF_HUB_OFFLINE) over an empty cache; every name lookup or
+    connection is recorded and refused."""
+    import socket
+
+    from huggingface_hub import constants
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+def test_a_teacher_path_that_is_no_folder_is_refused_without_the_network(tmp_path, tiny_teachers, no_network):
+    store = tiny_store(tmp_path)
+    teachers = tmp_path / "teachers.toml"
+    teachers.write_text('[[teacher]]\nname = "t1"\npath = "t1x"\nmax_length = 32\n')
+    msg = run_refused(store, teachers)
+    assert f"{teachers}: teacher 't1': no folder t1x (resolved to {tmp_path / 't1x'})" in msg
+    assert no_network == []
+
+
+def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, tiny_teachers, no_network):
+    """A hub id still names a model already in the local Hugging Face cache; nothing is fetched."""
+    from huggingface_hub import constants
+
+    from tmkd.teachers.spec import resolve_folder
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_teachers["t1"], repo / "snapshots" / ("0" * 40))
+    assert resolve_folder(TeacherSpec(name="t", path="org/tiny")) == repo / "snapshots" / ("0" * 40)
+    assert no_network == []
+
+
+def test_a_range_error_from_a_set_names_the_set(tmp_path):
+    path = tmp_path / "teachers.toml"
+    path.write_text('[[teacher]]\nname = "r1"\npath = "x"\nmax_length = 64\nbatch_tokens = 4096\n')
+    with pytest.raises(TeacherError) as e:
+        load_teachers_toml(path, ["teacher.0.batch_tokens=-1"])
+    assert str(e.value) == "--set teacher.0.batch_tokens=-1: teacher 'r1': batch_tokens -1 must be at least " \
+                           "max_length 64"
+    with pytest.raises(TeacherError) as e:  # two fields in one rule: the one the --set gave is named
+        load_teachers_toml(path, ["teacher.0.max_length=8192"])
+    assert str(e.value).startswith("--set teacher.0.max_length=8192: teacher 'r1': batch_tokens 4096 must be")
+    path.write_text('[[teacher]]\nname = "r1"\npath = "x"\nmax_length = 4\n')
+    with pytest.raises(TeacherError, match=rf"^{path}: teacher 'r1': max_length 4 out of range"):  # the file's
+        load_teachers_toml(path, ["teacher.0.dtype=float32"])
+
+
+def test_compile_without_a_compiler_is_refused_before_the_teacher_is_recorded(tmp_path, tiny_teachers, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    from test_label import write_teachers
+
+    store = tiny_store(tmp_path)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda *a, **k: "no-such-compiler-here")
+    teachers = write_teachers(tmp_path / "teachers.toml", {"t1": tiny_teachers["t1"]}, max_length=32, compile=True)
+    assert "teacher 't1': compile = true needs a C++ compiler" in run_refused(store, teachers)
+
+
+def test_a_pair_only_second_cannot_cut_is_a_clean_error(tmp_path, tiny_teachers):
+    """Known only while tokenizing (the teacher is recorded by then); a clean error, and no label part written."""
+    from test_label import write_teachers
+
+    path = tmp_path / "c.csv"
+    path.write_text("text_a,text_b,label\n" + "what is a cat " * 10 + ",a cat,1\n")
+    store = tmp_path / "store"
+    cli("ingest", path, "--format", "csv", "--store", store, "--corpus", "c", "--label-names", "LABEL_0,LABEL_1")
+    teachers = write_teachers(tmp_path / "teachers.toml", {"t1": tiny_teachers["t1"]}, max_length=16,
+                              truncation="only_second")
+    msg = one_line(cli("run", "--store", store, "--teachers", teachers, ok=False))
+    assert "teacher 't1': truncation 'only_second' cannot cut a pair of c/00000 to max_length 16" in msg
+    assert not Store(store).label_files()
