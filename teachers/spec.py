@@ -304,16 +304,23 @@ OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "da
                     "longformer")
 
 
-def check_max_length(spec: TeacherSpec, folder: Path, config: dict) -> None:
-    """Refuse a max_length longer than the model's position embeddings, which would fail in the middle of
-    scoring (on the first long pair). Models without absolute positions (DeBERTa-v2/v3) are not limited."""
+def usable_positions(config: dict) -> int | None:
+    """How many tokens the model's position embeddings take (a config.json as a dict); None where it has no
+    absolute positions (DeBERTa-v2/v3) and so no limit."""
     positions = config.get("max_position_embeddings")
     if not isinstance(positions, int) or isinstance(positions, bool) or config.get("position_biased_input") is False:
-        return
+        return None
     if config.get("model_type") in OFFSET_POSITIONS:
         pad = config.get("pad_token_id")
         positions -= (pad if isinstance(pad, int) else 1) + 1
-    if spec.max_length > positions:
+    return positions
+
+
+def check_max_length(spec: TeacherSpec, folder: Path, config: dict) -> None:
+    """Refuse a max_length longer than the model's position embeddings, which would fail in the middle of
+    scoring (on the first long pair)."""
+    positions = usable_positions(config)
+    if positions is not None and spec.max_length > positions:
         spec.refuse(f"max_length {spec.max_length} is more than the model's {positions} positions "
                     f"(max_position_embeddings in {folder / 'config.json'})", "max_length")
 
