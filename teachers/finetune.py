@@ -38,7 +38,9 @@ command line: ``--store``, ``--out``, ``--encoder``, ``--train-corpus``, ``--dev
 ``--test-corpus``, and ``--set KEY=VALUE`` for the rest, with the same syntax as every job
 (a dotted path, a TOML value else a string: ``--set max_length=64``, ``--set teacher.0.seed=2``,
 ``--set defaults.epochs=2``), plus two shorthands: ``--set lr=5e-5`` for every teacher,
-``--set minilm-a.epochs=3`` for the one named minilm-a.
+``--set minilm-a.epochs=3`` for the one named minilm-a. A dedicated option wins over a ``--set`` of the same
+key (``--out B --set out=A`` writes to B), as in ``tmkd-train``. A value out of range is an error naming the
+file, or the ``--set`` that gave it.
 
 Losses (``loss``):
   pointwise  cross-entropy on each pair's gold label.
@@ -67,6 +69,7 @@ import numpy as np
 import torch
 
 from tmkd.data.errors import error_line
+from tmkd.data.fs import inside_store
 from tmkd.data.store import Store, StoreError, check_name, positive_index
 from tmkd.teachers.scoring import READBACK_BATCHES, encode_pairs, length_batches, pad_batch, read_back
 from tmkd.teachers.cpu import bound_cpu_caches, release_free_memory
@@ -76,7 +79,7 @@ from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, 
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
 from tmkd.teachers.ranking import GROUP_LOSSES, batch_loss, class_weights, loss_denominators
-from tmkd.teachers.spec import check_unique_names
+from tmkd.teachers.spec import check_unique_names, usable_positions
 from tmkd.teachers.splits import (FinetuneError, Split, group_batches, group_index, load_split, micro_batches,
                                  padded_tokens, pair_batches, token_chunks)
 
@@ -106,31 +109,45 @@ class TeacherConfig:
     pointwise_weight: float | None = None  # CE mixed into a ranking loss; default 0.1 for them, 1 otherwise
     rankable_only: bool = True  # ranking losses: train only on questions with a correct and a wrong candidate
     layers: int | None = None  # keep only the encoder's first N layers (a smaller, faster teacher)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the gradient norm to this; <= 0: no clipping (as the student trainer)
 
     def __post_init__(self):
         try:
             check_name("teacher", self.name)
         except StoreError as e:
-            raise FinetuneError(str(e)) from None
+            raise _field_error("name", str(e)) from None
         where = f"teacher {self.name!r}"
         if self.loss not in LOSSES:
-            raise FinetuneError(f"{where}: loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+            raise _field_error("loss", f"{where}: loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.pointwise_weight is None:
             self.pointwise_weight = 0.1 if self.loss in GROUP_LOSSES else 1.0
+        for key in ("lr", "head_lr", "warmup_ratio", "weight_decay", "pointwise_weight", "max_grad_norm"):
+            value = getattr(self, key)  # nan passes no comparison check below, inf passes some: refuse both first
+            if value is not None and not math.isfinite(value):
+                raise _field_error(key, f"{where}: {key} must be a finite number, not {value}")
         checks = [
-            (self.lr > 0, "lr must be > 0"),
-            (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0"),
-            (int(self.epochs) >= 1, "epochs must be >= 1"),
-            (int(self.batch_size) >= 1, "batch_size must be >= 1"),
-            (self.micro_batch_tokens is None or int(self.micro_batch_tokens) >= 0, "micro_batch_tokens must be >= 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.pointwise_weight >= 0, "pointwise_weight must be >= 0"),
-            (self.layers is None or int(self.layers) >= 1, "layers must be >= 1"),
+            ("seed", 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),  # what numpy's and torch's seeding take
+            ("lr", self.lr > 0, "lr must be > 0"),
+            ("head_lr", self.head_lr is None or self.head_lr > 0, "head_lr must be > 0"),
+            ("epochs", self.epochs >= 1, "epochs must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "batch_size must be >= 1"),
+            ("micro_batch_tokens", self.micro_batch_tokens is None or self.micro_batch_tokens >= 0,
+             "micro_batch_tokens must be >= 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "weight_decay must be >= 0"),
+            ("pointwise_weight", self.pointwise_weight >= 0, "pointwise_weight must be >= 0"),
+            ("layers", self.layers is None or self.layers >= 1, "layers must be >= 1"),
         ]
-        for ok, message in checks:
+        for key, ok, message in checks:
             if not ok:
-                raise FinetuneError(f"{where}: {message}")
+                raise _field_error(key, f"{where}: {message}, not {getattr(self, key)}")
+
+
+def _field_error(key: str, message: str) -> FinetuneError:
+    """A value check's error, tagged with the field it is about: load_config prefixes where that value came from."""
+    error = FinetuneError(message)
+    error.field = key
+    return error
 
 
 @dataclass
@@ -150,8 +167,28 @@ class FinetuneConfig:
     max_train_rows: int | None = None  # subsample the train corpus (whole questions) for quick runs
     max_dev_rows: int | None = None
     positive_label: str | None = None  # label whose probability ranks candidates; default "1"/"entailment"/...
-    threads: int | None = None  # torch threads; default all cores when this is the only process
+    threads: int | None = None  # torch threads; default (or 0) all cores when this is the only process
     log_every: int = 50  # steps between progress lines when the output is not a terminal
+    # load_config also sets ``sources`` (not a field): for each top-level key, the file or the --set / option that
+    # gave it, so that a check made later (the encoder's positions, the output folder) names it.
+
+    def check(self) -> None:
+        """Value ranges of the top-level keys (types are checked while reading)."""
+        checks = [
+            ("max_length", 8 <= self.max_length <= 8192, "out of range 8..8192"),
+            ("eval_batch_tokens", self.eval_batch_tokens >= 1, "must be >= 1"),
+            ("max_train_rows", self.max_train_rows is None or self.max_train_rows >= 1, "must be >= 1 (or left out)"),
+            ("max_dev_rows", self.max_dev_rows is None or self.max_dev_rows >= 1, "must be >= 1 (or left out)"),
+            ("threads", self.threads is None or self.threads >= 0, "must be >= 0 (0 or left out: the default)"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
+        ]
+        for key, ok, message in checks:
+            if not ok:
+                raise FinetuneError(f"{self.source_of(key)}: {key} {getattr(self, key)} {message}")
+
+    def source_of(self, key: str) -> str:
+        """The file, or the --set / option, that gave top-level ``key`` (for error messages)."""
+        return getattr(self, "sources", {}).get(key, "the config")
 
 
 TOP_FIELDS = tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "teacher")
@@ -197,17 +234,18 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
 
     Read by the shared config loader (``tmkd.teachers.config``): a value of the wrong type is an
     error naming the file (or the ``--set`` / option that gave it), the field as a dotted path
-    (``max_length``, ``defaults.epochs``, ``teacher.1.lr``: teachers counted from 0) and the type expected.
+    (``max_length``, ``defaults.epochs``, ``teacher.1.lr``: teachers counted from 0) and the type expected;
+    a value out of range names the file or the ``--set`` and the field. Options override ``--set``s.
     """
     path = Path(path)
     source = str(path)
     raw = read_toml(path, FinetuneError)
     _teacher_tables(raw, path)
-    for key, value in (overrides or {}).items():  # --store, --out, ...
-        if value is not None:
-            raw[key] = Given(value, f"--{key.replace('_', '-')} {value}")
     for item in sets or []:
         _apply_set(raw, path, item)
+    for key, value in (overrides or {}).items():  # --store, --out, ...: after --set, so the flag wins (as tmkd-train)
+        if value is not None:
+            raw[key] = Given(value, f"--{key.replace('_', '-')} {value}")
 
     teachers = _teacher_tables(raw, path)
     defaults = table_values(TeacherConfig, raw.get("defaults", {}), "defaults", source, FinetuneError)
@@ -221,15 +259,28 @@ def load_config(path: str | Path, overrides: dict | None = None, sets: list[str]
         try:
             specs.append(TeacherConfig(**values))
         except FinetuneError as e:
-            raise FinetuneError(f"{path}: {e}") from None
+            given = _given_by(getattr(e, "field", None), [t, raw.get("defaults", {})], source)
+            raise FinetuneError(f"{given}: {e}") from None
     check_unique_names(path, [s.name for s in specs], FinetuneError)
     missing = [k for k in REQUIRED if not top.get(k)]
     if missing:
         raise FinetuneError(f"{path}: missing {', '.join(missing)} (in the file or on the command line)")
     cfg = FinetuneConfig(**top, teacher=specs)
-    if not (8 <= int(cfg.max_length) <= 8192):
-        raise FinetuneError(f"{path}: max_length {cfg.max_length} out of range 8..8192")
+    cfg.sources = {key: _given_by(key, [raw], source) for key in TOP_FIELDS}
+    cfg.check()
     return cfg
+
+
+def _given_by(key: str | None, tables: list, file: str) -> str:
+    """Where ``key``'s value came from: the --set or option that gave it, else the file. ``tables`` in the order
+    they are looked up (a teacher's own table, then ``[defaults]``)."""
+    for table in tables:
+        source = table.source if isinstance(table, Given) else file  # a table a --set gave whole
+        table = table.value if isinstance(table, Given) else table
+        if isinstance(table, dict) and key in table:
+            value = table[key]
+            return value.source if isinstance(value, Given) else source
+    return file
 
 
 def resolve_encoder(encoder: str) -> Path:
@@ -348,6 +399,27 @@ def check_depth(encoder: Path, specs: list[TeacherConfig]) -> None:
     for spec in specs:
         if spec.layers and spec.layers > depth:
             raise FinetuneError(f"teacher {spec.name!r}: layers {spec.layers} but the encoder has {depth}")
+
+
+def check_max_length(encoder: Path, cfg: FinetuneConfig) -> None:
+    """A pair longer than the encoder's position embeddings fails mid-training (an index error deep in the
+    model, once a long enough text comes): refused before training instead."""
+    from transformers import AutoConfig
+
+    positions = usable_positions(AutoConfig.from_pretrained(encoder).to_dict())  # RoBERTa's offset counted
+    if positions is not None and cfg.max_length > positions:
+        raise FinetuneError(f"{cfg.source_of('max_length')}: max_length {cfg.max_length} is more than the encoder's "
+                            f"{positions} positions (max_position_embeddings in {encoder / 'config.json'})")
+
+
+def check_out(cfg: FinetuneConfig) -> None:
+    """The outputs (OUT, and each teacher's folder in it) never go into the label store: a stray file there is a
+    damaged store to every reader."""
+    root = Store(cfg.store).root
+    for target in [Path(cfg.out), *(Path(cfg.out) / spec.name for spec in cfg.teacher)]:
+        if inside_store(target, root):
+            raise FinetuneError(f"{cfg.source_of('out')}: out {target} is inside the store {root}; "
+                                "fine-tuning never writes into a store")
 
 
 def load_model(encoder: Path, spec: TeacherConfig, names: list[str]):
@@ -507,7 +579,7 @@ def train_epoch(accelerator, model, optimizer, scheduler, spec: TeacherConfig, d
         parts = micro_batches(rows, keep_whole, data.enc_train.lengths, budget)
         for i, part in enumerate(parts):
             total += backward_part(accelerator, model, data, part, loss_of, budget, sync=i == len(parts) - 1).double()
-        if spec.max_grad_norm:
+        if spec.max_grad_norm > 0:  # <= 0: no clipping, as in the student trainer
             accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -541,8 +613,12 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
         with _progress(console, accelerator, f"{spec.name} epoch {epoch}/{spec.epochs}", len(batches),
                        cfg.log_every) as advance:
             loss = train_epoch(accelerator, model, optimizer, scheduler, spec, data, batches, advance, budget)
-        dev = metrics(predict(accelerator, model, data.enc_dev, cfg.eval_batch_tokens, data.pad_id), data.dev,
-                      data.positive)
+        dev_logits = predict(accelerator, model, data.enc_dev, cfg.eval_batch_tokens, data.pad_id)
+        if diverged(accelerator, loss, dev_logits):
+            raise FinetuneError(f"teacher {spec.name!r} epoch {epoch}: the training loss ({loss}) or the dev logits "
+                                "are not finite numbers: training diverged (lower lr or max_grad_norm); "
+                                "this teacher is not written")
+        dev = metrics(dev_logits, data.dev, data.positive)
         epochs.append({"epoch": epoch, "train_loss": round(loss, 6), "dev": dev, "seconds": round(time.time() - t0, 1)})
         accelerator.print(f"  {spec.name} epoch {epoch}: loss {loss:.4f}  dev {_fmt(dev)}  {time.time() - t0:.0f}s")
         release_free_memory()  # the epoch's freed batches and evaluation outputs go back to the OS
@@ -571,6 +647,18 @@ def train_teacher(accelerator, cfg: FinetuneConfig, spec: TeacherConfig, data: P
     accelerator.print(f"[{spec.name}] best epoch {best[0]}/{spec.epochs} by dev {best[2]}: dev {_fmt(entry['dev'])}"
                       f"{test} | {entry['seconds']:.0f}s -> {folder}")
     return entry
+
+
+def diverged(accelerator, loss: float, dev_logits: np.ndarray) -> bool:
+    """Whether this epoch's loss or the dev logits are nan or inf (a garbage model must not be kept or reported).
+
+    Checked once per epoch, on values already read back to the host: no sync per batch. A nan loss makes nan
+    gradients and weights, hence nan logits, but the verdict is summed over the processes anyway, so that every
+    rank stops together (one stopping alone would leave the others waiting in a collective)."""
+    bad = not math.isfinite(loss) or not np.isfinite(dev_logits).all()
+    if accelerator.num_processes == 1:
+        return bad
+    return bool(accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum").item() > 0)
 
 
 def _fmt(m: dict) -> str:
@@ -665,11 +753,13 @@ def run(cfg: FinetuneConfig, console=None) -> dict:
     except ImportError:
         pass
     console = console or Console(stderr=True)
+    check_out(cfg)  # before anything is written
     # Length batching makes many batch shapes: unbounded, oneDNN's per-shape kernel cache and glibc's arenas kept
     # growing, to 7 GB over three teachers (BENCHMARKS.md, teacher fine-tuning memory). Before the first kernel.
     bound_cpu_caches()
     encoder = resolve_encoder(cfg.encoder)
     check_depth(encoder, cfg.teacher)
+    check_max_length(encoder, cfg)
     data = prepare_data(cfg, encoder)  # before the accelerator: bad data fails fast, with no process group up
     cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")  # or `accelerate launch --cpu`
     bf16 = finetune_bf16(cfg.bf16, cpu)

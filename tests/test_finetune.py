@@ -532,3 +532,168 @@ def test_finetune_bounds_the_cpu_caches_before_training(tmp_path, toy_store, tin
     cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
     ft.run(ft.load_config(cfg, sets=["defaults.epochs=2"]))
     assert calls == ["bound"] + ["load", "release", "release", "release"] * 2  # 2 teachers: 2 epochs, then the end
+
+
+# ---- bad input: one typed error naming the file or the --set and the field; nothing written ----------------------
+def fresh_store(root: Path) -> Path:
+    """A toy store of the test's own, for tests that check nothing is written into it."""
+    store = Store.create(root)
+    for corpus, questions, seed in (("toy-train", 12, 1), ("toy-dev", 6, 2)):
+        part = store.write_corpus_part(corpus, 0, toy_rows(questions, seed, 100_000 * seed))
+        store.commit_corpus_parts(corpus, LABELS, [part], {"file": "toy", "format": "test"})
+    return root
+
+
+def files_under(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def test_out_inside_the_store_is_refused_before_anything_is_written(tmp_path, tiny_teachers):
+    """Outputs in the store made every later reader fail ("unreadable teacher record"): refused up front, also
+    through a symlink, and for a teacher folder that would land on the store."""
+    store = fresh_store(tmp_path / "store")
+    before = files_under(store)
+    cfg = write_config(tmp_path / "c.toml", store, tiny_teachers["t1"], tmp_path / "out")
+    (tmp_path / "link").symlink_to(store)
+    for out in (store / "teachers", tmp_path / "link" / "teachers"):
+        proc = run_script("--config", str(cfg), "--out", str(out), "--set", "defaults.epochs=1")
+        assert proc.returncode == 1, proc.stderr + proc.stdout
+        assert "Traceback" not in proc.stderr
+        assert error_lines(proc.stderr) == [f"error: --out {out}: out {out} is inside the store {store}; "
+                                            "fine-tuning never writes into a store"], proc.stderr
+        assert files_under(store) == before  # no teachers.toml, no report, no folder
+    # OUT beside the store, but a teacher named like the store's folder would be written into it
+    clash = ft.load_config(cfg, {"out": str(tmp_path)}, ["tiny-list.name=store"])
+    with pytest.raises(ft.FinetuneError, match=r"is inside the store"):
+        ft.check_out(clash)
+
+
+BAD_SETS = [  # (--set, the field its message names); each used to train (or crash with a traceback)
+    ("lr=inf", "lr must be a finite number"),
+    ("weight_decay=nan", "weight_decay must be a finite number"),
+    ("max_grad_norm=nan", "max_grad_norm must be a finite number"),
+    ("head_lr=inf", "head_lr must be a finite number"),
+    ("weight_decay=-1", "weight_decay must be >= 0"),
+    ("tiny-list.seed=5000000000", "seed must be in [0, 2**32)"),
+    ("seed=-1", "seed must be in [0, 2**32)"),
+    ("threads=-1", "threads -1 must be >= 0"),
+    ("max_train_rows=0", "max_train_rows 0 must be >= 1"),
+    ("max_train_rows=-3", "max_train_rows -3 must be >= 1"),
+    ("max_dev_rows=0", "max_dev_rows 0 must be >= 1"),
+    ("eval_batch_tokens=0", "eval_batch_tokens 0 must be >= 1"),
+    ("eval_batch_tokens=-5", "eval_batch_tokens -5 must be >= 1"),
+    ("log_every=0", "log_every 0 must be >= 1"),
+    ("epochs=0", "epochs must be >= 1"),
+    ("max_length=7", "max_length 7 out of range 8..8192"),
+    ("max_length=512", "max_length 512 is more than the encoder's 128 positions (max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("item, message", BAD_SETS, ids=[s for s, _ in BAD_SETS])
+def test_a_bad_set_value_is_a_one_line_error_naming_the_set(item, message, tmp_path, toy_store, tiny_teachers,
+                                                             capsys):
+    """The CLI's main (in process: an uncaught exception fails the test): exit 1, the message starts with the
+    --set as given and names the field, nothing is written. max_length=512 is past the tiny encoder's 128
+    position embeddings: refused before training, not an index error once a long text comes."""
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+    code = ft.main(["--config", str(cfg), "--set", item, "--set", "defaults.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: --set {item}: "), err
+    assert message in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_set_is_refused_by_the_script_without_a_traceback(tmp_path, toy_store, tiny_teachers):
+    """`--set lr=inf` trained a nan model, exited 0 and wrote it into teachers.toml."""
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+    proc = run_script("--config", str(cfg), "--set", "lr=inf", "--set", "defaults.epochs=1")
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert error_lines(proc.stderr) == ["error: --set lr=inf: teacher 'tiny-list': lr must be a finite number, "
+                                        "not inf"], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_range_errors_name_the_file_or_the_set_that_gave_the_value(tmp_path, toy_store, tiny_teachers):
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+
+    def error_of(*sets: str, overrides=None) -> str:
+        with pytest.raises(ft.FinetuneError) as e:
+            ft.load_config(cfg, overrides, list(sets))
+        return str(e.value)
+
+    assert error_of("epochs=0") == "--set epochs=0: teacher 'tiny-list': epochs must be >= 1, not 0"
+    assert error_of("tiny-point.epochs=0") == \
+        "--set tiny-point.epochs=0: teacher 'tiny-point': epochs must be >= 1, not 0"
+    assert error_of("defaults.epochs=0") == "--set defaults.epochs=0: teacher 'tiny-list': epochs must be >= 1, not 0"
+    assert error_of("teacher.1={name = 'x', epochs = 0}") == \
+        "--set teacher.1={name = 'x', epochs = 0}: teacher 'x': epochs must be >= 1, not 0"
+    assert error_of("max_length=7") == "--set max_length=7: max_length 7 out of range 8..8192"
+    # a --set of another key leaves the blame on the file
+    cfg.write_text(cfg.read_text().replace("epochs = 3", "epochs = 0"))
+    assert error_of("lr=1e-4") == f"{cfg}: teacher 'tiny-list': epochs must be >= 1, not 0"
+    cfg.write_text(cfg.read_text().replace("max_length = 32", "max_length = 7"))
+    assert error_of("defaults.epochs=1") == f"{cfg}: max_length 7 out of range 8..8192"
+
+
+def test_a_dedicated_option_wins_over_a_set_of_the_same_key_as_in_the_trainer(tmp_path, toy_store, tiny_teachers):
+    """`tmkd-train --output B --set output=A` writes to B: fine-tuning's --out (and --store, ...) likewise."""
+    from tmkd.student.config import load_config as load_train
+
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+    got = ft.load_config(cfg, {"out": "B", "dev_corpus": "toy-train"}, ["out=A", "dev_corpus=x"])
+    assert (got.out, got.dev_corpus) == ("B", "toy-train")
+    assert got.source_of("out") == "--out B"
+    student = tmp_path / "s.toml"
+    student.write_text('store = "S"\noutput = "O"\n[student]\nencoder = "E"\n[[stages]]\ncorpora = ["c"]\n')
+    assert load_train(student, ["output=A"], output="B").output == "B"
+
+
+@pytest.mark.parametrize("norm, clipped", [(-1.0, False), (0.0, False), (0.5, True)])
+def test_max_grad_norm_at_or_below_zero_means_no_clipping(norm, clipped, tmp_path, toy_store, tiny_teachers):
+    """A negative norm was passed to clipping (gradient ascent: dev MAP 0.652 against 0.788); <= 0 means no
+    clipping, as in the student trainer (student/loop.py)."""
+    cfg = ft.load_config(write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out"))
+    data = ft.prepare_data(cfg, tiny_teachers["t1"])
+    spec = ft.TeacherConfig(name="t", loss="pointwise", batch_size=8, max_grad_norm=norm)
+    batches = ft.batch_maker(spec, data, np.random.default_rng(0))()[:2]
+    model = ft.load_model(data.encoder, spec, data.train.label_names)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    acc, calls = _CountingSync(), []
+    acc.clip_grad_norm_ = lambda params, max_norm: calls.append(max_norm)
+    ft.train_epoch(acc, model, optimizer, scheduler, spec, data, batches, lambda *a: None, budget=sys.maxsize)
+    assert calls == ([norm] * 2 if clipped else [])
+
+
+def test_a_diverged_teacher_stops_the_run_and_is_not_written(tmp_path, toy_store, tiny_teachers, monkeypatch):
+    """A loss that turns nan (here: made so) must not end in a reported, listed teacher: the run stops at the
+    epoch's read-back with a clear error, and neither the teacher's folder nor teachers.toml is written."""
+    loss = ft.batch_loss
+    monkeypatch.setattr(ft, "batch_loss", lambda *a, **k: loss(*a, **k) * float("nan"))
+    cfg = ft.load_config(write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out"),
+                         sets=["defaults.epochs=1"])
+    with pytest.raises(ft.FinetuneError, match=r"^teacher 'tiny-list' epoch 1: the training loss \(nan\) or the dev "
+                                               r"logits are not finite numbers: training diverged"):
+        ft.run(cfg)
+    assert not (tmp_path / "out" / "teachers.toml").exists() and not (tmp_path / "out" / "tiny-list").exists()
+    assert not (tmp_path / "out" / "finetune-report.json").exists()
+
+
+def test_a_learning_rate_that_diverges_exits_1_and_lists_no_teacher(tmp_path, toy_store, tiny_teachers):
+    """lr=1e10 is a valid number whose training turns nan: the script used to exit 0 and list the nan teacher in
+    teachers.toml. Now exit 1, one error line naming the teacher, no traceback, nothing of the teacher written."""
+    cfg = write_config(tmp_path / "c.toml", toy_store, tiny_teachers["t1"], tmp_path / "out")
+    proc = run_script("--config", str(cfg), "--set", "lr=1e10", "--set", "defaults.epochs=1")
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: teacher 'tiny-list' epoch 1: the training loss"), proc.stderr
+    assert "not finite" in lines[0]
+    assert not (tmp_path / "out" / "teachers.toml").exists() and not (tmp_path / "out" / "tiny-list").exists()

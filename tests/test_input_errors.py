@@ -204,7 +204,7 @@ out = "o"
     ('[[teacher]]\nname = "t"\n', ["t.seed=1.5"], "--set t.seed=1.5: teacher.0.seed: expected an integer, got 1.5 (a float)"),
     ('[[teacher]]\nname = "t"\n', ["teacher.0.seed=1.5"], "--set teacher.0.seed=1.5: teacher.0.seed: expected an integer, got 1.5 (a float)"),
     ('[[teacher]]\nname = "t"\n', ["defaults.epochs=two"], """--set defaults.epochs=two: defaults.epochs: expected an integer, got "two" (a string)"""),
-    ('[[teacher]]\nname = "t"\nlr = -1.0\n', [], "{path}: teacher 't': lr must be > 0"),
+    ('[[teacher]]\nname = "t"\nlr = -1.0\n', [], "{path}: teacher 't': lr must be > 0, not -1.0"),
 ])
 def test_finetune_config_type_errors_name_file_field_and_type(tmp_path, text, sets, message):
     from tmkd.teachers import finetune as ft
