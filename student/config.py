@@ -8,16 +8,17 @@ Schema (every table and key; defaults in brackets)::
     soft_target = "per_teacher"     # "per_teacher": one head per teacher | "ensemble": one head
                                     #   trained against the (weighted) mean of the teachers' logits
     teacher_weights = {t1 = 1.0}    # per-teacher weights w_k, normalised to sum 1 [equal]
-    seed = 0
+    seed = 0                        # 0..2**32-1
 
     [student]
-    encoder = "path/to/hf-folder"   # any AutoModelForSequenceClassification-loadable folder (required)
-    tokenizer = ""                  # [the encoder folder]
+    encoder = "path/to/hf-folder"   # any AutoModelForSequenceClassification-loadable local folder (required;
+                                    #   never fetched from a hub)
+    tokenizer = ""                  # [the encoder folder]; its vocabulary must fit the encoder's embeddings
     num_layers = 3                  # keep only the first N encoder layers [all]
     layers = [0, 2, 4]              # or keep these encoder layers, in order [[]: see num_layers]
     init = ""                       # start from the weights of another run's checkpoint (OUT/checkpoints/step-N,
                                     #   same encoder cut and heads), e.g. one stage 1 shared by several stage 2s
-    max_length = 128
+    max_length = 128                # 8..8192, and at most the encoder's positions (max_position_embeddings)
 
     [data]
     num_workers = -1                # DataLoader workers per process (tokenize there); -1: 0 when training
@@ -47,8 +48,8 @@ Schema (every table and key; defaults in brackets)::
 
     [[stages]]                      # one or more, run in order; each hands its weights on
     name = "stage1"
-    corpora = ["unlabeled"]
-    epochs = 1
+    corpora = ["unlabeled"]         # each once; without teachers they must hold gold labels
+    epochs = 1                      # 1..1000
     max_steps = 0                   # stop the stage after this many optimizer steps, within its last epoch
                                     #   [0: every epoch in full]; e.g. to match another recipe's compute
     batch_size = 32
@@ -66,8 +67,9 @@ Schema (every table and key; defaults in brackets)::
                                     #   candidates (log-odds of the positive class, at `temperature`);
                                     #   the stage then streams rows grouped (student/data.py)
 
-Types are checked: a wrong one is an error naming the file (or the ``--set``), the field
-(``stages.1.lr``, stages counted from 0 as in ``--set``) and the expected type. A list of
+Every number must be finite (NaN and inf are refused). Types are checked: a wrong one is an error naming
+the file (or the ``--set``), the field (``stages.1.lr``, stages counted from 0 as in ``--set``) and the
+expected type. A list of
 strings also takes a single string (``corpora = "x"`` is ``corpora = ["x"]``).
 
 Overrides: ``--set stages.0.lr=5e-5`` (values are parsed as TOML literals, else strings; a string
@@ -76,7 +78,8 @@ typed flags ``--output``, ``--resume``, ``--mixed_precision``, ``--gradient_accu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -85,6 +88,23 @@ from tmkd.teachers.config import Given, apply_sets, from_dict, read_toml, set_pa
 
 class ConfigError(Exception):
     """A user error in the configuration: printed without a traceback."""
+
+
+MAX_LENGTH = (8, 8192)  # student.max_length, as fine-tuning and teachers.toml bound it
+MAX_SEED = 2**32 - 1  # what accelerate's set_seed (numpy) takes
+MAX_EPOCHS = 1000  # the plan holds each epoch's batch count: 10**20 epochs would never start
+
+
+def non_finite(value, where: str = "") -> list[str]:
+    """Dotted names of the NaN or infinite numbers in a config: every range check (``lr <= 0``) is False for
+    NaN, and one NaN trains a model of NaNs."""
+    if is_dataclass(value):
+        return [n for f in fields(value) for n in non_finite(getattr(value, f.name), f"{where}{f.name}.")]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in non_finite(v, f"{where}{k}.")]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in non_finite(v, f"{where}{i}.")]
+    return [f"{where.rstrip('.')} = {value}"] if isinstance(value, float) and not math.isfinite(value) else []
 
 
 @dataclass
@@ -186,7 +206,7 @@ class TrainConfig:
     # ---- checks -----------------------------------------------------------------------------
     def validate(self, source: str = "the config") -> "TrainConfig":
         """Check values (types are checked while building); ``source`` names the file in the message."""
-        problems = []
+        problems = [f"{n}: must be a finite number" for n in non_finite(self)]
         if not self.store:
             problems.append("`store` is required")
         if not self.output:
@@ -202,12 +222,17 @@ class TrainConfig:
         unknown = sorted(set(self.teacher_weights) - set(self.teachers))
         if unknown:
             problems.append(f"teacher_weights names teachers not in `teachers`: {unknown}")
-        if any(w < 0 for w in self.teacher_weights.values()) or (
-            self.teachers and sum(self.teacher_weights.get(t, 1.0) for t in self.teachers) <= 0
-        ):
-            problems.append("teacher_weights must be >= 0 and not all 0")
-        if self.student.num_layers < 0 or self.student.max_length < 2:
-            problems.append("student.num_layers must be >= 0 and student.max_length >= 2")
+        weights = [self.teacher_weights.get(t, 1.0) for t in self.teachers]
+        if all(math.isfinite(w) for w in weights) and (  # NaN and inf are said above; finite ones can sum to inf
+                any(w < 0 for w in weights) or (weights and not 0 < sum(weights) < math.inf)):
+            problems.append("teacher_weights must be >= 0, not all 0, and sum to a finite number")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be in 0..{MAX_SEED}, not {self.seed}")
+        if self.student.num_layers < 0:
+            problems.append("student.num_layers must be >= 0")
+        if not MAX_LENGTH[0] <= self.student.max_length <= MAX_LENGTH[1]:
+            problems.append(f"student.max_length must be in {MAX_LENGTH[0]}..{MAX_LENGTH[1]}, "
+                            f"not {self.student.max_length}")
         lay = self.student.layers
         if lay and (min(lay) < 0 or len(set(lay)) != len(lay) or self.student.num_layers not in (0, len(lay))):
             problems.append(f"student.layers must be distinct layer numbers >= 0, and num_layers 0 or their count "
@@ -230,8 +255,14 @@ class TrainConfig:
             where = f"stages.{i}" + (f" ({s.name})" if s.name else "")
             if not s.corpora:
                 problems.append(f"{where}: `corpora` is empty")
-            if s.epochs < 1 or s.batch_size < 1 or s.lr <= 0 or s.max_steps < 0:
-                problems.append(f"{where}: epochs and batch_size must be >= 1, lr > 0 and max_steps >= 0")
+            if len(set(s.corpora)) != len(s.corpora):  # each row would be trained on twice an epoch
+                problems.append(f"stages.{i}.corpora lists a corpus twice: {s.corpora}")
+            if not 1 <= s.epochs <= MAX_EPOCHS:
+                problems.append(f"stages.{i}.epochs must be in 1..{MAX_EPOCHS}, not {s.epochs}")
+            for key, bad, rule in (("batch_size", s.batch_size < 1, ">= 1"), ("lr", s.lr <= 0, "> 0"),
+                                   ("max_steps", s.max_steps < 0, ">= 0"), ("weight_decay", s.weight_decay < 0, ">= 0")):
+                if bad:
+                    problems.append(f"stages.{i}.{key} must be {rule}, not {getattr(s, key)}")
             if s.schedule not in ("linear", "cosine", "constant"):
                 problems.append(f"{where}: schedule must be linear, cosine or constant, not {s.schedule!r}")
             if not 0.0 <= s.warmup_ratio < 1.0:

@@ -8,11 +8,13 @@ for nothing. With every batch full that is ``1 / N``, the plain mean. Each rank 
 window; DDP then averages the ranks. ``accelerator.no_sync`` is used inside a window.
 
 The epoch's loss is summed on the device and read back only every ``train.log_every`` optimizer steps
-(progress bar), at a checkpoint and at the epoch's end: no host sync per batch.
+(progress bar), at a checkpoint and at the epoch's end: no host sync per batch. A NaN or inf read there,
+or weights gone NaN or inf at the epoch's end, stop the run before anything is checkpointed or exported.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +73,20 @@ class EpochSums:
             sums.t0 -= running["seconds"]
         return sums
 
-    def running(self) -> dict:
-        """For a mid-epoch checkpoint (reads the loss back)."""
-        return {"loss_sum": [float(self.loss), self.weight], "rows": self.rows, "id_sum": self.id_sum,
+    def running(self, where: str) -> dict:
+        """For a mid-epoch checkpoint (reads the loss back: a diverged run saves no checkpoint)."""
+        loss = check_finite(float(self.loss), where)
+        return {"loss_sum": [loss, self.weight], "rows": self.rows, "id_sum": self.id_sum,
                 "examples": self.examples, "seconds": time.time() - self.t0}
+
+
+def check_finite(loss: float, where: str) -> float:
+    """Stop a diverged run where its loss is read back anyway (log_every, a checkpoint, the epoch's end),
+    never with a read per batch: one NaN or inf batch makes the running sum NaN or inf for good."""
+    if not math.isfinite(loss):
+        raise TrainError(f"{where}: the training loss is {loss} (not finite): the model diverged; stopped, "
+                         "nothing exported (lower the stage's lr, or check the teachers' logits)")
+    return loss
 
 
 def new_optimizer(model):
@@ -133,6 +145,7 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, batches, fill
     ga, n = cfg.train.gradient_accumulation_steps, stage.batches[epoch]
     log_every = cfg.train.log_every
     weights = torch.tensor(s.plan.weights, dtype=torch.float32, device=acc.device)
+    where = f"stages.{si} ({stage.config.name}) epoch {epoch + 1}"
     it = iter(batches)
     i = skip
     while i < n:
@@ -160,11 +173,11 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, batches, fill
         if cfg.train.checkpoint_every and s.step % cfg.train.checkpoint_every == 0 and i < n:
             s.position.stage, s.position.epoch, s.position.batch = si, epoch, i
             checkpoint.save_checkpoint(acc, s.out, s.step, s.position, s.checkpoint_state(),
-                                       cfg.train.keep_checkpoints, s.plan.num_workers, running=sums.running())
+                                       cfg.train.keep_checkpoints, s.plan.num_workers, running=sums.running(where))
         info = None
         if s.step % log_every == 0 or i == n:  # the only reads of the loss during the epoch
             rate = sums.examples / max(1e-9, time.time() - sums.t0)
-            info = f"loss {float(sums.loss) / max(sums.weight, 1e-9):.4f}  {rate:.0f} ex/s"
+            info = f"loss {check_finite(float(sums.loss), where) / max(sums.weight, 1e-9):.4f}  {rate:.0f} ex/s"
         s.progress.update(task, advance=len(window), **({"info": info} if info else {}))
 
 
@@ -174,15 +187,23 @@ def end_epoch(s: Session, si: int, stage: StagePlan, epoch: int, sums: EpochSums
 
     acc, plan, cfg = s.accelerator, s.plan, s.plan.cfg
     name = stage.config.name
-    local = torch.stack([sums.loss, torch.tensor(sums.weight, dtype=torch.float64, device=acc.device)])
+    where = f"stages.{si} ({name}) epoch {epoch + 1}"
+    # the weights' health rides on the all-reduce the loss takes anyway: a last step that turned them NaN
+    # leaves a finite loss behind it
+    diverged = torch.stack([~torch.isfinite(p).all() for p in s.model.parameters()]).any()
+    local = torch.stack([sums.loss, torch.tensor(sums.weight, dtype=torch.float64, device=acc.device),
+                         diverged.to(torch.float64)])
     totals = acc.reduce(local, reduction="sum").cpu()
     s.seen.append({"stage": name, "epoch": epoch, "rows": sums.rows, "id_sum": sums.id_sum})
     ex_all = int(acc.reduce(torch.tensor([sums.examples], device=acc.device), reduction="sum").item())
     s.examples_now += ex_all  # every rank's rows
     secs = time.time() - sums.t0
     line = {"stage": name, "epoch": epoch + 1, "step": s.step,
-            "train_loss": float(totals[0] / max(float(totals[1]), 1e-9)),
+            "train_loss": check_finite(float(totals[0] / max(float(totals[1]), 1e-9)), where),
             "examples": ex_all, "examples_per_s": ex_all / max(secs, 1e-9), "seconds": secs}
+    if totals[2].item():  # before the evaluation, the best export and the checkpoint
+        raise TrainError(f"{where}: the model's weights are not finite (by step {s.step}): the model diverged; "
+                         "stopped, nothing exported (lower the stage's lr)")
     if cfg.eval.corpus:
         line.update({f"eval_{k}": v for k, v in evaluate(acc, s.model, plan, s.tokenizer).items()})
         value = line.get(f"eval_{cfg.eval.metric}")
@@ -200,7 +221,7 @@ def end_epoch(s: Session, si: int, stage: StagePlan, epoch: int, sums: EpochSums
         checkpoint.write_metrics(s.out, s.state["history"])
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()
                  if k in ("train_loss", "eval_accuracy", "eval_f1", "eval_map", "eval_mrr")}
-        s.progress.console.print(f"{name} epoch {epoch + 1}: {shown}")
+        s.progress.console.print(f"{name} epoch {epoch + 1}: {shown}", markup=False)  # the name is user text
     nxt = checkpoint.next_epoch(si, epoch, cfg)
     s.position.stage, s.position.epoch, s.position.batch = nxt.stage, nxt.epoch, nxt.batch
     checkpoint.save_checkpoint(acc, s.out, s.step, s.position, s.checkpoint_state(), cfg.train.keep_checkpoints,

@@ -128,6 +128,20 @@ def check_labels(store, cfg: TrainConfig, teachers, corpora: Manifests | None = 
         )
 
 
+def check_gold(cfg: TrainConfig, store, corpora: Manifests) -> None:
+    """Without teachers a stage learns from gold labels only: refuse one whose corpora have none (a corpus
+    may declare label names and hold only null labels), which would train on a loss of 0 and export."""
+    gold: dict[str, bool] = {}
+    for i, stage in enumerate(cfg.stages):
+        for c in stage.corpora:
+            if c not in gold:  # the label column of the parts, up to the first part with a label
+                gold[c] = any(store.read_corpus_part(p, ["label"]).column("label").null_count < p.rows
+                              for p in corpora[c].parts)
+        if not any(gold[c] for c in stage.corpora):
+            raise TrainError(f"stages.{i} ({stage.name}): corpora {stage.corpora} have no gold labels and there are "
+                             "no teachers: nothing to learn from (no-KD trains on labelled rows only)")
+
+
 def cap_batches(batches: list[int], max_steps: int, ga: int, where: str) -> list[int]:
     """Per-epoch batch counts cut so that the stage runs exactly ``max_steps`` optimizer steps (windows of
     ``ga`` batches, which also end at an epoch's end): the last epoch stops early. A budget met before
@@ -218,6 +232,8 @@ def resolve(cfg: TrainConfig, world: int, num_workers: int) -> Plan:
     if positive is None and any(s.loss.listwise > 0 for s in cfg.stages):
         raise TrainError("loss.listwise ranks candidates by the positive class's log-odds: set eval.corpus "
                          "(and eval.positive_label if the corpus does not declare one)")
+    if not teachers:
+        check_gold(cfg, store, corpora)
     ensemble = cfg.soft_target == "ensemble"
     ga = cfg.train.gradient_accumulation_steps
     stages = []

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from tmkd.student.checkpoint import Position, StageSchedule, best_folder, load_r
 from tmkd.student.config import ConfigError, TrainConfig, load_config
 from tmkd.student.loop import EpochSums, Session, end_epoch, new_optimizer, start_stage, train_epoch
 from tmkd.student.plan import Plan, TrainError, resolve
+from tmkd.teachers.spec import usable_positions
 
 
 @dataclass
@@ -98,6 +100,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
     set_seed(cfg.seed)
     # --- data: the job resolved once (corpora, parts, teachers, labels, positive class, weights, batches) ---
     plan = resolve(cfg, world, data_workers(cfg.data.num_workers, accelerator.device))
+    check_output(plan, out)  # before anything is written
     res = load_resume(out, cfg, resume, world, plan.num_workers, main)
     # --- model, optimizer, prepare; a resumed run loads its checkpoint into them ---
     tokenizer, student = load_model(plan)
@@ -111,7 +114,7 @@ def _run(cfg: TrainConfig, resume: bool) -> RunResult:
         accelerator.load_state(str(res.ckpt))  # model, optimizer, schedule, data position, RNG per rank
     start_outputs(plan, accelerator, out, res.state["history"])
     s = Session(accelerator, plan, model, tokenizer, out, res.state, position, step=res.step)
-    with progress_bar(main) as s.progress:
+    with progress_bar(main) as s.progress, marked_failed(plan, accelerator, out):
         for si, stage in enumerate(plan.stages):
             if si < res.start.stage:
                 continue
@@ -145,15 +148,43 @@ def load_model(plan: Plan):
     from tmkd.student.model import load_student
 
     cfg = plan.cfg
+    for key in ("student.encoder", "student.tokenizer"):  # local folders only: a missing one is never a hub id
+        folder = getattr(cfg.student, key.split(".")[1])
+        if folder and not Path(folder).is_dir():
+            raise TrainError(f"{key}: no folder {folder}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.encoder)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.encoder, local_files_only=True)
         student = load_student(cfg.student.encoder, plan.num_labels, plan.heads, cfg.student.num_layers,
                                plan.label_names, cfg.student.layers)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the student encoder {cfg.student.encoder!r}: {e}") from None
+    check_fits(cfg, tokenizer, student.hf)
     if cfg.student.init:
         init_weights(student, Path(cfg.student.init))
     return tokenizer, student
+
+
+def check_fits(cfg: TrainConfig, tokenizer, hf) -> None:
+    """Token ids and positions the encoder cannot embed fail deep inside a forward (an IndexError, a size
+    mismatch) once training has started: refuse them here, naming the field."""
+    vocab = getattr(hf.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise TrainError(f"student.tokenizer: {cfg.student.tokenizer or cfg.student.encoder} has a vocabulary of "
+                         f"{len(tokenizer)} tokens but the encoder {cfg.student.encoder} embeds only {vocab} "
+                         "(vocab_size): use the encoder's own tokenizer")
+    positions = usable_positions(hf.config.to_dict())  # RoBERTa's padding offset counted
+    if positions is not None and cfg.student.max_length > positions:
+        raise TrainError(f"student.max_length = {cfg.student.max_length} but the encoder {cfg.student.encoder} "
+                         f"embeds at most {positions} positions (max_position_embeddings): set "
+                         f"student.max_length <= {positions}")
+
+
+def check_output(plan: Plan, out: Path) -> None:
+    """A job's outputs never go into a label store: a stray file there is a damaged store to every reader."""
+    from tmkd.data.fs import inside_store
+
+    if inside_store(out, plan.store.root):
+        raise TrainError(f"output {out}: inside the label store {plan.store.root}; choose a folder outside it")
 
 
 def init_weights(student, folder: Path) -> None:
@@ -187,6 +218,18 @@ def start_outputs(plan: Plan, accelerator, out: Path, history: list[dict]) -> No
     accelerator.wait_for_everyone()
 
 
+@contextlib.contextmanager
+def marked_failed(plan: Plan, accelerator, out: Path):
+    """A run stopped by an error (a diverged loss) says so in run.json: "failed" and why, not "running"."""
+    try:
+        yield
+    except TrainError as e:
+        if accelerator.is_main_process:
+            write_atomic(out / "run.json", json.dumps(plan.record("failed", accelerator.mixed_precision, {
+                "error": str(e), "num_workers": plan.num_workers}), indent=2))
+        raise
+
+
 def make_stream(plan: Plan, stage, rank: int):
     from tmkd.student.data import DistillStream
 
@@ -203,8 +246,10 @@ def make_stream(plan: Plan, stage, rank: int):
 def progress_bar(main: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), disable=not main, transient=False)
+    # markup=False: a stage name is the user's text ("[/]x" would be a MarkupError, "[red]x" shown as "x")
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False), disable=not main,
+                    transient=False)
 
 
 def finish(s: Session) -> RunResult:

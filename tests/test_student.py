@@ -7,6 +7,7 @@ label. The student encoder is a tiny local BERT (2 layers, hidden 32).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -666,3 +667,142 @@ def test_bench_export_checkpoint_equals_the_trainers_export_of_that_step(tmp_pat
     record = json.loads((tmp_path / "x" / "run.json").read_text())
     best = json.loads((tmp_path / "a" / "run.json").read_text())["best"]
     assert record["best"]["value"] == best["value"] and record["best"]["step"] == best["step"]
+
+
+# ---- hostile input: a clear error before training, never a traceback or a garbage model ------------
+def _cli(tmp_path, store, encoder, *sets, stages=None, teachers=("t1",), eval_corpus=""):
+    """Run the trainer's command line in process on a one-epoch toy config; (exit code, stdout, stderr) come
+    from capsys in the caller."""
+    from tmkd.student.train import main
+
+    raw = toy_config(store, encoder, tmp_path / "out", teachers=teachers,
+                     stages=stages or [_stage("task", ["train"], epochs=1)])
+    if not eval_corpus:
+        raw["eval"] = {}
+    (tmp_path / "c.toml").write_text(toy.to_toml(raw))
+    args = ["--config", str(tmp_path / "c.toml")]
+    for s in sets:
+        args += ["--set", s]
+    return main(args)
+
+
+def _refused(capsys, *names):
+    """The one-message error: names every given field, and no traceback."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for n in names:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.mark.parametrize("setting,field", [
+    ("stages.0.lr=nan", "stages.0.lr"), ("stages.0.lr=inf", "stages.0.lr"),
+    ("stages.0.weight_decay=nan", "stages.0.weight_decay"), ("teacher_weights={t1=nan}", "teacher_weights.t1"),
+    ("stages.0.loss.temperature=inf", "stages.0.loss.temperature"), ("stages.0.loss.listwise=inf", "stages.0.loss.listwise"),
+    ("train.max_grad_norm=nan", "train.max_grad_norm"), ("stages.0.weight_decay=-0.1", "stages.0.weight_decay"),
+])
+def test_non_finite_hyperparameters_are_refused(setting, field, tmp_path, encoder):
+    path = tmp_path / "s.toml"
+    path.write_text(toy.to_toml(toy_config(tmp_path, encoder, tmp_path / "o", teachers=("t1",))))
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(setting)}[\s\S]*{re.escape(field)}"):
+        load_config(path, [setting, "stages.0.loss.soft=kl"])
+
+
+@pytest.mark.parametrize("where", ["loss", "weights"])
+def test_a_non_finite_loss_or_model_stops_the_run_and_exports_nothing(where, tmp_path, store_dir, encoder, capsys,
+                                                                        monkeypatch):
+    """Finite settings can still diverge: the loss is checked where it is read back anyway (log_every, the
+    epoch's end), the weights once an epoch; the run stops with an error, run.json is not done, no model."""
+    import tmkd.student.losses as losses
+    import tmkd.student.train as train
+
+    if where == "loss":  # one batch's loss turns NaN; log_every is past the epoch: only its end reads the loss
+        real, calls = losses.distill_loss, []
+        monkeypatch.setattr(losses, "distill_loss", lambda *a, **k: real(*a, **k) * (
+            float("nan") if calls.append(1) or len(calls) == 3 else 1.0))
+    else:  # the one step of the stage makes the weights inf/NaN; the only loss read (before it) is finite
+        real_start = train.start_stage
+
+        def start(optimizer, schedule, stage):
+            real_start(optimizer, schedule, stage)
+            for g in optimizer.param_groups:
+                g["lr"] = float("inf")
+        monkeypatch.setattr(train, "start_stage", start)
+    stages = [dict(_stage("task", ["train"], epochs=1), batch_size=128 if where == "weights" else 16)]
+    assert _cli(tmp_path, store_dir, encoder, "train.log_every=1000", stages=stages, eval_corpus="dev") == 1
+    _refused(capsys, "task", "not finite")
+    out = tmp_path / "out"
+    assert json.loads((out / "run.json").read_text())["status"] != "done"
+    assert not (out / "model.safetensors").exists() and not list(out.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("setting", ["student.max_length=512", "student.max_length=100000000000000000000",
+                                     "student.max_length=4"])
+def test_max_length_beyond_the_encoder_or_the_bounds_is_refused(setting, tmp_path, store_dir, encoder, capsys):
+    assert _cli(tmp_path, store_dir, encoder, setting) == 1
+    err = _refused(capsys, "student.max_length")
+    if setting.endswith("=512"):
+        assert "128" in err  # the encoder's positions
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside", ["store", "store/out", "link/out"])
+def test_an_output_inside_the_label_store_is_refused_before_writing(inside, tmp_path, encoder, capsys):
+    store = toy.build_store(tmp_path / "store", teachers=("t1",), train=(16,), unlabeled=(), dev=())
+    (tmp_path / "link").symlink_to(store.root)
+    before = sorted((p, p.stat().st_size) for p in store.root.rglob("*"))
+    assert _cli(tmp_path, store.root, encoder, f"output={tmp_path / inside}") == 1
+    _refused(capsys, "output", "label store")
+    assert sorted((p, p.stat().st_size) for p in store.root.rglob("*")) == before
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_out_of_range_is_refused(seed, tmp_path, store_dir, encoder, capsys):
+    assert _cli(tmp_path, store_dir, encoder, f"seed={seed}") == 1
+    _refused(capsys, f"seed={seed}", "seed must be")
+
+
+def test_rich_markup_in_a_stage_name_is_shown_as_written(tmp_path, store_dir, encoder, capsys):
+    assert _cli(tmp_path, store_dir, encoder, "stages.0.name=[/]oops [bold red]x") == 0
+    out = capsys.readouterr().out
+    assert "[/]oops [bold red]x epoch 1" in out
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "done"
+
+
+def test_a_stage_must_have_something_to_learn_from(tmp_path, store_dir, encoder, capsys):
+    assert _cli(tmp_path, store_dir, encoder, 'stages.0.corpora=["train","train"]') == 1
+    _refused(capsys, "stages.0", "corpora", "twice")
+    # no teachers and only unlabeled rows (a corpus that declares label names, but no row has a gold label)
+    assert _cli(tmp_path, store_dir, encoder, "teachers=[]", 'stages.0.corpora=["unlabeled"]') == 1
+    _refused(capsys, "stages.0", "unlabeled", "no gold labels")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_larger_than_the_encoders_vocabulary_is_refused(tmp_path, store_dir, encoder, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(encoder)
+    tok.add_tokens([f"word{i}" for i in range(100)])
+    tok.save_pretrained(tmp_path / "big-tok")
+    assert _cli(tmp_path, store_dir, encoder, f"student.tokenizer={tmp_path / 'big-tok'}") == 1
+    _refused(capsys, "student.tokenizer", str(len(tok)), "vocab")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["student.encoder", "student.tokenizer"])
+def test_a_missing_encoder_folder_is_named_and_never_fetched(field, tmp_path, store_dir, encoder, capsys,
+                                                              monkeypatch):
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("the hub was asked")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_network)
+    assert _cli(tmp_path, store_dir, encoder, f"{field}=some-org/no-such-model") == 1
+    err = _refused(capsys, f"{field}: no folder some-org/no-such-model")
+    assert "Repo id" not in err
+
+
+def test_absurd_epochs_are_refused_at_once(tmp_path, store_dir, encoder, capsys):
+    assert _cli(tmp_path, store_dir, encoder, "stages.0.epochs=100000000000000000000") == 1
+    _refused(capsys, "stages.0.epochs")
