@@ -120,9 +120,17 @@ def test_scorer_checks_every_part_and_writes_the_full_forwards_logits(tiny_teach
     full, _ = loaded(folder, first_token_last_layer=False)
     assert first.first_token is not None and full.first_token is None
     a, b = texts(300)
+    widths = []  # positions the wrapped last layer returned, per forward (1: the first-token path ran)
+    first.first_token.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
     for part in range(2):
         enc = encode_pairs(tok, a[part::2], b[part::2], 64, "longest_first")
+        widths.clear()
+        passes = first.forward_passes
         np.testing.assert_allclose(first.score(enc), full.score(enc), atol=1e-5, rtol=1e-5)
+        # the part's check (this layer, then the full one for reference), then every scoring batch at width 1
+        check, scoring = widths[:2], widths[2:]
+        assert check[0] == 1 and check[1] > 1
+        assert len(scoring) == first.forward_passes - passes > 0 and set(scoring) == {1}
     assert first.first_token_checks == 2 and first.first_token is not None
 
 

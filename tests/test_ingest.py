@@ -276,9 +276,14 @@ def test_strict_refuses_each_kind_of_bad_row_and_leaves_the_store_unchanged(tmp_
     path = bad_file(tmp_path / "bad.tsv", bad_line, crlf=True)
     # Rows checked two at a time, parts of two rows: lines 2-3 are written as a part before
     # line 5 fails, and that part must not survive.
-    monkeypatch.setattr("data.ingest.CHUNK_ROWS", 2)
+    monkeypatch.setattr("tmkd.data.ingest.CHUNK_ROWS", 2)
+    written = []
+    write_part = Store.write_corpus_part
+    monkeypatch.setattr(Store, "write_corpus_part",
+                        lambda self, corpus, part, table: written.append(part) or write_part(self, corpus, part, table))
     result = cli("ingest", path, "--format", "glue", "--store", store, "--corpus", "c", "--part-rows", 2, "--strict", ok=False)
     assert result.exit_code == 1
+    assert written, "no part was written before the bad row, so the test would not see one survive"
     assert "Traceback" not in result.output
     assert f"{path}, line 5, field '{fld}': {reason}" in result.output
     assert snapshot(store) == before
