@@ -196,6 +196,13 @@ def tmp_token(tmp: Path) -> str | None:
     return parts[-2] if tmp.name.startswith(".") and len(parts) >= 4 and parts[-1] == "tmp" else None
 
 
+def named(e: OSError, path: Path) -> OSError:
+    """``e`` with the file it is about: Arrow's write errors (a full disk among them) name none."""
+    if e.filename is not None:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
     if isinstance(path, ObjectPath):
         path.put(data)  # one PUT is atomic: readers see the old object or the new one
@@ -208,8 +215,10 @@ def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave temporaries behind
+        if isinstance(e, OSError):
+            raise named(e, path) from e
         raise
     _fsync_dir(path.parent)
 
@@ -261,8 +270,10 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave temporaries behind
+        if isinstance(e, OSError):
+            raise named(e, path) from e
         raise
     _fsync_dir(path.parent)
     return digest, size

@@ -812,3 +812,41 @@ def test_outputs_write_through_a_symlink_and_never_replace_a_pipe(scored, tmp_pa
     (tmp_path / "r.json").symlink_to(tmp_path / "numbers.json")
     cli("report", "--store", store, "--out", tmp_path / "r.html")
     assert (tmp_path / "r.json").is_symlink() and "corpora" in json.loads((tmp_path / "numbers.json").read_text())
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full to fill a disk")
+def test_a_full_disk_stops_run_with_the_file_named_and_loses_nothing(scored, tmp_path, monkeypatch):
+    """A real ENOSPC, from Arrow's own writer: the third label part's temporary is opened on /dev/full. The run
+    stops naming the file, leaves no temporary, and every committed part stays valid; the next run finishes."""
+    from test_label import assert_same_labels
+    from tmkd.data import store as store_mod
+
+    source, teachers = scored
+    store = shutil.copytree(source, tmp_path / "store")
+    shutil.rmtree(store / "labels")
+    shutil.rmtree(store / "teachers")
+    shutil.rmtree(store / "runs", ignore_errors=True)
+    real_tmp, made = store_mod._tmp_path, []
+
+    def on_a_full_disk(path, token=None):
+        tmp = real_tmp(path, token)
+        if path.suffix == ".parquet" and "labels" in path.parts:
+            made.append(path)
+            if len(made) == 3:
+                os.symlink("/dev/full", tmp)
+        return tmp
+
+    monkeypatch.setattr(store_mod, "_tmp_path", on_a_full_disk)
+    res = cli("run", "--store", store, "--teachers", teachers, ok=False)
+    monkeypatch.undo()
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"{made[2]}: " in " ".join(res.output.split()) and "No space left on device" in res.output, res.output
+    assert not [p for p in store.rglob("*") if p.name.endswith(".tmp")]
+    problems = [line for line in cli("verify", "--store", store, ok=False).output.splitlines()
+                if line.startswith("problem:")]
+    # the parts written before it (two, or three where the writer thread had the next one ready) are valid
+    assert 3 <= len(problems) <= 4 and all("missing (not scored yet" in p for p in problems), problems
+    assert any(str(made[2]) in p for p in problems)
+    cli("run", "--store", store, "--teachers", teachers)
+    assert "OK" in cli("verify", "--store", store).output
+    assert_same_labels(store, source)
