@@ -691,3 +691,25 @@ def test_duplicates_are_found_across_runs_on_disk_and_the_runs_are_removed(tmp_p
     s = ingest(Store(store), [again], IngestOptions("jsonl", "c"))
     assert s.bad == {"duplicate id": 1} and s.rows_written == 1
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_ids_text_takes_two_files_whose_own_ids_overlap_into_one_corpus(tmp_path, shared_data):
+    """RTE train and dev both number their rows from 0: by the source's ids the second file is all duplicates
+    (quarantined and counted); with --ids text every pair goes in, keyed by its text, its own id kept."""
+    from tmkd.data.ingest import text_pair_id
+
+    train = head(shared_data / "rte" / "train.tsv", tmp_path / "train.tsv", 12)
+    dev = head(shared_data / "rte" / "dev.tsv", tmp_path / "dev.tsv", 12)
+    by_source = tmp_path / "by-source"
+    cli("ingest", train, "--format", "glue", "--store", by_source, "--corpus", "c")
+    out = " ".join(cli("ingest", dev, "--format", "glue", "--store", by_source, "--corpus", "c").output.split())
+    assert Store(by_source).corpus("c").rows == 12 and "rows written │ 0 (0 labelled)" in out
+    assert "bad: duplicate id │ 12" in out
+
+    by_text = tmp_path / "by-text"
+    for path in (train, dev):
+        cli("ingest", path, "--format", "glue", "--store", by_text, "--corpus", "c", "--ids", "text")
+    got = rows(by_text, "c")
+    assert len(got) == 24 and len({r["id"] for r in got}) == 24
+    assert [r["id"] for r in got] == [text_pair_id(r["text_a"], r["text_b"]) for r in got]
+    assert [r["source_id"] for r in got] == [str(i) for i in range(12)] * 2
