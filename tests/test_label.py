@@ -441,3 +441,22 @@ def test_float16_logits_are_stored_as_float16_and_read_like_float32(tmp_path, wi
     got = json.loads(cli("query", "--store", stores["float16"], "--format", "json",
                          "SELECT id, predicted(t1) AS p FROM scores ORDER BY part, \"row\"").stdout)
     assert [r["id"] for r in got] == ids16.tolist() and [r["p"] for r in got] == half.argmax(1).tolist()
+
+
+def test_run_bounds_the_cpu_caches_first_and_frees_memory_after_each_part(tmp_path, wikiqa_sample, tiny_teachers,
+                                                                         monkeypatch):
+    """What keeps the labeler's memory flat as the corpus grows (BENCHMARKS.md): oneDNN's kernel cache and glibc's
+    arenas bounded before the first teacher is loaded, and freed memory handed back after every part."""
+    import tmkd.pipeline.run as run_mod
+    import tmkd.teachers.scoring as scoring
+
+    store = tmp_path / "store"
+    cli("ingest", wikiqa_sample, "--format", "wikiqa", "--store", store, "--corpus", "wq", "--part-rows", 50)
+    calls = []
+    loaded = scoring.LoadedTeacher
+    monkeypatch.setattr(run_mod, "bound_cpu_caches", lambda: calls.append("bound"))
+    monkeypatch.setattr(run_mod, "release_free_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(scoring, "LoadedTeacher", lambda *a: calls.append("load") or loaded(*a))
+    cli("run", "--store", store, "--teachers", write_teachers(tmp_path / "t.toml", tiny_teachers))
+    parts = len(Store(store).corpus("wq").parts)
+    assert parts == 3 and calls == ["bound"] + ["load"] * len(tiny_teachers) + ["release"] * parts
