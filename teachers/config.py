@@ -54,7 +54,7 @@ class Given:
 def read_toml(path: str | Path, error: type[Exception], what: str = "config file") -> dict:
     """A TOML file as a dict; a missing or malformed file is the user's error, raised as ``error``."""
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is skipped
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except IsADirectoryError:

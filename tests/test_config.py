@@ -285,3 +285,12 @@ def test_every_shipped_config_loads_and_checks():
     for path in teachers:
         cfg = load_finetune(path)
         assert cfg.teacher and cfg.train_corpus, path
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads_as_without_one(files):
+    """Windows editors save UTF-8 with a BOM; every job reads the file as if it had none, as ingest reads data."""
+    plain = (load_teachers_toml(files["teachers"]), load_train(files["train"]), load_finetune(files["finetune"]))
+    for name in ("teachers", "train", "finetune"):
+        files[name].write_bytes(b"\xef\xbb\xbf" + files[name].read_bytes())
+    assert (load_teachers_toml(files["teachers"]), load_train(files["train"]), load_finetune(files["finetune"])) \
+        == plain
