@@ -46,6 +46,14 @@ def is_uri(where: str | os.PathLike) -> bool:
     return isinstance(where, str) and URI_RE.match(where) is not None
 
 
+def has_credentials(scheme: str, rest: str) -> bool:
+    """Whether ``scheme://rest`` carries a user or key (``s3://KEY:SECRET@bucket``). A secret may hold '/', so
+    the URI's authority cannot be trusted to end at the first '/': a bucket name holds neither ':' nor '@', so
+    either in the first segment is a credential, wherever the secret ends."""
+    first = rest.partition("/")[0]
+    return "@" in first or (scheme in OBJECT_SCHEMES and ":" in first)
+
+
 def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
     """A local folder (a path or file:// URI) or an object store prefix (s3://, gs://)."""
     if isinstance(where, ObjectPath):
@@ -58,10 +66,12 @@ def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
                                 "for a local folder of that name, write ./" + where)
         return Path(where).absolute()
     scheme, rest = match.group(1).lower(), match.group(2)
-    if "@" in rest.partition("/")[0]:  # s3://KEY:SECRET@bucket: refused, and never echoed into a message or log
-        raise LocationError(f"{scheme}://***@{rest.partition('@')[2]}: credentials in a store URI are refused; "
-                            "give them through the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                            "or the cloud's own credential chain)")
+    if has_credentials(scheme, rest):  # refused, and never echoed into a message or log
+        tail = rest.rpartition("@")[2]  # what follows the last @: the bucket and prefix where the secret held no @
+        shown = f"***@{tail}" if "@" in rest and BUCKET_RE.match(tail.partition("/")[0]) else "***"
+        raise LocationError(f"{scheme}://{shown}: credentials in a store URI are refused; give them through the "
+                            "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the cloud's own "
+                            "credential chain)")
     if scheme == "file":  # file:///abs/path or file://localhost/abs/path, percent-escapes decoded
         host, _, path = rest.partition("/")
         if host not in ("", "localhost"):
