@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 
 from tmkd.data.fs import ObjectPath, read_record_text
-from tmkd.data.store import PART_RE, Store, StoreError, part_name
+from tmkd.data.store import PART_RE, Store, StoreError, part_name, temporary_for
 
 DEFAULT_LEASE_S = 120.0
 MIN_OBJECT_LEASE_S = 5.0  # an object's Last-Modified time has a resolution of one second
@@ -77,19 +77,20 @@ class Claims:
             return self._try_claim_object(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after taking over an expired claim
-            tmp = path.parent / f".{path.name}.{self.token}.tmp"
-            tmp.write_text(json.dumps({**self.owner, "claimed_at": time.time(), "lease_s": self.lease_s}))
-            try:
-                os.link(tmp, path)  # atomic create-if-absent, with complete content
-            except FileExistsError:
-                if not self._take_over_if_expired(path):
-                    return False
-                continue
-            finally:
-                tmp.unlink(missing_ok=True)
-            with self.lock:
-                self.held.add(path)
-            return True
+            with temporary_for(path, self.token) as tmp:
+                tmp.write_text(json.dumps({**self.owner, "claimed_at": time.time(), "lease_s": self.lease_s}))
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent, with complete content
+                except FileExistsError:
+                    pass
+                else:
+                    with self.lock:
+                        self.held.add(path)
+                    return True
+                finally:
+                    tmp.unlink(missing_ok=True)
+            if not self._take_over_if_expired(path):
+                return False
         return False
 
     def _claim_bytes(self) -> bytes:

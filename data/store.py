@@ -28,6 +28,7 @@ Only pyarrow is imported here (no torch), so ``status`` and ``query`` stay fast.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -196,11 +197,20 @@ def tmp_token(tmp: Path) -> str | None:
     return parts[-2] if tmp.name.startswith(".") and len(parts) >= 4 and parts[-1] == "tmp" else None
 
 
-def named(e: OSError, path: Path) -> OSError:
-    """``e`` with the file it is about: Arrow's write errors (a full disk among them) name none."""
-    if e.filename is not None:
-        return e
-    return OSError(e.errno, e.strerror or str(e), str(path))
+@contextlib.contextmanager
+def temporary_for(path: Path, token: str | None = None):
+    """A hidden temporary beside ``path`` for the block to write, removed if the block fails (a full disk or a
+    kill must leave none behind); an OSError that names no file (Arrow's write errors, a full disk among them) or
+    only the temporary is raised naming ``path``."""
+    tmp = _tmp_path(path, token)
+    try:
+        yield tmp
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # on a read-only mount the removal fails too (EROFS)
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # the file the user knows, not the temporary
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
 
 
 def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
@@ -208,18 +218,12 @@ def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
         path.put(data)  # one PUT is atomic: readers see the old object or the new one
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+    with temporary_for(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave temporaries behind
-        if isinstance(e, OSError):
-            raise named(e, path) from e
-        raise
     _fsync_dir(path.parent)
 
 
@@ -230,15 +234,15 @@ def create_json_if_absent(path: Path | ObjectPath, obj) -> bool:
     if isinstance(path, ObjectPath):
         return path.create((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+    with temporary_for(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -261,8 +265,7 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
         path.put(data)
         return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path, token)
-    try:
+    with temporary_for(path, token) as tmp:
         pq.write_table(table, tmp, write_page_checksum=True, **write_options)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -270,11 +273,6 @@ def atomic_write_parquet(path: Path, table: pa.Table, token: str | None = None, 
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave temporaries behind
-        if isinstance(e, OSError):
-            raise named(e, path) from e
-        raise
     _fsync_dir(path.parent)
     return digest, size
 
