@@ -201,7 +201,10 @@ class LoadedTeacher:
         threads = torch.get_num_threads()
 
         def stream(i: int) -> None:
-            # this thread's own OpenMP and MKL thread counts: the threads shared out, the first streams take the rest
+            # this thread's own OpenMP and MKL thread counts: the threads shared out, the first streams take the rest.
+            # torch sets a new thread's count from the process-wide one at its first parallel op, which another
+            # stream may have just changed: that first call comes here, before the thread sets its own.
+            torch.get_num_threads()
             torch.set_num_threads(max(1, threads // streams + (i < threads % streams)))
             try:
                 self.forward(enc, take(), out, counted if on_batch is not None else None)
