@@ -44,7 +44,7 @@ from tmkd.student.checkpoint import Position, StageSchedule, best_folder, load_r
 from tmkd.student.config import ConfigError, TrainConfig, load_config
 from tmkd.student.loop import EpochSums, Session, end_epoch, new_optimizer, start_stage, train_epoch
 from tmkd.student.plan import Plan, TrainError, resolve
-from tmkd.teachers.spec import usable_positions
+from tmkd.teachers.spec import position_limit
 
 
 @dataclass
@@ -172,11 +172,11 @@ def check_fits(cfg: TrainConfig, tokenizer, hf) -> None:
         raise TrainError(f"student.tokenizer: {cfg.student.tokenizer or cfg.student.encoder} has a vocabulary of "
                          f"{len(tokenizer)} tokens but the encoder {cfg.student.encoder} embeds only {vocab} "
                          "(vocab_size): use the encoder's own tokenizer")
-    positions = usable_positions(hf.config.to_dict())  # RoBERTa's padding offset counted
-    if positions is not None and cfg.student.max_length > positions:
+    limit = position_limit(hf.config.to_dict())  # RoBERTa's padding offset counted
+    if limit is not None and cfg.student.max_length > limit[0]:
         raise TrainError(f"student.max_length = {cfg.student.max_length} but the encoder {cfg.student.encoder} "
-                         f"embeds at most {positions} positions (max_position_embeddings): set "
-                         f"student.max_length <= {positions}")
+                         f"can position at most {limit[0]} tokens ({limit[1]}): set "
+                         f"student.max_length <= {limit[0]}")
 
 
 def check_output(plan: Plan, out: Path) -> None:

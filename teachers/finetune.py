@@ -79,7 +79,7 @@ from tmkd.teachers.config import (Given, items_of, parse_set, plain, read_toml, 
                                   write_toml)
 from tmkd.teachers.model_card import corpus_summary, write_model_card
 from tmkd.teachers.ranking import GROUP_LOSSES, batch_loss, class_weights, loss_denominators
-from tmkd.teachers.spec import check_unique_names, usable_positions
+from tmkd.teachers.spec import check_unique_names, position_limit
 from tmkd.teachers.splits import (FinetuneError, Split, group_batches, group_index, load_split, micro_batches,
                                  padded_tokens, pair_batches, token_chunks)
 
@@ -406,10 +406,10 @@ def check_max_length(encoder: Path, cfg: FinetuneConfig) -> None:
     model, once a long enough text comes): refused before training instead."""
     from transformers import AutoConfig
 
-    positions = usable_positions(AutoConfig.from_pretrained(encoder).to_dict())  # RoBERTa's offset counted
-    if positions is not None and cfg.max_length > positions:
-        raise FinetuneError(f"{cfg.source_of('max_length')}: max_length {cfg.max_length} is more than the encoder's "
-                            f"{positions} positions (max_position_embeddings in {encoder / 'config.json'})")
+    limit = position_limit(AutoConfig.from_pretrained(encoder).to_dict())  # RoBERTa's offset counted
+    if limit is not None and cfg.max_length > limit[0]:
+        raise FinetuneError(f"{cfg.source_of('max_length')}: max_length {cfg.max_length} is more than the "
+                            f"{limit[0]} tokens the encoder can position ({limit[1]}, in {encoder / 'config.json'})")
 
 
 def check_out(cfg: FinetuneConfig) -> None:

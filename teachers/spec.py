@@ -299,30 +299,53 @@ def read_config(spec: TeacherSpec, folder: Path) -> dict:
 
 
 # Architectures whose position ids start after the padding index (RoBERTa's family): max_position_embeddings
-# counts pad_token_id + 1 positions no token can use (514 in the config, 512 tokens).
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "mpnet",
-                    "longformer")
+# counts pad_token_id + 1 positions no token can use (514 in the config, 512 tokens). MPNet's padding index is
+# fixed at 1 whatever pad_token_id says, so it always keeps 2.
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "longformer",
+                    "roberta-prelayernorm", "xmod", "luke", "markuplm", "esm", "lilt", "layoutlmv3")
+
+
+def position_limit(config: dict) -> tuple[int, str] | None:
+    """How many tokens the model's position embeddings take (a config.json as a dict), and where that number
+    comes from, for messages; None where the model has no absolute positions (DeBERTa-v2/v3, rotary) and so no
+    limit."""
+    model_type = config.get("model_type")
+    positions = config.get("max_position_embeddings")
+    source = "max_position_embeddings"
+    if positions is None and isinstance(model_type, str):  # left out of the file: the default transformers uses
+        positions, source = _default_positions(model_type), f"{model_type}'s default max_position_embeddings"
+    if (not isinstance(positions, int) or isinstance(positions, bool) or config.get("position_biased_input") is False
+            or config.get("position_embedding_type") == "rotary"):
+        return None
+    pad = config.get("pad_token_id")
+    unused = 2 if model_type == "mpnet" else (
+        (pad if isinstance(pad, int) else 1) + 1 if model_type in OFFSET_POSITIONS else 0)
+    why = f"{source} = {positions}" + (f", less {unused} that {model_type} keeps unused" if unused else "")
+    return positions - unused, why
+
+
+def _default_positions(model_type: str) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.for_model(model_type), "max_position_embeddings", None)
+    except (ValueError, KeyError):  # a model type this transformers does not know
+        return None
 
 
 def usable_positions(config: dict) -> int | None:
-    """How many tokens the model's position embeddings take (a config.json as a dict); None where it has no
-    absolute positions (DeBERTa-v2/v3) and so no limit."""
-    positions = config.get("max_position_embeddings")
-    if not isinstance(positions, int) or isinstance(positions, bool) or config.get("position_biased_input") is False:
-        return None
-    if config.get("model_type") in OFFSET_POSITIONS:
-        pad = config.get("pad_token_id")
-        positions -= (pad if isinstance(pad, int) else 1) + 1
-    return positions
+    """The longest input the model can position (``position_limit``'s number)."""
+    limit = position_limit(config)
+    return None if limit is None else limit[0]
 
 
 def check_max_length(spec: TeacherSpec, folder: Path, config: dict) -> None:
     """Refuse a max_length longer than the model's position embeddings, which would fail in the middle of
     scoring (on the first long pair)."""
-    positions = usable_positions(config)
-    if positions is not None and spec.max_length > positions:
-        spec.refuse(f"max_length {spec.max_length} is more than the model's {positions} positions "
-                    f"(max_position_embeddings in {folder / 'config.json'})", "max_length")
+    limit = position_limit(config)
+    if limit is not None and spec.max_length > limit[0]:
+        spec.refuse(f"max_length {spec.max_length} is more than the {limit[0]} tokens the model can position "
+                    f"({limit[1]}, in {folder / 'config.json'})", "max_length")
 
 
 def label_names(spec: TeacherSpec, folder: Path, config: dict | None = None) -> list[str]:

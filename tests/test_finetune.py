@@ -589,7 +589,7 @@ BAD_SETS = [  # (--set, the field its message names); each used to train (or cra
     ("log_every=0", "log_every 0 must be >= 1"),
     ("epochs=0", "epochs must be >= 1"),
     ("max_length=7", "max_length 7 out of range 8..8192"),
-    ("max_length=512", "max_length 512 is more than the encoder's 128 positions (max_position_embeddings"),
+    ("max_length=512", "max_length 512 is more than the 128 tokens the encoder can position (max_position_embeddings = 128"),
 ]
 
 

@@ -316,7 +316,7 @@ def run_refused(store: Path, teachers: Path, *sets: str) -> str:
     ("teacher.0.truncation=do_not_truncate", "--set teacher.0.truncation=do_not_truncate: teacher 't1': truncation "
                                              "'do_not_truncate' is not one of"),
     ("teacher.0.max_length=512", "--set teacher.0.max_length=512: teacher 't1': max_length 512 is more than the "
-                                 "model's 128 positions (max_position_embeddings in {config})"),
+                                 "128 tokens the model can position (max_position_embeddings = 128, in {config})"),
 ])
 def test_a_setting_the_model_cannot_score_is_refused_before_the_teacher_is_recorded(tmp_path, tiny_teachers,
                                                                                     setting, message):
