@@ -73,20 +73,37 @@ class EpochSums:
             sums.t0 -= running["seconds"]
         return sums
 
-    def running(self, where: str) -> dict:
+    def running(self, acc, where: str) -> dict:
         """For a mid-epoch checkpoint (reads the loss back: a diverged run saves no checkpoint)."""
-        loss = check_finite(float(self.loss), where)
+        loss = read_loss(acc, self.loss, where)
         return {"loss_sum": [loss, self.weight], "rows": self.rows, "id_sum": self.id_sum,
                 "examples": self.examples, "seconds": time.time() - self.t0}
 
 
+def read_loss(acc, loss: torch.Tensor, where: str) -> float:
+    """This process's running loss sum, read back where it is read anyway (log_every, a checkpoint), never per
+    batch: one NaN or inf batch makes the sum NaN or inf for good, and the run stops there. Every process reaches
+    these reads at the same step, and they stop together: one stopping alone would leave the others waiting in
+    their next collective."""
+    value = float(loss)
+    bad = not math.isfinite(value)
+    if acc.num_processes > 1:
+        bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum").item())
+    if bad:
+        raise diverged(where, value if not math.isfinite(value) else "not finite on another process")
+    return value
+
+
 def check_finite(loss: float, where: str) -> float:
-    """Stop a diverged run where its loss is read back anyway (log_every, a checkpoint, the epoch's end),
-    never with a read per batch: one NaN or inf batch makes the running sum NaN or inf for good."""
+    """Stop a diverged run (a loss already the same on every process)."""
     if not math.isfinite(loss):
-        raise TrainError(f"{where}: the training loss is {loss} (not finite): the model diverged; stopped, "
-                         "nothing exported (lower the stage's lr, or check the teachers' logits)")
+        raise diverged(where, loss)
     return loss
+
+
+def diverged(where: str, loss) -> TrainError:
+    return TrainError(f"{where}: the training loss is {loss}: the model diverged; stopped, nothing exported "
+                      "(lower the stage's lr, or check the teachers' logits)")
 
 
 def new_optimizer(model):
@@ -173,11 +190,11 @@ def train_epoch(s: Session, si: int, stage: StagePlan, epoch: int, batches, fill
         if cfg.train.checkpoint_every and s.step % cfg.train.checkpoint_every == 0 and i < n:
             s.position.stage, s.position.epoch, s.position.batch = si, epoch, i
             checkpoint.save_checkpoint(acc, s.out, s.step, s.position, s.checkpoint_state(),
-                                       cfg.train.keep_checkpoints, s.plan.num_workers, running=sums.running(where))
+                                       cfg.train.keep_checkpoints, s.plan.num_workers, running=sums.running(acc, where))
         info = None
         if s.step % log_every == 0 or i == n:  # the only reads of the loss during the epoch
             rate = sums.examples / max(1e-9, time.time() - sums.t0)
-            info = f"loss {check_finite(float(sums.loss), where) / max(sums.weight, 1e-9):.4f}  {rate:.0f} ex/s"
+            info = f"loss {read_loss(acc, sums.loss, where) / max(sums.weight, 1e-9):.4f}  {rate:.0f} ex/s"
         s.progress.update(task, advance=len(window), **({"info": info} if info else {}))
 
 

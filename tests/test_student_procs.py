@@ -158,3 +158,24 @@ def test_two_real_processes_complete_and_keep_weights_in_sync(tmp_path, encoder)
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [x["examples"] for x in lines] == [expect["unlabeled"][0], expect["train"][0], expect["train"][0]]
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_loss_gone_nan_on_one_process_stops_every_process_and_run_json_says_failed(tmp_path, encoder):
+    """The loss is read (every log_every steps) on each process; rank 1's NaN must stop rank 0 too, at the same
+    step, so that rank 0 records the failure rather than wait in its next collective until it is killed."""
+    store = toy.build_store(tmp_path / "store", teachers=("t1",))
+    stages = [{"name": "task", "corpora": ["train"], "epochs": 1, "batch_size": 8, "lr": 5e-3}]
+    raw = toy_config(store.root, encoder, tmp_path / "out", teachers=("t1",), stages=stages)
+    raw["train"]["log_every"] = 1
+    cfg = tmp_path / "student.toml"
+    cfg.write_text(toy.to_toml(raw))
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "student/train.py", "--config", str(cfg)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1", TMKD_TEST_NAN_AT="1:3"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "failed", record
+    assert "task" in record["error"] and "diverged" in record["error"], record["error"]
+    assert not list((tmp_path / "out").rglob("*.safetensors"))

@@ -1,4 +1,4 @@
-"""A kill -9 at a known point, for tests that run the trainer as a subprocess.
+"""A kill -9, or a NaN loss on one process, at a known point, for tests that run the trainer as a subprocess.
 
 With ``PYTHONPATH=tests/hooks`` and ``TMKD_TEST_KILL_AT_SAVE=N``, the process sends itself SIGKILL
 when the trainer is about to save the checkpoint of optimizer step N: the output folder is left
@@ -20,3 +20,19 @@ if os.environ.get("TMKD_TEST_KILL_AT_SAVE"):
         return _save(accelerator, out, step, *args, **kwargs)
 
     checkpoint.save_checkpoint = _killed_at_save
+
+if os.environ.get("TMKD_TEST_NAN_AT"):
+    # ``TMKD_TEST_NAN_AT=R:N``: on the process of rank R only, the N-th batch's loss (and every later one) is NaN
+    import tmkd.student.losses as losses
+
+    _rank, _n = map(int, os.environ["TMKD_TEST_NAN_AT"].split(":"))
+    _distill, _calls = losses.distill_loss, []
+
+    def _nan_on_one_rank(*args, **kwargs):
+        loss = _distill(*args, **kwargs)
+        _calls.append(1)
+        if int(os.environ.get("RANK", "0")) == _rank and len(_calls) >= _n:
+            return loss * float("nan")
+        return loss
+
+    losses.distill_loss = _nan_on_one_rank
