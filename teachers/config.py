@@ -54,13 +54,15 @@ class Given:
 def read_toml(path: str | Path, error: type[Exception], what: str = "config file") -> dict:
     """A TOML file as a dict; a missing or malformed file is the user's error, raised as ``error``."""
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is skipped
+        data = Path(path).read_bytes()
+        return tomllib.loads(data.decode("utf-8-sig"))  # a BOM (Windows editors) is skipped
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise error(f"{path}: {what} is a folder, not a file") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError as e:  # the offset in the file, BOM included
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        raise error(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {at})") from None
     except tomllib.TOMLDecodeError as e:
         raise error(f"{path}: not valid TOML: {e}") from None
 

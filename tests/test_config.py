@@ -294,3 +294,6 @@ def test_a_config_saved_with_a_byte_order_mark_reads_as_without_one(files):
         files[name].write_bytes(b"\xef\xbb\xbf" + files[name].read_bytes())
     assert (load_teachers_toml(files["teachers"]), load_train(files["train"]), load_finetune(files["finetune"])) \
         == plain
+    files["train"].write_bytes(b"\xef\xbb\xbfa = 1\n\xff\n")  # a bad byte is counted from the file's start
+    assert error_of(load_train, files["train"]) == f"{files['train']}: not valid TOML: not UTF-8 text " \
+                                                  "(invalid start byte at byte 9)"
