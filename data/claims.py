@@ -27,6 +27,7 @@ repeated, never lost or committed twice. Nodes sharing a store must have distinc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,7 +89,8 @@ class Claims:
                         self.held.add(path)
                     return True
                 finally:
-                    tmp.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # never in place of the link's own error
+                        tmp.unlink(missing_ok=True)
             if not self._take_over_if_expired(path):
                 return False
         return False

@@ -69,9 +69,10 @@ def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
     if has_credentials(scheme, rest):  # refused, and never echoed into a message or log
         tail = rest.rpartition("@")[2]  # what follows the last @: the bucket and prefix where the secret held no @
         shown = f"***@{tail}" if "@" in rest and BUCKET_RE.match(tail.partition("/")[0]) else "***"
-        raise LocationError(f"{scheme}://{shown}: credentials in a store URI are refused; give them through the "
-                            "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the cloud's own "
-                            "credential chain)")
+        raise LocationError(f"{scheme}://{shown}: a ':' or '@' before the first '/' is not a bucket name: "
+                            "credentials in a store URI are refused; give them through the environment "
+                            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the cloud's own credential chain), "
+                            "and an endpoint (host:port) through AWS_ENDPOINT_URL")
     if scheme == "file":  # file:///abs/path or file://localhost/abs/path, percent-escapes decoded
         host, _, path = rest.partition("/")
         if host not in ("", "localhost"):

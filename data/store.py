@@ -209,7 +209,7 @@ def temporary_for(path: Path, token: str | None = None):
         with contextlib.suppress(OSError):  # on a read-only mount the removal fails too (EROFS)
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # the file the user knows, not the temporary
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+            raise OSError(e.errno, (e.strerror or str(e)).replace(str(tmp), str(path)), str(path)) from e
         raise
 
 
@@ -242,7 +242,8 @@ def create_json_if_absent(path: Path | ObjectPath, obj) -> bool:
         except FileExistsError:
             return False
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # never in place of the link's own error (temporary_for names it)
+                tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj) -> None:

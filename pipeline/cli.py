@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tmkd.data.errors import error_line
+from tmkd.data.errors import error_line, without_credentials
 from tmkd.data.store import Store, StoreError
 
 err = Console(stderr=True)
@@ -48,7 +48,7 @@ def visible(text: str) -> str:
 def say(console: Console, message: str, style: str = "", prefix: str = "") -> None:
     """Print a message that may echo user text (paths, values, SQL) as plain text, never as markup."""
     line = Text(prefix, style=style)
-    line.append(visible(message))
+    line.append(visible(without_credentials(message)))
     console.print(line, highlight=False, soft_wrap=True)
 
 
@@ -61,7 +61,7 @@ def fail(message) -> None:
 
 def cell(value) -> Text:
     """A table cell shown as text: `[estimated]` stays visible and `[/z]` is just characters."""
-    return Text("NULL" if value is None else visible(str(value)))
+    return Text("NULL" if value is None else visible(without_credentials(str(value))))
 
 
 @app.command()
@@ -130,7 +130,7 @@ def status(
         corpora = {c: st.corpus(c) for c in st.corpora()}
     except (StoreError, OSError) as e:
         fail(e)
-    t = Table(title=Text(visible(f"corpora in {store}")))
+    t = Table(title=Text(visible(without_credentials(f"corpora in {store}"))))
     for col in ("corpus", "parts", "rows", "labels"):
         t.add_column(col)
     for name, m in corpora.items():
@@ -333,7 +333,7 @@ def ingest(
             s = ingest_files(Store.create(store), files, opts, progress)
     except (IngestError, StoreError, OSError) as e:
         fail(e)
-    t = Table(title=Text(visible(f"ingested into corpus {s.corpus!r} of {store}")), show_header=False)
+    t = Table(title=Text(visible(without_credentials(f"ingested into corpus {s.corpus!r} of {store}"))), show_header=False)
     t.add_row(cell("rows read"), cell(f"{s.rows_read:,}"))
     t.add_row(cell("rows written"), cell(f"{s.rows_written:,} ({s.rows_labelled:,} labelled)"))
     t.add_row(cell("parts"), cell(f"{len(s.parts)} (part {s.parts[0]}..{s.parts[-1]})" if s.parts else "0"))

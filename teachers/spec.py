@@ -310,27 +310,30 @@ def position_limit(config: dict) -> tuple[int, str] | None:
     comes from, for messages; None where the model has no absolute positions (DeBERTa-v2/v3, rotary) and so no
     limit."""
     model_type = config.get("model_type")
-    positions = config.get("max_position_embeddings")
+    positions, pad = config.get("max_position_embeddings"), config.get("pad_token_id")
     source = "max_position_embeddings"
-    if positions is None and isinstance(model_type, str):  # left out of the file: the default transformers uses
-        positions, source = _default_positions(model_type), f"{model_type}'s default max_position_embeddings"
+    defaults = _defaults(model_type) if isinstance(model_type, str) and (positions is None or pad is None) else {}
+    if positions is None and defaults:  # left out of the file: the default transformers uses, as the other jobs do
+        positions, source = defaults.get("max_position_embeddings"), f"{model_type}'s default max_position_embeddings"
+    if pad is None:
+        pad = defaults.get("pad_token_id")
     if (not isinstance(positions, int) or isinstance(positions, bool) or config.get("position_biased_input") is False
             or config.get("position_embedding_type") == "rotary"):
         return None
-    pad = config.get("pad_token_id")
     unused = 2 if model_type == "mpnet" else (
         (pad if isinstance(pad, int) else 1) + 1 if model_type in OFFSET_POSITIONS else 0)
     why = f"{source} = {positions}" + (f", less {unused} that {model_type} keeps unused" if unused else "")
     return positions - unused, why
 
 
-def _default_positions(model_type: str) -> int | None:
+def _defaults(model_type: str) -> dict:
+    """The architecture's config defaults, as transformers fills in what a config.json leaves out."""
     from transformers import AutoConfig
 
     try:
-        return getattr(AutoConfig.for_model(model_type), "max_position_embeddings", None)
+        return AutoConfig.for_model(model_type).to_dict()
     except (ValueError, KeyError):  # a model type this transformers does not know
-        return None
+        return {}
 
 
 def usable_positions(config: dict) -> int | None:

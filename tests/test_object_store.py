@@ -249,6 +249,38 @@ def test_credentials_in_a_store_uri_are_refused_and_never_echoed(tmp_path, uri, 
         assert shown in out, out
 
 
+@pytest.mark.parametrize("uri", [
+    "az://acct:se/hunter2sEcReT@container/p",         # a scheme tmkd does not take: "unsupported", the URI redacted
+    "s3:/AKIAEXAMPLE:hunter2sEcReT@tmkd-bucket/p",     # a slash missing: the typo message, redacted
+    "file://user:pa/hunter2sEcReT@host/p",             # file:// naming a host
+    "s3://AK/IA:hunter2sEcReT@tmkd-bucket/p",          # a key id holding '/': taken for bucket 'ak'... and refused
+])
+def test_no_message_shows_a_secret_whatever_error_the_uri_meets(uri):
+    result = cli("status", "--store", uri, ok=False)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in out, out
+    assert "hunter2" not in out and "AKIAEXAMPLE" not in out and "***@" in out, out
+
+
+def test_a_host_and_port_in_a_store_uri_points_to_the_endpoint_setting():
+    out = " ".join(cli("status", "--store", "s3://localhost:9000/bucket/x", ok=False).output.split())
+    assert "AWS_ENDPOINT_URL" in out and "not a bucket name" in out, out
+
+
+def test_the_trainer_never_prints_a_secret_given_by_set(tmp_path, capsys):
+    """A --set is echoed in config errors: its credentials are not, whatever the error."""
+    from tmkd.student.train import main
+
+    config = tmp_path / "s.toml"
+    config.write_text('output = "/tmp/o"\n')
+    secret = "s3://AKIAEXAMPLE:wJal/hunter2sEcReT@tmkd-bucket/p"
+    for sets in (["--set", f"store={secret}"], ["--set", f"stor={secret}"]):  # invalid config; a mistyped key
+        assert main(["--config", str(config), *sets]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "hunter2" not in err and "AKIAEXAMPLE" not in err, err
+        assert "s3://***@tmkd-bucket/p" in err, err
+
+
 def test_object_store_failures_are_one_line_errors(s3_endpoint, tmp_path):
     result = cli("status", "--store", "s3://tmkd-no-such-bucket/store", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output

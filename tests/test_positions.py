@@ -62,3 +62,9 @@ def test_a_config_without_max_position_embeddings_takes_the_architectures_defaul
     assert position_limit(raw)[1] == f"roberta's default max_position_embeddings = {default}, less 2 that roberta " \
                                      "keeps unused"
     assert usable_positions({"model_type": "no-such-architecture"}) is None
+
+
+def test_a_config_without_pad_token_id_takes_the_architectures_default():
+    """markuplm's default padding index is 0, RoBERTa's 1: one or two positions kept unused."""
+    assert usable_positions({"model_type": "markuplm", "max_position_embeddings": 40}) == 39
+    assert usable_positions({"model_type": "roberta", "max_position_embeddings": 40}) == 38

@@ -891,3 +891,16 @@ def test_a_read_only_store_stops_run_with_the_file_named_and_changes_nothing(sco
     assert res.exit_code == 1 and "Traceback" not in out and "Read-only file system" in out, out
     assert re.search(rf"error: {re.escape(str(store))}/\S+: ", out) and ".tmp" not in out, out
     assert tree_digests(store) == before
+
+
+def test_arrows_own_open_error_on_a_read_only_mount_names_the_part_not_its_temporary(read_only_mount):
+    import subprocess
+
+    from tmkd.data.store import atomic_write_parquet
+
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_mount)], check=True)
+    target = read_only_mount / "part-00000.parquet"
+    with pytest.raises(OSError) as e:
+        atomic_write_parquet(target, pa.table({"a": [1]}))
+    assert e.value.filename == str(target) and "Read-only file system" in str(e.value)
+    assert ".tmp" not in str(e.value), str(e.value)
