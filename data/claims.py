@@ -27,7 +27,6 @@ repeated, never lost or committed twice. Nodes sharing a store must have distinc
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import uuid
 from pathlib import Path
 
 from tmkd.data.fs import ObjectPath, read_record_text
-from tmkd.data.store import PART_RE, Store, StoreError, part_name, temporary_for
+from tmkd.data.store import PART_RE, Store, StoreError, create_json_if_absent, part_name
 
 DEFAULT_LEASE_S = 120.0
 MIN_OBJECT_LEASE_S = 5.0  # an object's Last-Modified time has a resolution of one second
@@ -78,19 +77,11 @@ class Claims:
             return self._try_claim_object(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after taking over an expired claim
-            with temporary_for(path, self.token) as tmp:
-                tmp.write_text(json.dumps({**self.owner, "claimed_at": time.time(), "lease_s": self.lease_s}))
-                try:
-                    os.link(tmp, path)  # atomic create-if-absent, with complete content
-                except FileExistsError:
-                    pass
-                else:
-                    with self.lock:
-                        self.held.add(path)
-                    return True
-                finally:
-                    with contextlib.suppress(OSError):  # never in place of the link's own error
-                        tmp.unlink(missing_ok=True)
+            claim = {**self.owner, "claimed_at": time.time(), "lease_s": self.lease_s}
+            if create_json_if_absent(path, claim, self.token):  # atomic create-if-absent, with complete content
+                with self.lock:
+                    self.held.add(path)
+                return True
             if not self._take_over_if_expired(path):
                 return False
         return False

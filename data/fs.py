@@ -27,6 +27,9 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
+from tmkd.data.errors import without_credentials
+
+
 URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 ALMOST_URI_RE = re.compile(r"^(s3|gs|file|az|abfs|gcs|https?):/*(?!/)", re.IGNORECASE)  # s3:/x, s3:x
 OBJECT_SCHEMES = ("s3", "gs")
@@ -67,9 +70,8 @@ def store_location(where: str | os.PathLike) -> "Path | ObjectPath":
         return Path(where).absolute()
     scheme, rest = match.group(1).lower(), match.group(2)
     if has_credentials(scheme, rest):  # refused, and never echoed into a message or log
-        tail = rest.rpartition("@")[2]  # what follows the last @: the bucket and prefix where the secret held no @
-        shown = f"***@{tail}" if "@" in rest and BUCKET_RE.match(tail.partition("/")[0]) else "***"
-        raise LocationError(f"{scheme}://{shown}: a ':' or '@' before the first '/' is not a bucket name: "
+        shown = without_credentials(where) if "@" in rest else f"{scheme}://***"
+        raise LocationError(f"{shown}: a ':' or '@' before the first '/' is not a bucket name: "
                             "credentials in a store URI are refused; give them through the environment "
                             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the cloud's own credential chain), "
                             "and an endpoint (host:port) through AWS_ENDPOINT_URL")

@@ -227,14 +227,14 @@ def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def create_json_if_absent(path: Path | ObjectPath, obj) -> bool:
+def create_json_if_absent(path: Path | ObjectPath, obj, token: str | None = None) -> bool:
     """Write ``path`` only if it does not exist, atomically and complete (hard link of a finished
     temporary: fails if the name is taken, on local disks and NFS; a conditional PUT on an object
-    store). True if we created it."""
+    store). True if we created it. ``token`` ties the temporary to a claim (see data/claims.py)."""
     if isinstance(path, ObjectPath):
         return path.create((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
     path.parent.mkdir(parents=True, exist_ok=True)
-    with temporary_for(path) as tmp:
+    with temporary_for(path, token) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         try:
             os.link(tmp, path)

@@ -310,18 +310,19 @@ def position_limit(config: dict) -> tuple[int, str] | None:
     comes from, for messages; None where the model has no absolute positions (DeBERTa-v2/v3, rotary) and so no
     limit."""
     model_type = config.get("model_type")
+    offset = model_type in OFFSET_POSITIONS
     positions, pad = config.get("max_position_embeddings"), config.get("pad_token_id")
     source = "max_position_embeddings"
-    defaults = _defaults(model_type) if isinstance(model_type, str) and (positions is None or pad is None) else {}
-    if positions is None and defaults:  # left out of the file: the default transformers uses, as the other jobs do
-        positions, source = defaults.get("max_position_embeddings"), f"{model_type}'s default max_position_embeddings"
-    if pad is None:
-        pad = defaults.get("pad_token_id")
+    if isinstance(model_type, str) and (positions is None or (offset and pad is None)):
+        # left out of the file: the defaults transformers fills in, so that every job reads the same limit
+        defaults = _defaults(model_type)
+        if positions is None:
+            positions, source = defaults.get("max_position_embeddings"), f"{model_type}'s default {source}"
+        pad = defaults.get("pad_token_id") if pad is None else pad
     if (not isinstance(positions, int) or isinstance(positions, bool) or config.get("position_biased_input") is False
             or config.get("position_embedding_type") == "rotary"):
         return None
-    unused = 2 if model_type == "mpnet" else (
-        (pad if isinstance(pad, int) else 1) + 1 if model_type in OFFSET_POSITIONS else 0)
+    unused = 2 if model_type == "mpnet" else ((pad if isinstance(pad, int) else 1) + 1 if offset else 0)
     why = f"{source} = {positions}" + (f", less {unused} that {model_type} keeps unused" if unused else "")
     return positions - unused, why
 
@@ -334,12 +335,6 @@ def _defaults(model_type: str) -> dict:
         return AutoConfig.for_model(model_type).to_dict()
     except (ValueError, KeyError):  # a model type this transformers does not know
         return {}
-
-
-def usable_positions(config: dict) -> int | None:
-    """The longest input the model can position (``position_limit``'s number)."""
-    limit = position_limit(config)
-    return None if limit is None else limit[0]
 
 
 def check_max_length(spec: TeacherSpec, folder: Path, config: dict) -> None:
